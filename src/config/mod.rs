@@ -1,0 +1,344 @@
+//! Configuration: YAML in, a validated [`Config`] out, or *every* problem with its key path.
+//!
+//! We walk the YAML tree by hand instead of `#[derive(Deserialize)]`: serde stops at the first error,
+//! while an operator fixing a config wants all of them at once (`limits.max_frame_bytes: must be ...`,
+//! `listen.broker_ports: unknown key 'rnage'`, ...).
+
+mod reader;
+
+use reader::Section;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+/// How proxy ports map to upstream broker node ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerPorts {
+    /// Node `n` listens on `first_port + (n - node_id_offset)`, for `count` consecutive ports.
+    Range {
+        first_port: u16,
+        node_id_offset: i32,
+        count: u16,
+    },
+    /// Explicit node id -> port.
+    Map(BTreeMap<i32, u16>),
+}
+
+impl BrokerPorts {
+    pub fn port_for(&self, node_id: i32) -> Option<u16> {
+        match self {
+            BrokerPorts::Range {
+                first_port,
+                node_id_offset,
+                count,
+            } => {
+                let index = i64::from(node_id) - i64::from(*node_id_offset);
+                (0..i64::from(*count))
+                    .contains(&index)
+                    .then(|| u16::try_from(i64::from(*first_port) + index).ok())
+                    .flatten()
+            }
+            BrokerPorts::Map(m) => m.get(&node_id).copied(),
+        }
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        match self {
+            BrokerPorts::Range {
+                first_port, count, ..
+            } => (0..*count)
+                .filter_map(|i| first_port.checked_add(i))
+                .collect(),
+            BrokerPorts::Map(m) => m.values().copied().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub bootstrap_servers: Vec<String>,
+    pub connect_timeout: Duration,
+    pub metadata_refresh: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenConfig {
+    pub bind_host: String,
+    pub advertised_host: String,
+    pub bootstrap_port: u16,
+    pub broker_ports: BrokerPorts,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    pub max_frame_bytes: usize,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight_per_connection: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub upstream: UpstreamConfig,
+    pub listen: ListenConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+/// One problem in a config file, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} problem(s) in the configuration:", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Problem {
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let root: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![Problem {
+                path: "(file)".into(),
+                message: format!("not valid YAML: {e}"),
+            }])
+        })?;
+        let problems = RefCell::new(Vec::new());
+        let config = {
+            let root = Section::root(&root, &problems);
+            let upstream = parse_upstream(&root.section("upstream", true));
+            let listen = parse_listen(&root.section("listen", true));
+            let limits = parse_limits(&root.section("limits", false));
+            let log = parse_log(&root.section("log", false));
+            root.finish(&["upstream", "listen", "limits", "log"]);
+            Config {
+                upstream,
+                listen,
+                limits,
+                log,
+            }
+        };
+        let mut problems = problems.into_inner();
+        cross_check(&config, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// A short human description of what this config will do (for `check-config`).
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        let l = &self.listen;
+        out.push_str(&format!(
+            "upstream bootstrap: {}\n",
+            self.upstream.bootstrap_servers.join(", ")
+        ));
+        out.push_str(&format!(
+            "bootstrap listener: {}:{} (advertised as {}:{})\n",
+            l.bind_host, l.bootstrap_port, l.advertised_host, l.bootstrap_port
+        ));
+        match &l.broker_ports {
+            BrokerPorts::Range {
+                first_port,
+                node_id_offset,
+                count,
+            } => out.push_str(&format!(
+                "broker listeners: node n -> port {first_port} + (n - {node_id_offset}), nodes {}..={}\n",
+                node_id_offset,
+                i64::from(*node_id_offset) + i64::from(*count) - 1
+            )),
+            BrokerPorts::Map(m) => {
+                for (n, p) in m {
+                    out.push_str(&format!("broker listener: node {n} -> port {p}\n"));
+                }
+            }
+        }
+        out.push_str(&format!(
+            "limits: max frame {} bytes, idle timeout {:?}, max {} connections, {} requests in flight per connection\n",
+            self.limits.max_frame_bytes,
+            self.limits.idle_timeout,
+            self.limits.max_connections,
+            self.limits.max_in_flight_per_connection
+        ));
+        out
+    }
+}
+
+fn parse_upstream(s: &Section) -> UpstreamConfig {
+    let bootstrap_servers = s.string_list("bootstrap_servers", true, |v| {
+        reader::check_host_port(v).err()
+    });
+    let connect_timeout = s.millis("connect_timeout_ms", 10_000, 1, 600_000);
+    let metadata_refresh = s.millis("metadata_refresh_ms", 30_000, 100, 86_400_000);
+    s.finish(&[
+        "bootstrap_servers",
+        "connect_timeout_ms",
+        "metadata_refresh_ms",
+    ]);
+    UpstreamConfig {
+        bootstrap_servers,
+        connect_timeout,
+        metadata_refresh,
+    }
+}
+
+fn parse_listen(s: &Section) -> ListenConfig {
+    let bind_host = s.string("bind_host", Some("0.0.0.0"));
+    let advertised_host = s.string("advertised_host", None);
+    let bootstrap_port = s.int("bootstrap_port", None, 1, 65535) as u16;
+    let broker_ports = {
+        let bp = s.section("broker_ports", true);
+        let range = bp.optional_section("range").map(|r| {
+            let first_port = r.int("first_port", None, 1, 65535) as u16;
+            let node_id_offset = r.int("node_id_offset", Some(0), -1_000_000, 1_000_000) as i32;
+            let count = r.int("count", Some(100), 1, 10_000) as u16;
+            if u32::from(first_port) + u32::from(count) - 1 > 65535 {
+                r.problem("count", "first_port + count - 1 exceeds 65535");
+            }
+            r.finish(&["first_port", "node_id_offset", "count"]);
+            BrokerPorts::Range {
+                first_port,
+                node_id_offset,
+                count,
+            }
+        });
+        let map = bp
+            .int_map("map", 1, 65535)
+            .map(|m| BrokerPorts::Map(m.into_iter().map(|(k, v)| (k, v as u16)).collect()));
+        let chosen = match (range, map) {
+            (Some(r), None) => r,
+            (None, Some(m)) => m,
+            (Some(r), Some(_)) => {
+                bp.problem_here("set either 'range' or 'map', not both");
+                r
+            }
+            (None, None) => {
+                bp.problem_here("needs 'range' or 'map'");
+                BrokerPorts::Map(BTreeMap::new())
+            }
+        };
+        bp.finish(&["range", "map"]);
+        chosen
+    };
+    s.finish(&[
+        "bind_host",
+        "advertised_host",
+        "bootstrap_port",
+        "broker_ports",
+    ]);
+    ListenConfig {
+        bind_host,
+        advertised_host,
+        bootstrap_port,
+        broker_ports,
+    }
+}
+
+fn parse_limits(s: &Section) -> LimitsConfig {
+    let max_frame_bytes = s.int("max_frame_bytes", Some(100 * 1024 * 1024), 1024, 1 << 30) as usize;
+    let idle_timeout = s.millis("idle_timeout_ms", 600_000, 1_000, 86_400_000);
+    let max_connections = s.int("max_connections", Some(10_000), 1, 1_000_000) as usize;
+    let max_in_flight_per_connection =
+        s.int("max_in_flight_per_connection", Some(1_000), 1, 100_000) as usize;
+    s.finish(&[
+        "max_frame_bytes",
+        "idle_timeout_ms",
+        "max_connections",
+        "max_in_flight_per_connection",
+    ]);
+    LimitsConfig {
+        max_frame_bytes,
+        idle_timeout,
+        max_connections,
+        max_in_flight_per_connection,
+    }
+}
+
+fn parse_log(s: &Section) -> LogConfig {
+    let format = match s.string("format", Some("text")).as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            s.problem("format", &format!("'{other}' is not one of: text, json"));
+            LogFormat::Text
+        }
+    };
+    let level = s.string("level", Some("info"));
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        s.problem("level", &format!("'{level}' is not a valid log filter"));
+    }
+    s.finish(&["format", "level"]);
+    LogConfig { format, level }
+}
+
+fn cross_check(c: &Config, problems: &mut Vec<Problem>) {
+    let ports = c.listen.broker_ports.ports();
+    if ports.contains(&c.listen.bootstrap_port) {
+        problems.push(Problem {
+            path: "listen.bootstrap_port".into(),
+            message: format!(
+                "port {} is also a broker port in listen.broker_ports",
+                c.listen.bootstrap_port
+            ),
+        });
+    }
+    if let BrokerPorts::Map(m) = &c.listen.broker_ports {
+        let mut seen = BTreeMap::new();
+        for (node, port) in m {
+            if let Some(other) = seen.insert(*port, *node) {
+                problems.push(Problem {
+                    path: format!("listen.broker_ports.map.{node}"),
+                    message: format!("port {port} is also used by node {other}"),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,246 @@
+//! A YAML walker that records problems with their key paths instead of stopping at the first one.
+//! Getters always return a value (the default, or a placeholder after a problem) so parsing carries on.
+
+use super::Problem;
+use serde_yaml::{Mapping, Value};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub struct Section<'a> {
+    path: String,
+    map: Option<&'a Mapping>,
+    problems: &'a RefCell<Vec<Problem>>,
+}
+
+impl<'a> Section<'a> {
+    pub fn root(value: &'a Value, problems: &'a RefCell<Vec<Problem>>) -> Self {
+        let s = Section {
+            path: String::new(),
+            map: value.as_mapping(),
+            problems,
+        };
+        if s.map.is_none() && !value.is_null() {
+            s.problem_here("the file must be a YAML mapping");
+        }
+        s
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    pub fn problem(&self, key: &str, message: &str) {
+        self.problems.borrow_mut().push(Problem {
+            path: self.key_path(key),
+            message: message.to_string(),
+        });
+    }
+
+    pub fn problem_here(&self, message: &str) {
+        let path = if self.path.is_empty() {
+            "(root)".to_string()
+        } else {
+            self.path.clone()
+        };
+        self.problems.borrow_mut().push(Problem {
+            path,
+            message: message.to_string(),
+        });
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.and_then(|m| m.get(key)).filter(|v| !v.is_null())
+    }
+
+    /// A nested mapping. A missing required section is reported; the returned section is then empty.
+    pub fn section(&self, key: &str, required: bool) -> Section<'a> {
+        let value = self.get(key);
+        let map = match value {
+            Some(Value::Mapping(m)) => Some(m),
+            Some(_) => {
+                self.problem(key, "must be a mapping");
+                None
+            }
+            None => {
+                if required {
+                    self.problem(key, "is required");
+                }
+                None
+            }
+        };
+        Section {
+            path: self.key_path(key),
+            map,
+            problems: self.problems,
+        }
+    }
+
+    pub fn optional_section(&self, key: &str) -> Option<Section<'a>> {
+        self.get(key)?;
+        Some(self.section(key, false))
+    }
+
+    /// Reports every key of this section that is not in `known`.
+    pub fn finish(&self, known: &[&str]) {
+        let Some(map) = self.map else { return };
+        for k in map.keys() {
+            match k.as_str() {
+                Some(name) if known.contains(&name) => {}
+                Some(name) => self.problem(
+                    name,
+                    &format!("unknown key (expected one of: {})", known.join(", ")),
+                ),
+                None => self.problem_here(&format!("non-string key {k:?}")),
+            }
+        }
+    }
+
+    pub fn string(&self, key: &str, default: Option<&str>) -> String {
+        match self.get(key) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(_)) => {
+                self.problem(key, "must not be empty");
+                String::new()
+            }
+            Some(_) => {
+                self.problem(key, "must be a string");
+                String::new()
+            }
+            None => match default {
+                Some(d) => d.to_string(),
+                None => {
+                    self.problem(key, "is required");
+                    String::new()
+                }
+            },
+        }
+    }
+
+    pub fn int(&self, key: &str, default: Option<i64>, min: i64, max: i64) -> i64 {
+        match self.get(key) {
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(v) if (min..=max).contains(&v) => v,
+                _ => {
+                    self.problem(
+                        key,
+                        &format!("must be an integer from {min} to {max}, got {n}"),
+                    );
+                    min
+                }
+            },
+            Some(other) => {
+                self.problem(key, &format!("must be an integer, got {}", describe(other)));
+                min
+            }
+            None => match default {
+                Some(d) => d,
+                None => {
+                    self.problem(key, "is required");
+                    min
+                }
+            },
+        }
+    }
+
+    pub fn millis(&self, key: &str, default: u64, min: u64, max: u64) -> Duration {
+        let v = self.int(key, Some(default as i64), min as i64, max as i64);
+        Duration::from_millis(v as u64)
+    }
+
+    /// A list of strings, each checked by `check` (which returns a problem message).
+    pub fn string_list(
+        &self,
+        key: &str,
+        required: bool,
+        check: impl Fn(&str) -> Option<String>,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.get(key) {
+            Some(Value::Sequence(items)) => {
+                if items.is_empty() && required {
+                    self.problem(key, "must list at least one entry");
+                }
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(s) => match check(s) {
+                            None => out.push(s.to_string()),
+                            Some(msg) => self.problem(&format!("{key}[{i}]"), &msg),
+                        },
+                        None => self.problem(&format!("{key}[{i}]"), "must be a string"),
+                    }
+                }
+            }
+            Some(_) => self.problem(key, "must be a list of strings"),
+            None if required => self.problem(key, "is required"),
+            None => {}
+        }
+        out
+    }
+
+    /// A mapping from integer keys to integer values within [min, max].
+    pub fn int_map(&self, key: &str, min: i64, max: i64) -> Option<BTreeMap<i32, i64>> {
+        let value = self.get(key)?;
+        let Some(map) = value.as_mapping() else {
+            self.problem(key, "must be a mapping of node id to port");
+            return Some(BTreeMap::new());
+        };
+        if map.is_empty() {
+            self.problem(key, "must map at least one node id");
+        }
+        let mut out = BTreeMap::new();
+        for (k, v) in map {
+            let node = k
+                .as_i64()
+                .or_else(|| k.as_str().and_then(|s| s.parse().ok()))
+                .and_then(|n| i32::try_from(n).ok());
+            let Some(node) = node else {
+                self.problem(
+                    &format!("{key}.{}", describe(k)),
+                    "key must be a node id (integer)",
+                );
+                continue;
+            };
+            match v.as_i64() {
+                Some(p) if (min..=max).contains(&p) => {
+                    out.insert(node, p);
+                }
+                _ => self.problem(
+                    &format!("{key}.{node}"),
+                    &format!("must be an integer from {min} to {max}"),
+                ),
+            }
+        }
+        Some(out)
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("'{s}'"),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "null".into(),
+        Value::Sequence(_) => "a list".into(),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(_) => "a tagged value".into(),
+    }
+}
+
+/// `host:port` with a port from 1 to 65535 (IPv6 in brackets).
+pub fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("'{s}' is not host:port"));
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("'{s}' has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("'{s}' has an invalid port")),
+    }
+}
