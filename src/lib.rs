@@ -1,2 +1,25 @@
+//! kafka-eos-proxy: a transparent Kafka protocol proxy that adds and proves exactly-once guarantees.
+//!
+//! ```text
+//! client ──TCP──▶ listener (bootstrap, or one per broker node id)
+//!                   └─▶ session (one per client connection)
+//!                         frame codec (INT32 size, max frame size) ─▶ header peek (key, version, corr id)
+//!                         ─▶ filters that asked for this api key (everything else stays raw bytes)
+//!                         ─▶ exactly one upstream connection, to the broker the listener stands for
+//!                       response path: in-flight queue (request order) ─▶ filters ─▶ client
+//! side channels: broker registry (node id ↔ upstream address ↔ proxy port), config
+//! ```
+//!
+//! Module map, in data-flow order: [`config`] (YAML, validation) → [`server`] (listeners, broker
+//! registry, discovery, shutdown) → [`session`] (per-connection pumps) → [`protocol`] (framing, header
+//! peeks, version table, codecs) → [`filters`] (address rewrite, ApiVersions clamp).
+
 pub mod config;
+pub mod filters;
 pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod telemetry;
+
+pub use config::Config;
+pub use server::{run, Hooks, Proxy};

@@ -1,2 +1,6 @@
-#[test]
-fn placeholder() {}
+//! Integration tests: everything here runs against a real Apache Kafka (scripts/kafka) through an
+//! in-process proxy. One test binary, so librdkafka is linked once.
+
+mod common;
+mod java_client;
+mod rdkafka_clients;

@@ -1,0 +1,76 @@
+//! Why a session ended. `kind()` is a bounded label for logs and metrics.
+
+use crate::protocol::frame::FrameError;
+use kafka_protocol::messages::ApiKey;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Close {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("upstream closed the connection")]
+    UpstreamClosed,
+    #[error("proxy shutting down")]
+    Shutdown,
+    #[error("no request for {0:?}")]
+    Idle(Duration),
+    #[error("bad frame from client: {0}")]
+    ClientFrame(FrameError),
+    #[error("bad frame from upstream: {0}")]
+    UpstreamFrame(FrameError),
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
+    #[error("malformed response from upstream: {0}")]
+    MalformedResponse(String),
+    #[error("unknown api key {0}")]
+    UnknownApiKey(i16),
+    #[error("{key:?} v{version} is not supported by the proxy")]
+    UnsupportedVersion { key: ApiKey, version: i16 },
+    #[error("upstream answered correlation id {got}, expected {expected}")]
+    CorrelationMismatch { expected: i32, got: i32 },
+    #[error("upstream sent a response nobody asked for")]
+    UnexpectedResponse,
+    #[error("client i/o: {0}")]
+    ClientIo(std::io::Error),
+    #[error("upstream i/o: {0}")]
+    UpstreamIo(std::io::Error),
+    #[error("response side ended")]
+    ResponseSideClosed,
+}
+
+impl Close {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Close::ClientClosed => "client_closed",
+            Close::UpstreamClosed => "upstream_closed",
+            Close::Shutdown => "shutdown",
+            Close::Idle(_) => "idle",
+            Close::ClientFrame(_) => "bad_frame",
+            Close::UpstreamFrame(_) => "upstream_bad_frame",
+            Close::MalformedRequest(_) => "malformed_request",
+            Close::MalformedResponse(_) => "malformed_response",
+            Close::UnknownApiKey(_) => "unknown_api_key",
+            Close::UnsupportedVersion { .. } => "unsupported_version",
+            Close::CorrelationMismatch { .. } => "correlation_mismatch",
+            Close::UnexpectedResponse => "unexpected_response",
+            Close::ClientIo(_) => "client_io",
+            Close::UpstreamIo(_) => "upstream_io",
+            Close::ResponseSideClosed => "response_side_closed",
+        }
+    }
+
+    /// Closes caused by a peer breaking the protocol (worth a warning with the peer's address).
+    pub fn is_protocol_violation(&self) -> bool {
+        matches!(
+            self,
+            Close::ClientFrame(_)
+                | Close::UpstreamFrame(_)
+                | Close::MalformedRequest(_)
+                | Close::MalformedResponse(_)
+                | Close::UnknownApiKey(_)
+                | Close::UnsupportedVersion { .. }
+                | Close::CorrelationMismatch { .. }
+                | Close::UnexpectedResponse
+        )
+    }
+}

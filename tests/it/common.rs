@@ -1,0 +1,275 @@
+//! Shared test harness: a real Kafka (started by scripts/kafka, reused if running), an in-process proxy
+//! per test on its own ports, and a leak detector on every frame the proxy sends to clients.
+//!
+//! The proxy binds and advertises 127.0.0.2 while the brokers live on 127.0.0.1. A broker address that
+//! slipped through un-rewritten would show up as the bytes "127.0.0.1" followed by a broker port (the
+//! encoding of host+port in every address-carrying response), which the detector looks for.
+
+#![allow(dead_code)]
+
+use kafka_eos_proxy::config::{BrokerPorts, Config};
+use kafka_eos_proxy::{Hooks, Proxy};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+pub const PROXY_HOST: &str = "127.0.0.2";
+pub const UPSTREAM_HOST: &str = "127.0.0.1";
+/// Every broker port scripts/kafka uses (single: 19092; cluster: 29192, 29292, 29392).
+pub const UPSTREAM_PORTS: [i32; 4] = [19092, 29192, 29292, 29392];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cluster {
+    Single,
+    Three,
+}
+
+impl Cluster {
+    fn name(self) -> &'static str {
+        match self {
+            Cluster::Single => "single",
+            Cluster::Three => "cluster",
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts (or reuses) the local Kafka and returns its bootstrap servers.
+pub fn kafka(cluster: Cluster) -> String {
+    static SINGLE: OnceLock<String> = OnceLock::new();
+    static THREE: OnceLock<String> = OnceLock::new();
+    let cell = match cluster {
+        Cluster::Single => &SINGLE,
+        Cluster::Three => &THREE,
+    };
+    cell.get_or_init(|| {
+        let out = Command::new(repo_root().join("scripts/kafka"))
+            .args(["start", cluster.name()])
+            .output()
+            .expect("run scripts/kafka");
+        assert!(
+            out.status.success(),
+            "scripts/kafka start {} failed:\n{}",
+            cluster.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+    .clone()
+}
+
+/// Kafka's libraries (the Java client among them), fetched by scripts/kafka.
+pub fn kafka_libs() -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/kafka"))
+        .arg("libs")
+        .output()
+        .expect("run scripts/kafka libs");
+    assert!(out.status.success());
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Port blocks for proxies: 10 ports each, a per-process start so parallel test binaries don't collide.
+fn next_port_block() -> u16 {
+    static NEXT: OnceLock<AtomicU16> = OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU16::new(21_000 + (std::process::id() % 50) as u16 * 120));
+    next.fetch_add(10, Ordering::Relaxed)
+}
+
+#[derive(Default)]
+pub struct LeakDetector {
+    pub frames: AtomicUsize,
+    pub leaks: Mutex<Vec<String>>,
+}
+
+impl LeakDetector {
+    fn inspect(&self, frame: &[u8]) {
+        self.frames.fetch_add(1, Ordering::Relaxed);
+        let needle = UPSTREAM_HOST.as_bytes();
+        let mut i = 0;
+        while let Some(pos) = find(&frame[i..], needle) {
+            let at = i + pos + needle.len();
+            if let Some(port) = frame.get(at..at + 4) {
+                let port = i32::from_be_bytes([port[0], port[1], port[2], port[3]]);
+                if UPSTREAM_PORTS.contains(&port) {
+                    self.leaks.lock().unwrap().push(format!(
+                        "upstream address {UPSTREAM_HOST}:{port} in a {}-byte frame (api response, corr id {})",
+                        frame.len(),
+                        i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]])
+                    ));
+                }
+            }
+            i = at;
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub struct TestProxy {
+    pub proxy: Option<Proxy>,
+    pub bootstrap: String,
+    pub first_broker_port: u16,
+    pub leaks: Arc<LeakDetector>,
+}
+
+impl TestProxy {
+    /// The bootstrap.servers a client should use.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn broker_port(&self, node_id: i32) -> u16 {
+        self.first_broker_port + node_id as u16
+    }
+
+    /// Proxy ports (bootstrap and broker listeners) a client may legitimately be told about.
+    pub fn is_proxy_port(&self, port: i32) -> bool {
+        let first = i32::from(self.first_broker_port);
+        (first..first + 9).contains(&port)
+    }
+
+    pub fn assert_no_leaks(&self) {
+        let leaks = self.leaks.leaks.lock().unwrap();
+        assert!(
+            leaks.is_empty(),
+            "upstream addresses reached clients: {leaks:?}"
+        );
+        assert!(
+            self.leaks.frames.load(Ordering::Relaxed) > 0,
+            "the leak detector saw no frames at all"
+        );
+    }
+
+    pub async fn stop(mut self) {
+        self.assert_no_leaks();
+        if let Some(p) = self.proxy.take() {
+            p.shutdown().await;
+        }
+    }
+}
+
+pub fn proxy_config(upstream: &str, bootstrap_port: u16, first_broker_port: u16) -> Config {
+    let yaml = format!(
+        r#"
+upstream:
+  bootstrap_servers: [{servers}]
+  connect_timeout_ms: 5000
+  metadata_refresh_ms: 2000
+listen:
+  bind_host: {PROXY_HOST}
+  advertised_host: {PROXY_HOST}
+  bootstrap_port: {bootstrap_port}
+  broker_ports:
+    range: {{ first_port: {first_broker_port}, node_id_offset: 0, count: 9 }}
+limits:
+  max_frame_bytes: 104857600
+log:
+  level: info
+"#,
+        servers = upstream
+            .split(',')
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Config::parse(&yaml).expect("test config")
+}
+
+/// Starts a proxy in front of `cluster`, on a fresh block of ports.
+pub async fn start_proxy(cluster: Cluster) -> TestProxy {
+    start_proxy_with(cluster, |_| {}).await
+}
+
+pub async fn start_proxy_with(cluster: Cluster, tweak: impl Fn(&mut Config)) -> TestProxy {
+    init_logging();
+    let upstream = kafka(cluster);
+    let leaks = Arc::new(LeakDetector::default());
+    for _attempt in 0..20 {
+        let block = next_port_block();
+        let mut config = proxy_config(&upstream, block, block + 1);
+        tweak(&mut config);
+        let first_broker_port = match &config.listen.broker_ports {
+            BrokerPorts::Range { first_port, .. } => *first_port,
+            BrokerPorts::Map(_) => block + 1,
+        };
+        let detector = leaks.clone();
+        let hooks = Hooks {
+            on_client_frame: Some(Arc::new(move |f: &[u8]| detector.inspect(f))),
+        };
+        match Proxy::start(config, hooks).await {
+            Ok(proxy) => {
+                let bootstrap = format!("{PROXY_HOST}:{}", proxy.bootstrap_addr().port());
+                // The proxy's first metadata refresh opened the broker listeners.
+                return TestProxy {
+                    proxy: Some(proxy),
+                    bootstrap,
+                    first_broker_port,
+                    leaks,
+                };
+            }
+            Err(e) if e.to_string().contains("in use") => continue,
+            Err(e) => panic!("proxy did not start: {e:#}"),
+        }
+    }
+    panic!("no free port block for a test proxy");
+}
+
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber_init();
+    });
+}
+
+fn tracing_subscriber_init() -> Option<()> {
+    let level = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
+    kafka_eos_proxy::telemetry::init_logging(&kafka_eos_proxy::config::LogConfig {
+        format: kafka_eos_proxy::config::LogFormat::Text,
+        level,
+    });
+    Some(())
+}
+
+/// A topic name unique to this test run.
+pub fn unique_topic(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

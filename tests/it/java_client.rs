@@ -1,0 +1,164 @@
+//! The Java client (kafka-clients, same version as the broker) against real Kafka, through the proxy.
+//! tests/java/EosClient.java holds the scenarios; each checks itself and prints RESULT lines.
+
+use crate::common::*;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn compiled_client() -> (PathBuf, PathBuf) {
+    static CLASSES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    CLASSES
+        .get_or_init(|| {
+            let libs = kafka_libs();
+            let out = repo_root().join("target/java-classes");
+            std::fs::create_dir_all(&out).unwrap();
+            let status = Command::new("javac")
+                .arg("-cp")
+                .arg(format!("{}/*", libs.display()))
+                .arg("-d")
+                .arg(&out)
+                .arg(repo_root().join("tests/java/EosClient.java"))
+                .status()
+                .expect("javac");
+            assert!(status.success(), "javac failed");
+            (libs, out)
+        })
+        .clone()
+}
+
+/// Runs a scenario and returns its RESULT key=value lines (repeated keys keep every value).
+async fn run_java(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<String>> {
+    let (libs, classes) = compiled_client();
+    let bootstrap = proxy.bootstrap().to_string();
+    let prefix = unique_topic(&format!("java-{scenario}"));
+    let scenario = scenario.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}/*:{}", libs.display(), classes.display()))
+            .arg("-Xmx256m")
+            .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+            .arg("-Dlog4j2.level=warn")
+            .args(["EosClient", &scenario, &bootstrap, &prefix])
+            .output()
+            .expect("run java")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "java scenario failed\nstdout:\n{stdout}\nstderr (tail):\n{}",
+        stderr
+            .lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut results: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in stdout.lines() {
+        if let Some((k, v)) = line.strip_prefix("RESULT ").and_then(|l| l.split_once('=')) {
+            results
+                .entry(k.to_string())
+                .or_default()
+                .push(v.to_string());
+        }
+    }
+    assert_eq!(
+        results.get("ok").map(|v| v[0].as_str()),
+        Some("true"),
+        "{stdout}"
+    );
+    results
+}
+
+fn one(results: &BTreeMap<String, Vec<String>>, key: &str) -> i64 {
+    results
+        .get(key)
+        .and_then(|v| v.first())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric RESULT {key} in {results:?}"))
+}
+
+/// `host:port` in a RESULT value must be a proxy address.
+fn assert_proxy_address(proxy: &TestProxy, value: &str) {
+    let addr = value.rsplit('@').next().unwrap();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    assert_eq!(host, PROXY_HOST, "{value}");
+    assert!(
+        proxy.is_proxy_port(port.parse().unwrap()),
+        "{value} is not a proxy port"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_admin_sees_only_proxy_addresses() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("admin", &proxy).await;
+    assert_eq!(one(&r, "partitions"), 4);
+    let brokers = &r["broker"];
+    assert_eq!(brokers.len(), 3, "{brokers:?}");
+    for b in brokers {
+        let (id, _) = b.split_once('@').unwrap();
+        assert!(
+            b.ends_with(&format!(":{}", proxy.broker_port(id.parse().unwrap()))),
+            "{b}"
+        );
+        assert_proxy_address(&proxy, b);
+    }
+    for l in &r["leader"] {
+        assert_proxy_address(&proxy, l);
+    }
+    assert_proxy_address(&proxy, &r["controller"][0]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_produce_and_consume() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let r = run_java("produce", &proxy).await;
+    assert_eq!(one(&r, "consumed"), 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_idempotent_producer() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("idempotent", &proxy).await;
+    assert_eq!(one(&r, "consumed"), 1500);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_transactions_commit_and_abort() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("txn", &proxy).await;
+    assert_eq!(one(&r, "committed"), 25);
+    assert_eq!(one(&r, "uncommitted"), 35);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_consume_transform_produce() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("ctp", &proxy).await;
+    assert_eq!(one(&r, "transformed"), 120);
+    assert_eq!(one(&r, "committed_offsets"), 120);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_consumer_group_rebalance() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("group", &proxy).await;
+    assert_eq!(one(&r, "consumed"), 600);
+    assert!(one(&r, "from_second_member") > 0);
+    proxy.stop().await;
+}

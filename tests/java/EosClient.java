@@ -1,0 +1,280 @@
+// The Java client (org.apache.kafka:kafka-clients) driven by the integration tests, through the proxy.
+//
+//   java -cp "<kafka libs>/*:<classes>" EosClient <scenario> <bootstrap> <name-prefix>
+//
+// Each scenario checks its own outcome and throws (exit code 1) if anything is off; on success it prints
+// `RESULT key=value` lines that the Rust test asserts on as well. Scenarios:
+//   admin        create a topic, describe it and the cluster; print broker addresses
+//   produce      plain produce + consume
+//   idempotent   idempotent producer, every record once
+//   txn          one committed and one aborted transaction, checked with read_committed
+//   ctp          consume-transform-produce with sendOffsetsToTransaction
+//   group        two consumers in a group, a rebalance, committed offsets
+import java.time.Duration;
+import java.util.*;
+import java.util.concurrent.TimeUnit;
+import org.apache.kafka.clients.admin.*;
+import org.apache.kafka.clients.consumer.*;
+import org.apache.kafka.clients.producer.*;
+import org.apache.kafka.common.*;
+import org.apache.kafka.common.serialization.*;
+
+public class EosClient {
+    static String bootstrap;
+    static String prefix;
+
+    public static void main(String[] args) throws Exception {
+        if (args.length != 3) throw new IllegalArgumentException("usage: EosClient scenario bootstrap prefix");
+        bootstrap = args[1];
+        prefix = args[2];
+        switch (args[0]) {
+            case "admin": admin(); break;
+            case "produce": produce(); break;
+            case "idempotent": idempotent(); break;
+            case "txn": txn(); break;
+            case "ctp": ctp(); break;
+            case "group": group(); break;
+            default: throw new IllegalArgumentException("unknown scenario " + args[0]);
+        }
+        System.out.println("RESULT ok=true");
+    }
+
+    static void check(boolean cond, String what) {
+        if (!cond) throw new AssertionError(what);
+    }
+
+    static Properties base() {
+        Properties p = new Properties();
+        p.put("bootstrap.servers", bootstrap);
+        p.put("request.timeout.ms", "20000");
+        p.put("default.api.timeout.ms", "60000");
+        return p;
+    }
+
+    static Admin admin_client() { return Admin.create(base()); }
+
+    static void createTopic(String topic, int partitions, int rf) throws Exception {
+        try (Admin a = admin_client()) {
+            a.createTopics(List.of(new NewTopic(topic, partitions, (short) rf))).all().get(60, TimeUnit.SECONDS);
+        }
+    }
+
+    static KafkaProducer<String, String> producer(Properties extra) {
+        Properties p = base();
+        p.put("key.serializer", StringSerializer.class.getName());
+        p.put("value.serializer", StringSerializer.class.getName());
+        p.put("acks", "all");
+        p.put("linger.ms", "5");
+        p.putAll(extra);
+        return new KafkaProducer<>(p);
+    }
+
+    static KafkaConsumer<String, String> consumer(String group, String isolation) {
+        Properties p = base();
+        p.put("key.deserializer", StringDeserializer.class.getName());
+        p.put("value.deserializer", StringDeserializer.class.getName());
+        p.put("group.id", group);
+        p.put("enable.auto.commit", "false");
+        p.put("auto.offset.reset", "earliest");
+        p.put("isolation.level", isolation);
+        return new KafkaConsumer<>(p);
+    }
+
+    /** Everything in the topic from the beginning, until `expected` records and the end of every partition. */
+    static List<String> readAll(String topic, String isolation, int expected) {
+        try (KafkaConsumer<String, String> c = consumer(prefix + "-reader-" + UUID.randomUUID(), isolation)) {
+            List<TopicPartition> parts = new ArrayList<>();
+            for (PartitionInfo pi : c.partitionsFor(topic)) parts.add(new TopicPartition(topic, pi.partition()));
+            c.assign(parts);
+            c.seekToBeginning(parts);
+            Map<TopicPartition, Long> end = c.endOffsets(parts);
+            List<String> out = new ArrayList<>();
+            long deadline = System.currentTimeMillis() + 60_000;
+            while (System.currentTimeMillis() < deadline) {
+                for (ConsumerRecord<String, String> r : c.poll(Duration.ofMillis(200))) out.add(r.value());
+                boolean atEnd = true;
+                for (TopicPartition tp : parts) atEnd &= c.position(tp) >= end.get(tp);
+                if (atEnd && out.size() >= expected) break;
+            }
+            return out;
+        }
+    }
+
+    static List<String> numbered(String p, int n) {
+        List<String> out = new ArrayList<>();
+        for (int i = 0; i < n; i++) out.add(String.format("%s-%05d", p, i));
+        return out;
+    }
+
+    static void sendAll(KafkaProducer<String, String> p, String topic, List<String> values) throws Exception {
+        List<java.util.concurrent.Future<RecordMetadata>> fs = new ArrayList<>();
+        for (String v : values) fs.add(p.send(new ProducerRecord<>(topic, v, v)));
+        for (var f : fs) f.get(60, TimeUnit.SECONDS);
+    }
+
+    static void sameSet(List<String> got, List<String> want, String what) {
+        List<String> g = new ArrayList<>(got), w = new ArrayList<>(want);
+        Collections.sort(g);
+        Collections.sort(w);
+        check(g.equals(w), what + ": got " + g.size() + " records, expected " + w.size());
+    }
+
+    static void admin() throws Exception {
+        String topic = prefix + "-admin";
+        createTopic(topic, 4, 1);
+        try (Admin a = admin_client()) {
+            TopicDescription d = a.describeTopics(List.of(topic)).allTopicNames().get(60, TimeUnit.SECONDS).get(topic);
+            check(d.partitions().size() == 4, "4 partitions");
+            for (TopicPartitionInfo p : d.partitions())
+                System.out.println("RESULT leader=" + p.leader().host() + ":" + p.leader().port());
+            for (Node n : a.describeCluster().nodes().get(60, TimeUnit.SECONDS))
+                System.out.println("RESULT broker=" + n.id() + "@" + n.host() + ":" + n.port());
+            Node controller = a.describeCluster().controller().get(60, TimeUnit.SECONDS);
+            System.out.println("RESULT controller=" + controller.host() + ":" + controller.port());
+            System.out.println("RESULT partitions=" + d.partitions().size());
+        }
+    }
+
+    static void produce() throws Exception {
+        String topic = prefix + "-plain";
+        createTopic(topic, 2, 1);
+        List<String> values = numbered("j", 200);
+        try (KafkaProducer<String, String> p = producer(new Properties())) { sendAll(p, topic, values); }
+        List<String> got = readAll(topic, "read_uncommitted", values.size());
+        sameSet(got, values, "plain produce/consume");
+        System.out.println("RESULT consumed=" + got.size());
+    }
+
+    static void idempotent() throws Exception {
+        String topic = prefix + "-idem";
+        createTopic(topic, 3, 3);
+        Properties extra = new Properties();
+        extra.put("enable.idempotence", "true");
+        extra.put("max.in.flight.requests.per.connection", "5");
+        List<String> values = numbered("ji", 1500);
+        try (KafkaProducer<String, String> p = producer(extra)) { sendAll(p, topic, values); }
+        List<String> got = readAll(topic, "read_uncommitted", values.size());
+        sameSet(got, values, "idempotent produce");
+        System.out.println("RESULT consumed=" + got.size());
+    }
+
+    static KafkaProducer<String, String> txnProducer(String id) {
+        Properties extra = new Properties();
+        extra.put("transactional.id", id);
+        extra.put("transaction.timeout.ms", "30000");
+        KafkaProducer<String, String> p = producer(extra);
+        p.initTransactions();
+        return p;
+    }
+
+    static void txn() throws Exception {
+        String topic = prefix + "-txn";
+        createTopic(topic, 2, 3);
+        try (KafkaProducer<String, String> p = txnProducer(prefix + "-txn-id")) {
+            p.beginTransaction();
+            sendAll(p, topic, numbered("jc", 25));
+            p.commitTransaction();
+            p.beginTransaction();
+            sendAll(p, topic, numbered("ja", 10));
+            p.abortTransaction();
+        }
+        List<String> committed = readAll(topic, "read_committed", 25);
+        sameSet(committed, numbered("jc", 25), "read_committed sees only the committed transaction");
+        List<String> all = readAll(topic, "read_uncommitted", 35);
+        check(all.size() == 35, "read_uncommitted sees both transactions' records, got " + all.size());
+        System.out.println("RESULT committed=" + committed.size());
+        System.out.println("RESULT uncommitted=" + all.size());
+    }
+
+    static void ctp() throws Exception {
+        String in = prefix + "-ctp-in", out = prefix + "-ctp-out", group = prefix + "-ctp-group";
+        createTopic(in, 3, 3);
+        createTopic(out, 3, 3);
+        List<String> values = numbered("jin", 120);
+        try (KafkaProducer<String, String> p = producer(new Properties())) { sendAll(p, in, values); }
+        int done = 0;
+        try (KafkaConsumer<String, String> c = consumer(group, "read_committed");
+             KafkaProducer<String, String> p = txnProducer(prefix + "-ctp-txn")) {
+            c.subscribe(List.of(in));
+            long deadline = System.currentTimeMillis() + 90_000;
+            while (done < values.size() && System.currentTimeMillis() < deadline) {
+                ConsumerRecords<String, String> recs = c.poll(Duration.ofMillis(500));
+                if (recs.isEmpty()) continue;
+                p.beginTransaction();
+                Map<TopicPartition, OffsetAndMetadata> offsets = new HashMap<>();
+                for (ConsumerRecord<String, String> r : recs) {
+                    String t = r.value().replace("jin-", "jout-");
+                    p.send(new ProducerRecord<>(out, t, t));
+                    offsets.put(new TopicPartition(r.topic(), r.partition()), new OffsetAndMetadata(r.offset() + 1));
+                    done++;
+                }
+                p.sendOffsetsToTransaction(offsets, c.groupMetadata());
+                p.commitTransaction();
+            }
+        }
+        check(done == values.size(), "consumed every input once, got " + done);
+        List<String> expected = new ArrayList<>();
+        for (String v : values) expected.add(v.replace("jin-", "jout-"));
+        sameSet(readAll(out, "read_committed", expected.size()), expected, "transformed output");
+        long committed = 0;
+        try (Admin a = admin_client()) {
+            for (OffsetAndMetadata o : a.listConsumerGroupOffsets(group).partitionsToOffsetAndMetadata()
+                    .get(60, TimeUnit.SECONDS).values()) committed += o.offset();
+        }
+        check(committed == values.size(), "offsets committed in transactions, got " + committed);
+        System.out.println("RESULT transformed=" + done);
+        System.out.println("RESULT committed_offsets=" + committed);
+    }
+
+    static void group() throws Exception {
+        String topic = prefix + "-group", group = prefix + "-group-id";
+        createTopic(topic, 6, 3);
+        List<String> values = numbered("jg", 600);
+        try (KafkaProducer<String, String> p = producer(new Properties())) { sendAll(p, topic, values.subList(0, 300)); }
+        Map<String, Integer> seen = new HashMap<>();
+        try (KafkaConsumer<String, String> a = consumer(group, "read_uncommitted")) {
+            a.subscribe(List.of(topic));
+            long deadline = System.currentTimeMillis() + 60_000;
+            while (seen.size() < 300 && System.currentTimeMillis() < deadline) {
+                for (ConsumerRecord<String, String> r : a.poll(Duration.ofMillis(200))) seen.merge(r.value(), 1, Integer::sum);
+                a.commitSync();
+            }
+            check(seen.size() == 300, "first member read the first half, got " + seen.size());
+            try (KafkaConsumer<String, String> b = consumer(group, "read_uncommitted")) {
+                b.subscribe(List.of(topic));
+                // Both members poll until the rebalance has given each of them partitions.
+                deadline = System.currentTimeMillis() + 60_000;
+                while ((a.assignment().isEmpty() || b.assignment().isEmpty()
+                        || a.assignment().size() + b.assignment().size() != 6)
+                        && System.currentTimeMillis() < deadline) {
+                    for (ConsumerRecord<String, String> r : a.poll(Duration.ofMillis(100))) seen.merge(r.value(), 1, Integer::sum);
+                    a.commitSync();
+                    for (ConsumerRecord<String, String> r : b.poll(Duration.ofMillis(100))) seen.merge(r.value(), 1, Integer::sum);
+                    b.commitSync();
+                }
+                check(!a.assignment().isEmpty() && !b.assignment().isEmpty(), "rebalance split the partitions");
+                try (KafkaProducer<String, String> p = producer(new Properties())) { sendAll(p, topic, values.subList(300, 600)); }
+                int fromB = 0;
+                deadline = System.currentTimeMillis() + 90_000;
+                while (seen.size() < 600 && System.currentTimeMillis() < deadline) {
+                    for (ConsumerRecord<String, String> r : a.poll(Duration.ofMillis(100))) seen.merge(r.value(), 1, Integer::sum);
+                    a.commitSync();
+                    for (ConsumerRecord<String, String> r : b.poll(Duration.ofMillis(100))) { seen.merge(r.value(), 1, Integer::sum); fromB++; }
+                    b.commitSync();
+                }
+                check(fromB > 0, "second member received records after the rebalance");
+                check(a.assignment().size() + b.assignment().size() == 6, "all 6 partitions assigned");
+                System.out.println("RESULT from_second_member=" + fromB);
+            }
+        }
+        check(seen.size() == 600, "every record consumed, got " + seen.size());
+        for (Map.Entry<String, Integer> e : seen.entrySet()) check(e.getValue() == 1, "consumed twice: " + e.getKey());
+        long committed = 0;
+        try (Admin ad = admin_client()) {
+            for (OffsetAndMetadata o : ad.listConsumerGroupOffsets(group).partitionsToOffsetAndMetadata()
+                    .get(60, TimeUnit.SECONDS).values()) committed += o.offset();
+        }
+        check(committed == 600, "committed offsets cover every record, got " + committed);
+        System.out.println("RESULT consumed=" + seen.size());
+    }
+}
