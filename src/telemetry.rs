@@ -9,7 +9,8 @@ pub fn init_logging(log: &LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // try_init: a second call (tests) is harmless.
     let _ = match log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

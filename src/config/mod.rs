@@ -258,7 +258,9 @@ fn parse_listen(s: &Section) -> ListenConfig {
                 r
             }
             (None, None) => {
-                bp.problem_here("needs 'range' or 'map'");
+                if s.optional_section("broker_ports").is_some() {
+                    bp.problem_here("needs 'range' or 'map'");
+                }
                 BrokerPorts::Map(BTreeMap::new())
             }
         };

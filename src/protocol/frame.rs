@@ -9,6 +9,9 @@ use tokio_util::codec::Decoder;
 
 pub const SIZE_PREFIX: usize = 4;
 
+/// The most buffer space reserved ahead of bytes actually received.
+const RESERVE_AHEAD: usize = 1024 * 1024;
+
 #[derive(Debug, Error)]
 pub enum FrameError {
     #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
@@ -64,7 +67,9 @@ impl Decoder for FrameCodec {
         }
         let total = SIZE_PREFIX + size;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // Grow towards the frame, but never reserve a peer's whole claim up front: a client that
+            // announces 100 MiB and sends nothing must not cost 100 MiB.
+            src.reserve((total - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         Ok(Some(src.split_to(total)))

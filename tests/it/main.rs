@@ -4,3 +4,4 @@
 mod common;
 mod java_client;
 mod rdkafka_clients;
+mod wire;
