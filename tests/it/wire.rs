@@ -105,15 +105,12 @@ impl Raw {
     /// Asserts the proxy closes this connection (without answering) within a few seconds.
     pub async fn expect_closed(&mut self, what: &str) {
         let mut buf = [0u8; 1024];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("{what}: connection still open after 5s"));
-            match n {
-                Ok(0) | Err(_) => return,
-                Ok(n) => panic!("{what}: got {n} bytes instead of a close"),
-            }
+        let n = tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: connection still open after 5s"));
+        match n {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("{what}: got {n} bytes instead of a close"),
         }
     }
 }
