@@ -17,13 +17,16 @@ use std::time::Duration;
 
 pub const PROXY_HOST: &str = "127.0.0.2";
 pub const UPSTREAM_HOST: &str = "127.0.0.1";
-/// Every broker port scripts/kafka uses (single: 19092; cluster: 29192, 29292, 29392).
-pub const UPSTREAM_PORTS: [i32; 4] = [19092, 29192, 29292, 29392];
+/// Every broker port scripts/kafka uses (single: 19092; cluster: 29192, 29292, 29392; dynamic: 18192,
+/// and 18292 for the broker tests add).
+pub const UPSTREAM_PORTS: [i32; 6] = [19092, 29192, 29292, 29392, 18192, 18292];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cluster {
     Single,
     Three,
+    /// One node that tests grow and shrink (scripts/kafka add-broker / remove-broker).
+    Dynamic,
 }
 
 impl Cluster {
@@ -31,6 +34,7 @@ impl Cluster {
         match self {
             Cluster::Single => "single",
             Cluster::Three => "cluster",
+            Cluster::Dynamic => "dynamic",
         }
     }
 }
@@ -43,9 +47,11 @@ pub fn repo_root() -> PathBuf {
 pub fn kafka(cluster: Cluster) -> String {
     static SINGLE: OnceLock<String> = OnceLock::new();
     static THREE: OnceLock<String> = OnceLock::new();
+    static DYNAMIC: OnceLock<String> = OnceLock::new();
     let cell = match cluster {
         Cluster::Single => &SINGLE,
         Cluster::Three => &THREE,
+        Cluster::Dynamic => &DYNAMIC,
     };
     cell.get_or_init(|| {
         let out = Command::new(repo_root().join("scripts/kafka"))
@@ -64,6 +70,20 @@ pub fn kafka(cluster: Cluster) -> String {
 }
 
 /// Kafka's libraries (the Java client among them), fetched by scripts/kafka.
+/// Runs `scripts/kafka ARGS...` and returns its stdout; panics with its stderr on failure.
+pub fn kafka_script(args: &[&str]) -> String {
+    let out = Command::new(repo_root().join("scripts/kafka"))
+        .args(args)
+        .output()
+        .expect("run scripts/kafka");
+    assert!(
+        out.status.success(),
+        "scripts/kafka {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 pub fn kafka_libs() -> PathBuf {
     let out = Command::new(repo_root().join("scripts/kafka"))
         .arg("libs")

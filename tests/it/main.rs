@@ -1,6 +1,7 @@
 //! Integration tests: everything here runs against a real Apache Kafka (scripts/kafka) through an
 //! in-process proxy. One test binary, so librdkafka is linked once.
 
+mod brokers;
 mod common;
 mod java_client;
 mod rdkafka_clients;
