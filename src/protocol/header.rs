@@ -134,3 +134,23 @@ mod tests {
         assert!(h.body_offset.is_none());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a client sends, peeking never panics, and a successful peek reads in bounds.
+        #[test]
+        fn peek_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut frame = (bytes.len() as i32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&bytes);
+            if let Ok(head) = peek_request(&frame) {
+                prop_assert!(head.body_offset.is_none_or(|o| o <= frame.len()));
+                let _ = head.client_id(&frame);
+                let _ = produce_acks(&frame, &head);
+            }
+        }
+    }
+}
