@@ -15,6 +15,7 @@
 //! peeks, version table, codecs) → [`filters`] (address rewrite, ApiVersions clamp).
 
 pub mod config;
+pub mod eos;
 pub mod filters;
 pub mod protocol;
 pub mod server;
