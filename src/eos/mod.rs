@@ -225,7 +225,7 @@ pub fn check(state: Option<&PartitionState>, in_flight: &[Batch], batch: Batch) 
         .iter()
         .filter(|f| f.epoch == batch.epoch)
         .map(|f| next_seq(f.last_seq))
-        .last()
+        .next_back()
         .unwrap_or(expected);
     Verdict::OutOfOrder {
         expected,

@@ -42,7 +42,7 @@ pub struct ProduceView<'a> {
     trailer: Range<usize>,
 }
 
-fn utf8<'a>(b: &'a [u8], at: usize) -> Result<&'a str, WireError> {
+fn utf8(b: &[u8], at: usize) -> Result<&str, WireError> {
     std::str::from_utf8(b).map_err(|_| WireError::Invalid {
         what: "utf-8 string",
         offset: at,
