@@ -14,9 +14,11 @@
 //! registry, discovery, shutdown) → [`session`] (per-connection pumps) → [`protocol`] (framing, header
 //! peeks, version table, codecs) → [`filters`] (address rewrite, ApiVersions clamp).
 
+pub mod audit;
 pub mod config;
 pub mod eos;
 pub mod filters;
+pub mod guard;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -6,6 +6,8 @@
 
 mod reader;
 
+pub use crate::audit::AuditConfig;
+pub use crate::guard::{GuardConfig, Mode};
 use reader::Section;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -97,6 +99,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub producer_state: GuardConfig,
+    pub audit: AuditConfig,
 }
 
 /// One problem in a config file, with the key path it concerns.
@@ -153,12 +157,23 @@ impl Config {
             let listen = parse_listen(&root.section("listen", true));
             let limits = parse_limits(&root.section("limits", false));
             let log = parse_log(&root.section("log", false));
-            root.finish(&["upstream", "listen", "limits", "log"]);
+            let producer_state = parse_producer_state(&root.section("producer_state", false));
+            let audit = parse_audit(&root.section("audit", false));
+            root.finish(&[
+                "upstream",
+                "listen",
+                "limits",
+                "log",
+                "producer_state",
+                "audit",
+            ]);
             Config {
                 upstream,
                 listen,
                 limits,
                 log,
+                producer_state,
+                audit,
             }
         };
         let mut problems = problems.into_inner();
@@ -316,6 +331,62 @@ fn parse_log(s: &Section) -> LogConfig {
     }
     s.finish(&["format", "level"]);
     LogConfig { format, level }
+}
+
+fn parse_producer_state(s: &Section) -> GuardConfig {
+    let d = GuardConfig::default();
+    let enabled = s.bool("enabled", d.enabled);
+    let mode = match s.string("mode", Some("audit")).as_str() {
+        "audit" => Mode::Audit,
+        "enforce" => Mode::Enforce,
+        other => {
+            s.problem("mode", &format!("'{other}' is not one of: audit, enforce"));
+            Mode::Audit
+        }
+    };
+    let check_crc = s.bool("check_crc", d.check_crc);
+    let max_tracked = s.int("max_tracked", Some(d.max_tracked as i64), 1, 100_000_000) as usize;
+    let idle_expiry = s.millis(
+        "idle_expiry_ms",
+        d.idle_expiry.as_millis() as u64,
+        1_000,
+        30 * 86_400_000,
+    );
+    let in_flight_wait = s.millis(
+        "in_flight_wait_ms",
+        d.in_flight_wait.as_millis() as u64,
+        1,
+        600_000,
+    );
+    s.finish(&[
+        "enabled",
+        "mode",
+        "check_crc",
+        "max_tracked",
+        "idle_expiry_ms",
+        "in_flight_wait_ms",
+    ]);
+    GuardConfig {
+        enabled,
+        mode,
+        check_crc,
+        max_tracked,
+        idle_expiry,
+        in_flight_wait,
+    }
+}
+
+fn parse_audit(s: &Section) -> AuditConfig {
+    let d = AuditConfig::default();
+    let stdout = s.bool("stdout", d.stdout);
+    let file = s.optional_string("file").map(std::path::PathBuf::from);
+    let queue = s.int("queue", Some(d.queue as i64), 1, 10_000_000) as usize;
+    s.finish(&["stdout", "file", "queue"]);
+    AuditConfig {
+        stdout,
+        file,
+        queue,
+    }
 }
 
 fn cross_check(c: &Config, problems: &mut Vec<Problem>) {

@@ -121,6 +121,26 @@ impl<'a> Section<'a> {
         }
     }
 
+    pub fn bool(&self, key: &str, default: bool) -> bool {
+        match self.get(key) {
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    key,
+                    &format!("must be true or false, got {}", describe(other)),
+                );
+                default
+            }
+            None => default,
+        }
+    }
+
+    pub fn optional_string(&self, key: &str) -> Option<String> {
+        self.get(key)?;
+        let s = self.string(key, None);
+        (!s.is_empty()).then_some(s)
+    }
+
     pub fn int(&self, key: &str, default: Option<i64>, min: i64, max: i64) -> i64 {
         match self.get(key) {
             Some(Value::Number(n)) => match n.as_i64() {

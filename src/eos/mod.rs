@@ -93,6 +93,14 @@ impl PartitionState {
         }
     }
 
+    /// A state known to be complete from the start: the producer was handed this epoch by an
+    /// InitProducerId answer the proxy saw, so the broker remembers nothing the proxy does not.
+    pub fn new_complete(epoch: i16) -> Self {
+        let mut s = PartitionState::new(epoch);
+        s.learned = WINDOW as u8;
+        s
+    }
+
     /// Acknowledged batches of the current epoch, oldest first.
     pub fn window(&self) -> impl Iterator<Item = &Acked> {
         (0..self.len as usize).map(move |i| &self.window[(self.head as usize + i) % WINDOW])

@@ -88,6 +88,11 @@ where
     encode_response(&header, &body, key, version)
 }
 
+/// Rewrites the NodeEndpoints of an already decoded Produce response.
+pub async fn rewrite_produce_endpoints(resp: &mut ProduceResponse, brokers: &Brokers) {
+    rewrite_list(&mut resp.node_endpoints, brokers).await
+}
+
 /// Returns the response to send to the client: the same bytes if nothing names a broker, otherwise a
 /// re-encoded frame with proxy addresses.
 pub async fn rewrite_response(

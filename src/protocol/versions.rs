@@ -41,7 +41,13 @@ pub fn inspection(key: ApiKey) -> Inspection {
         | ApiKey::DescribeCluster
         | ApiKey::ShareFetch
         | ApiKey::ShareAcknowledge
-        | ApiKey::ApiVersions => Inspection::Decoded { max: kp_max },
+        | ApiKey::ApiVersions
+        // Producer ids, epochs and coordinator errors are read from these (audit, transaction fence).
+        | ApiKey::InitProducerId
+        | ApiKey::AddPartitionsToTxn
+        | ApiKey::AddOffsetsToTxn
+        | ApiKey::EndTxn
+        | ApiKey::TxnOffsetCommit => Inspection::Decoded { max: kp_max },
         _ => Inspection::PassThrough,
     }
 }
@@ -89,6 +95,11 @@ mod tests {
             (ApiKey::ShareFetch, 1, 1),
             (ApiKey::ShareAcknowledge, 1, 1),
             (ApiKey::ApiVersions, 0, 4),
+            (ApiKey::InitProducerId, 0, 6),
+            (ApiKey::AddPartitionsToTxn, 0, 5),
+            (ApiKey::AddOffsetsToTxn, 0, 4),
+            (ApiKey::EndTxn, 0, 5),
+            (ApiKey::TxnOffsetCommit, 0, 5),
         ];
         for (key, min, max) in reviewed {
             let r = key.valid_versions();

@@ -7,7 +7,9 @@
 pub mod brokers;
 pub mod discovery;
 
+use crate::audit::AuditSink;
 use crate::config::Config;
+use crate::guard::Guard;
 use crate::session::{self, Target};
 use brokers::Brokers;
 use std::net::SocketAddr;
@@ -22,16 +24,22 @@ use tracing::{info, warn};
 
 /// Observation and fault-injection points for tests. Empty in production; each hook costs one branch.
 #[derive(Clone, Default)]
+#[allow(clippy::type_complexity)]
 pub struct Hooks {
     /// Called with every frame the proxy writes to a client (size prefix included).
-    #[allow(clippy::type_complexity)]
     pub on_client_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
+    /// Called with the api key and frame of every broker response before it goes to the client; `true`
+    /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
+    pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
+    /// Called with every audit event.
+    pub on_audit: Option<Arc<dyn Fn(&crate::audit::AuditEvent) + Send + Sync>>,
 }
 
 /// State shared by every listener and session.
 pub struct Shared {
     pub config: Config,
     pub brokers: Brokers,
+    pub guard: Arc<Guard>,
     pub hooks: Hooks,
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -59,8 +67,12 @@ impl Proxy {
         })?;
         let bootstrap_addr = bootstrap.local_addr()?;
         let (listener_tx, mut listener_rx) = mpsc::unbounded_channel();
+        let audit = AuditSink::start(&config.audit, hooks.on_audit.clone())
+            .map_err(|e| anyhow::anyhow!("cannot open the audit file: {e}"))?;
+        let guard = Arc::new(Guard::new(config.producer_state.clone(), Arc::new(audit)));
         let shared = Arc::new(Shared {
             brokers: Brokers::new(&config.listen, listener_tx),
+            guard,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             hooks,
@@ -94,6 +106,18 @@ impl Proxy {
         shared
             .tracker
             .spawn(discovery::refresh_loop(shared.clone()));
+        // Idle producer state expires (KIP-854's producer.id.expiration.ms is the broker's analogue).
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            let every = (s.config.producer_state.idle_expiry / 10)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => { s.guard.expire_idle(); }
+                }
+            }
+        });
         Ok(Proxy {
             shared,
             bootstrap_addr,

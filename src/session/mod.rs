@@ -18,14 +18,25 @@ mod close;
 
 pub use close::Close;
 
+use crate::audit::{now_ms, Action, AuditEvent, Kind, Source};
 use crate::filters::{addresses, api_versions};
+use crate::guard::{
+    codes, coordinator_request_producer, eos_error_kind, init_producer_id_txn, ConnInfo, Guard,
+    ProduceAction, ProduceTracking,
+};
+use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
+use crate::protocol::header::RequestHead;
 use crate::protocol::header::{peek_request, produce_acks, response_correlation_id};
 use crate::protocol::versions;
 use crate::server::Shared;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use kafka_protocol::messages::ApiKey;
+use kafka_protocol::messages::{
+    AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, EndTxnResponse, InitProducerIdResponse,
+    ProducerId, ResponseHeader, TxnOffsetCommitResponse,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -56,19 +67,33 @@ enum ResponseAction {
     ClampApiVersions,
 }
 
-#[derive(Debug)]
+/// Producer and transaction facts to learn (or audit) from a response.
+enum Learn {
+    Nothing,
+    Produce(ProduceTracking),
+    InitProducerId {
+        transactional_id: Option<String>,
+    },
+    EndTxn {
+        transactional_id: String,
+    },
+    /// AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit: audit the errors the coordinator returns.
+    Coordinator {
+        transactional_id: Option<String>,
+    },
+}
+
 struct InFlight {
     correlation_id: i32,
     key: ApiKey,
     version: i16,
     action: ResponseAction,
+    learn: Learn,
 }
 
-#[derive(Debug)]
 enum Pending {
     Upstream(InFlight),
-    /// A response the proxy built itself (issue #3's produce guard uses this).
-    #[allow(dead_code)]
+    /// A response the proxy built itself (a duplicate answered, a fenced request), in its place in order.
     Local(Bytes),
 }
 
@@ -76,6 +101,7 @@ enum Pending {
 struct Conn<'a> {
     target: Target,
     shared: &'a Shared,
+    info: ConnInfo,
 }
 
 pub async fn run(
@@ -88,6 +114,14 @@ pub async fn run(
     let conn = Conn {
         target,
         shared: &shared,
+        info: ConnInfo {
+            client_address: peer,
+            client_id: None,
+            broker_node_id: match target {
+                Target::Node(id) => Some(id),
+                Target::Bootstrap => None,
+            },
+        },
     };
     let upstream = match connect_upstream(&conn).await {
         Ok(s) => s,
@@ -115,10 +149,12 @@ pub async fn run(
     let mut to_upstream = BufWriter::with_capacity(WRITE_BUFFER, upstream_write);
     let mut to_client = BufWriter::with_capacity(WRITE_BUFFER, client_write);
     let (tx, rx) = mpsc::channel(limits.max_in_flight_per_connection);
+    // The client id, learned from the first request that names one (for audit lines).
+    let client_id = std::sync::OnceLock::new();
 
     let close = tokio::select! {
-        c = request_pump(&conn, &mut requests, &mut to_upstream, tx) => c,
-        c = response_pump(&conn, &mut responses, &mut to_client, rx) => c,
+        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &client_id) => c,
+        c = response_pump(&conn, &mut responses, &mut to_client, rx, &client_id) => c,
         _ = shared.shutdown.cancelled() => Close::Shutdown,
     };
     let _ = to_client.flush().await;
@@ -166,8 +202,11 @@ async fn request_pump(
     requests: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     upstream: &mut BufWriter<OwnedWriteHalf>,
     tx: mpsc::Sender<Pending>,
+    client_id: &std::sync::OnceLock<String>,
 ) -> Close {
     let idle = conn.shared.config.limits.idle_timeout;
+    let guard = &conn.shared.guard;
+    let guarding = guard.config.enabled;
     loop {
         // Flush before any wait, so requests never sit in our buffer while we block.
         if !holds_complete_frame(requests.read_buffer()) {
@@ -195,11 +234,98 @@ async fn request_pump(
                 version: head.api_version,
             };
         }
+        if client_id.get().is_none() {
+            if let Some(id) = head.client_id(&frame) {
+                let _ = client_id.set(id.to_string());
+            }
+        }
+        let info = || ConnInfo {
+            client_id: client_id.get().cloned(),
+            ..conn.info.clone()
+        };
+        let mut out = frame.clone();
+        let mut learn = Learn::Nothing;
         let expects_response = match key {
-            ApiKey::Produce => match produce_acks(&frame, &head) {
-                Ok(acks) => acks != 0,
-                Err(e) => return Close::MalformedRequest(format!("produce: {e}")),
-            },
+            ApiKey::Produce => {
+                let acks = match produce_acks(&frame, &head) {
+                    Ok(acks) => acks,
+                    Err(e) => return Close::MalformedRequest(format!("produce: {e}")),
+                };
+                if guarding {
+                    let info = info();
+                    let mut plan = match guard.plan(&frame, &head, &info) {
+                        Ok(p) => p,
+                        Err(e) => return Close::MalformedRequest(format!("produce: {e}")),
+                    };
+                    if plan.has_waits() {
+                        // The originals may still sit in our buffer: send them before waiting on them.
+                        if let Err(e) = upstream.flush().await {
+                            return Close::UpstreamIo(e);
+                        }
+                        guard.resolve_waits(&mut plan, &info).await;
+                    }
+                    match guard.finish(plan, &frame, head.body_offset.unwrap_or(0)) {
+                        ProduceAction::Forward(tracking) => {
+                            if let Some(t) = tracking {
+                                learn = Learn::Produce(t);
+                            }
+                        }
+                        ProduceAction::Rebuilt(rebuilt, tracking) => {
+                            out = rebuilt;
+                            learn = Learn::Produce(tracking);
+                        }
+                        ProduceAction::Local(answer) => {
+                            if let Some(answer) = answer {
+                                if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
+                                    return e;
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                }
+                acks != 0
+            }
+            ApiKey::InitProducerId => {
+                learn = Learn::InitProducerId {
+                    transactional_id: init_producer_id_txn(&frame, &head),
+                };
+                true
+            }
+            ApiKey::EndTxn | ApiKey::AddOffsetsToTxn => {
+                let flexible = key.request_header_version(head.api_version) >= 2;
+                let producer = coordinator_request_producer(&frame, &head, flexible);
+                if let Some((txn, pid, epoch)) = &producer {
+                    // Transactions v2: an EndTxn retry may carry the epoch before the bump it caused.
+                    let tolerance = i16::from(key == ApiKey::EndTxn && head.api_version >= 5);
+                    if let Some(current) = guard.txns.stale(txn, *pid, *epoch, tolerance) {
+                        let answer =
+                            fenced_answer(key, &head, guard, &info(), txn, *pid, *epoch, current);
+                        if let Some(answer) = answer {
+                            if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
+                                return e;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                let transactional_id = producer.map(|p| p.0);
+                learn = match (key, transactional_id) {
+                    (ApiKey::EndTxn, Some(t)) => Learn::EndTxn {
+                        transactional_id: t,
+                    },
+                    (_, t) => Learn::Coordinator {
+                        transactional_id: t,
+                    },
+                };
+                true
+            }
+            ApiKey::AddPartitionsToTxn | ApiKey::TxnOffsetCommit => {
+                learn = Learn::Coordinator {
+                    transactional_id: None,
+                };
+                true
+            }
             _ => true,
         };
         if expects_response {
@@ -208,15 +334,74 @@ async fn request_pump(
                 key,
                 version: head.api_version,
                 action: response_action(key),
+                learn,
             });
             if let Err(e) = queue(&tx, pending, upstream).await {
                 return e;
             }
         }
-        if let Err(e) = upstream.write_all(&frame).await {
+        if let Err(e) = upstream.write_all(&out).await {
             return Close::UpstreamIo(e);
         }
     }
+}
+
+/// The answer to an EndTxn or AddOffsetsToTxn from a fenced epoch: PRODUCER_FENCED from v2 on,
+/// INVALID_PRODUCER_EPOCH before (what the coordinator would answer).
+#[allow(clippy::too_many_arguments)]
+fn fenced_answer(
+    key: ApiKey,
+    head: &RequestHead,
+    guard: &Guard,
+    info: &ConnInfo,
+    txn: &str,
+    pid: i64,
+    epoch: i16,
+    current: i16,
+) -> Option<Bytes> {
+    let code = if head.api_version >= 2 {
+        codes::PRODUCER_FENCED
+    } else {
+        codes::INVALID_PRODUCER_EPOCH
+    };
+    let header = ResponseHeader::default().with_correlation_id(head.correlation_id);
+    let encoded = match key {
+        ApiKey::EndTxn => {
+            let body = EndTxnResponse::default()
+                .with_error_code(code)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1);
+            encode_response(&header, &body, key, head.api_version)
+        }
+        _ => {
+            let body = AddOffsetsToTxnResponse::default().with_error_code(code);
+            encode_response(&header, &body, key, head.api_version)
+        }
+    }
+    .ok()?;
+    guard.audit.emit(AuditEvent {
+        time_ms: now_ms(),
+        kind: Kind::FencedEpoch,
+        source: Source::Proxy,
+        action: Action::Refused,
+        error_code: code,
+        producer_id: pid,
+        producer_epoch: epoch,
+        transactional_id: Some(txn.to_string()),
+        topic: None,
+        partition: None,
+        expected_sequence: None,
+        received_sequence: None,
+        expected_epoch: Some(current),
+        client_id: info.client_id.clone(),
+        client_address: info.client_address.to_string(),
+        broker_node_id: info.broker_node_id,
+        api_key: key as i16,
+        detail: Some(format!(
+            "{key:?} from epoch {epoch}, transactional id {txn} is at epoch {current}"
+        )),
+    });
+    Some(encoded)
 }
 
 /// Queues a pending response; if the queue is full, flushes upstream first so the responses that will
@@ -257,6 +442,7 @@ async fn response_pump(
     responses: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     client: &mut BufWriter<OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Pending>,
+    client_id: &std::sync::OnceLock<String>,
 ) -> Close {
     loop {
         let pending = match rx.try_recv() {
@@ -283,9 +469,10 @@ async fn response_pump(
                 }
             }
         };
-        let out = match pending {
-            Pending::Local(bytes) => bytes,
+        let (api_key, out) = match pending {
+            Pending::Local(bytes) => (-1, bytes),
             Pending::Upstream(inflight) => {
+                let api_key = inflight.key as i16;
                 if !holds_complete_frame(responses.read_buffer()) {
                     if let Err(e) = client.flush().await {
                         return Close::ClientIo(e);
@@ -296,12 +483,17 @@ async fn response_pump(
                     Some(Err(e)) => return Close::UpstreamFrame(e),
                     Some(Ok(f)) => f.freeze(),
                 };
-                match process_response(conn, frame, &inflight).await {
-                    Ok(out) => out,
+                match process_response(conn, frame, inflight, client_id).await {
+                    Ok(out) => (api_key, out),
                     Err(close) => return close,
                 }
             }
         };
+        if let Some(drop_it) = &conn.shared.hooks.drop_client_frame {
+            if api_key >= 0 && drop_it(api_key, &out) {
+                continue;
+            }
+        }
         if let Some(hook) = &conn.shared.hooks.on_client_frame {
             hook(&out);
         }
@@ -314,7 +506,8 @@ async fn response_pump(
 async fn process_response(
     conn: &Conn<'_>,
     frame: Bytes,
-    inflight: &InFlight,
+    inflight: InFlight,
+    client_id: &std::sync::OnceLock<String>,
 ) -> Result<Bytes, Close> {
     match response_correlation_id(&frame) {
         Ok(id) if id == inflight.correlation_id => {}
@@ -326,17 +519,154 @@ async fn process_response(
         }
         Err(e) => return Err(Close::MalformedResponse(e.to_string())),
     }
+    let info = ConnInfo {
+        client_id: client_id.get().cloned(),
+        ..conn.info.clone()
+    };
+    let shared = conn.shared;
+    let (key, version) = (inflight.key, inflight.version);
+    match inflight.learn {
+        Learn::Produce(tracking) if Guard::needs_response(&tracking) => {
+            let (header, mut resp) = shared
+                .guard
+                .on_produce_response(frame, version, tracking, &info)
+                .map_err(Close::MalformedResponse)?;
+            if !resp.node_endpoints.is_empty() {
+                addresses::rewrite_produce_endpoints(&mut resp, &shared.brokers).await;
+            }
+            return encode_response(&header, &resp, key, version)
+                .map_err(|e| Close::MalformedResponse(e.to_string()));
+        }
+        Learn::Produce(_) | Learn::Nothing => {}
+        learn => learn_from_coordinator(shared, &info, key, version, &frame, learn),
+    }
     let out = match inflight.action {
         ResponseAction::PassThrough => frame,
-        ResponseAction::ClampApiVersions => {
-            api_versions::clamp_api_versions(frame, inflight.version)
-                .map_err(|e| Close::MalformedResponse(e.to_string()))?
-        }
+        ResponseAction::ClampApiVersions => api_versions::clamp_api_versions(frame, version)
+            .map_err(|e| Close::MalformedResponse(e.to_string()))?,
         ResponseAction::RewriteAddresses => {
-            addresses::rewrite_response(frame, inflight.key, inflight.version, &conn.shared.brokers)
+            addresses::rewrite_response(frame, key, version, &shared.brokers)
                 .await
                 .map_err(|e| Close::MalformedResponse(e.to_string()))?
         }
     };
     Ok(out)
+}
+
+/// Learns producer ids and epochs from coordinator answers and audits their exactly-once errors. Only
+/// looks: the frame goes to the client unchanged, and an answer it cannot read is passed on regardless.
+fn learn_from_coordinator(
+    shared: &Shared,
+    info: &ConnInfo,
+    key: ApiKey,
+    version: i16,
+    frame: &Bytes,
+    learn: Learn,
+) {
+    let guard = &shared.guard;
+    // (error code, topic-partition if per partition, producer id and epoch if known)
+    type Found = (i16, Option<(String, i32)>, (i64, i16));
+    let mut errors: Vec<Found> = Vec::new();
+    let txn_of = |l: &Learn| match l {
+        Learn::InitProducerId { transactional_id } | Learn::Coordinator { transactional_id } => {
+            transactional_id.clone()
+        }
+        Learn::EndTxn { transactional_id } => Some(transactional_id.clone()),
+        _ => None,
+    };
+    let txn = txn_of(&learn);
+    let decoded = match key {
+        ApiKey::InitProducerId => {
+            decode_response::<InitProducerIdResponse>(frame.clone(), key, version).map(|(_, r)| {
+                if r.error_code == codes::NONE {
+                    guard.store.issued(r.producer_id.0, r.producer_epoch);
+                    if let Some(t) = &txn {
+                        guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
+                    }
+                } else {
+                    errors.push((r.error_code, None, (-1, -1)));
+                }
+            })
+        }
+        ApiKey::EndTxn => {
+            decode_response::<EndTxnResponse>(frame.clone(), key, version).map(|(_, r)| {
+                if r.error_code == codes::NONE {
+                    if let (Some(t), true) = (&txn, version >= 5) {
+                        guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
+                    }
+                } else {
+                    errors.push((
+                        r.error_code,
+                        None,
+                        None,
+                        (r.producer_id.0, r.producer_epoch),
+                    ));
+                }
+            })
+        }
+        ApiKey::AddOffsetsToTxn => {
+            decode_response::<AddOffsetsToTxnResponse>(frame.clone(), key, version)
+                .map(|(_, r)| errors.push((r.error_code, None, None, (-1, -1))))
+        }
+        ApiKey::AddPartitionsToTxn if version <= 3 => {
+            decode_response::<AddPartitionsToTxnResponse>(frame.clone(), key, version).map(
+                |(_, r)| {
+                    for t in &r.results_by_topic_v3_and_below {
+                        for p in &t.results_by_partition {
+                            errors.push((
+                                p.partition_error_code,
+                                None,
+                                Some((t.name.0.to_string(), p.partition_index)),
+                                (-1, -1),
+                            ));
+                        }
+                    }
+                },
+            )
+        }
+        ApiKey::TxnOffsetCommit => {
+            decode_response::<TxnOffsetCommitResponse>(frame.clone(), key, version).map(|(_, r)| {
+                for t in &r.topics {
+                    for p in &t.partitions {
+                        errors.push((
+                            p.error_code,
+                            None,
+                            Some((t.name.0.to_string(), p.partition_index)),
+                            (-1, -1),
+                        ));
+                    }
+                }
+            })
+        }
+        _ => return,
+    };
+    if let Err(e) = decoded {
+        debug!(error = %e, ?key, "coordinator answer not inspected");
+        return;
+    }
+    for (code, tp, producer) in errors {
+        let Some(kind) = eos_error_kind(code) else {
+            continue;
+        };
+        guard.audit.emit(AuditEvent {
+            time_ms: now_ms(),
+            kind,
+            source: Source::Broker,
+            action: Action::Observed,
+            error_code: code,
+            producer_id: producer.0,
+            producer_epoch: producer.1,
+            transactional_id: txn.clone(),
+            topic: tp.as_ref().map(|t| t.0.clone()),
+            partition: tp.map(|t| t.1),
+            expected_sequence: None,
+            received_sequence: None,
+            expected_epoch: None,
+            client_id: info.client_id.clone(),
+            client_address: info.client_address.to_string(),
+            broker_node_id: info.broker_node_id,
+            api_key: key as i16,
+            detail: None,
+        });
+    }
 }

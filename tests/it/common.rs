@@ -132,8 +132,13 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Decides, per broker response (api key, frame), whether the proxy drops it before the client sees it.
+pub type DropRule = Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>;
+
 pub struct TestProxy {
     pub proxy: Option<Proxy>,
+    /// Every audit event the proxy emitted.
+    pub audits: Arc<Mutex<Vec<kafka_eos_proxy::audit::AuditEvent>>>,
     pub bootstrap: String,
     pub first_broker_port: u16,
     pub leaks: Arc<LeakDetector>,
@@ -192,6 +197,8 @@ limits:
   max_frame_bytes: 104857600
 log:
   level: info
+audit:
+  stdout: false
 "#,
         servers = upstream
             .split(',')
@@ -208,6 +215,14 @@ pub async fn start_proxy(cluster: Cluster) -> TestProxy {
 }
 
 pub async fn start_proxy_with(cluster: Cluster, tweak: impl Fn(&mut Config)) -> TestProxy {
+    start_proxy_full(cluster, tweak, None).await
+}
+
+pub async fn start_proxy_full(
+    cluster: Cluster,
+    tweak: impl Fn(&mut Config),
+    drop_rule: Option<DropRule>,
+) -> TestProxy {
     init_logging();
     let upstream = kafka(cluster);
     let leaks = Arc::new(LeakDetector::default());
@@ -220,8 +235,12 @@ pub async fn start_proxy_with(cluster: Cluster, tweak: impl Fn(&mut Config)) -> 
             BrokerPorts::Map(_) => block + 1,
         };
         let detector = leaks.clone();
+        let audits: Arc<Mutex<Vec<kafka_eos_proxy::audit::AuditEvent>>> = Arc::default();
+        let sink = audits.clone();
         let hooks = Hooks {
             on_client_frame: Some(Arc::new(move |f: &[u8]| detector.inspect(f))),
+            drop_client_frame: drop_rule.clone(),
+            on_audit: Some(Arc::new(move |e| sink.lock().unwrap().push(e.clone()))),
         };
         match Proxy::start(config, hooks).await {
             Ok(proxy) => {
@@ -229,6 +248,7 @@ pub async fn start_proxy_with(cluster: Cluster, tweak: impl Fn(&mut Config)) -> 
                 // The proxy's first metadata refresh opened the broker listeners.
                 return TestProxy {
                     proxy: Some(proxy),
+                    audits,
                     bootstrap,
                     first_broker_port,
                     leaks,

@@ -1,0 +1,175 @@
+//! Audit events: one JSON object per line for every exactly-once anomaly, whether the proxy saw it in a
+//! request or the broker returned it, and for what the proxy did about it.
+//!
+//! Writing never blocks the data path: events go through a bounded queue to a writer task; when the queue
+//! is full the event is dropped and counted (`dropped()`).
+
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// What happened. The wire names are the `kind` values of the JSON lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A batch whose sequence does not follow (a gap or a reorder), or a higher epoch not at sequence 0.
+    OutOfOrderSequence,
+    /// A batch or coordinator request from an epoch older than the known one (a zombie).
+    FencedEpoch,
+    /// A retry of a batch already written, answered by the proxy with the original offset.
+    DuplicateAnswered,
+    /// The broker answered DUPLICATE_SEQUENCE_NUMBER (46, only 1.0.x brokers).
+    DuplicateSequence,
+    /// The broker does not know the producer (UNKNOWN_PRODUCER_ID 59, brokers before 2.5).
+    UnknownProducer,
+    /// INVALID_TXN_STATE (48), INVALID_PRODUCER_ID_MAPPING (49), TRANSACTION_ABORTABLE (120).
+    TransactionState,
+    /// PRODUCER_FENCED (90) from a coordinator.
+    ProducerFenced,
+    /// A batch the broker would refuse as malformed (bad magic, length, counts, control batch, CRC).
+    InvalidBatch,
+}
+
+/// Who noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Proxy,
+    Broker,
+}
+
+/// What the proxy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Refused at the proxy with a Kafka error; the request never reached the cluster.
+    Refused,
+    /// Answered at the proxy (a duplicate, with the original offset).
+    Answered,
+    /// Passed on to the cluster (audit mode, or nothing to do but report).
+    Forwarded,
+    /// Reported as the broker returned it.
+    Observed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    pub kind: Kind,
+    pub source: Source,
+    pub action: Action,
+    pub error_code: i16,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub transactional_id: Option<String>,
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub expected_sequence: Option<i32>,
+    pub received_sequence: Option<i32>,
+    pub expected_epoch: Option<i16>,
+    pub client_id: Option<String>,
+    pub client_address: String,
+    pub broker_node_id: Option<i32>,
+    pub api_key: i16,
+    pub detail: Option<String>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub stdout: bool,
+    pub file: Option<PathBuf>,
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            stdout: true,
+            file: None,
+            queue: 10_000,
+        }
+    }
+}
+
+type Observer = Arc<dyn Fn(&AuditEvent) + Send + Sync>;
+
+pub struct AuditSink {
+    tx: Option<mpsc::Sender<AuditEvent>>,
+    dropped: AtomicU64,
+    emitted: AtomicU64,
+    observer: Option<Observer>,
+}
+
+impl AuditSink {
+    /// Starts the writer task (needs a tokio runtime). With neither stdout nor a file, events are only
+    /// counted and shown to the observer.
+    pub fn start(config: &AuditConfig, observer: Option<Observer>) -> std::io::Result<AuditSink> {
+        let mut file = match &config.file {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => None,
+        };
+        let tx = if config.stdout || file.is_some() {
+            let (tx, mut rx) = mpsc::channel::<AuditEvent>(config.queue.max(1));
+            let stdout = config.stdout;
+            tokio::task::spawn_blocking(move || {
+                while let Some(event) = rx.blocking_recv() {
+                    let Ok(mut line) = serde_json::to_vec(&event) else {
+                        continue;
+                    };
+                    line.push(b'\n');
+                    if stdout {
+                        let _ = std::io::stdout().lock().write_all(&line);
+                    }
+                    if let Some(f) = file.as_mut() {
+                        let _ = f.write_all(&line);
+                    }
+                }
+            });
+            Some(tx)
+        } else {
+            None
+        };
+        Ok(AuditSink {
+            tx,
+            dropped: AtomicU64::new(0),
+            emitted: AtomicU64::new(0),
+            observer,
+        })
+    }
+
+    pub fn emit(&self, event: AuditEvent) {
+        self.emitted.fetch_add(1, Ordering::Relaxed);
+        if let Some(observe) = &self.observer {
+            observe(&event);
+        }
+        if let Some(tx) = &self.tx {
+            if tx.try_send(event).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn emitted(&self) -> u64 {
+        self.emitted.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}

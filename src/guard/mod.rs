@@ -1,0 +1,751 @@
+//! The produce guard and the transaction fence: where producer state meets the data path.
+//!
+//! Per Produce request, per partition:
+//!
+//! | batch | what happens |
+//! |---|---|
+//! | malformed (bad magic, length, counts, control, CRC if enabled) | refused with the broker's error (2 or 87), audited |
+//! | not idempotent (producer id -1) | forwarded, not tracked |
+//! | transactional.id known to be at a newer epoch | refused with INVALID_PRODUCER_EPOCH (47), audited |
+//! | in order, or producer unknown to the proxy | forwarded, tracked as in flight |
+//! | duplicate of an acknowledged batch (same or weaker acks) | answered at the proxy with the original offset, audited |
+//! | duplicate of a batch still in flight | waits for the original's outcome, then as above (or forwarded) |
+//! | stale epoch | refused with INVALID_PRODUCER_EPOCH (47), audited |
+//! | out of order / higher epoch not at 0 | audited; refused with OUT_OF_ORDER_SEQUENCE_NUMBER (45) in `enforce` mode |
+//!
+//! Partitions answered at the proxy are removed from the forwarded request (the others are copied byte
+//! for byte), and their answers are merged into the broker's response, so the client gets one
+//! well-formed response. The response teaches the store (offsets of accepted batches) and every EOS
+//! error the broker returns becomes an audit event.
+
+pub mod store;
+pub mod txn;
+
+use crate::audit::{now_ms, Action, AuditEvent, AuditSink, Kind, Source};
+use crate::eos::{Acked, Batch, Verdict};
+use crate::protocol::batch::validate_client_records;
+use crate::protocol::codec::{decode_response, encode_response};
+use crate::protocol::header::RequestHead;
+use crate::protocol::produce::{self, ProduceView};
+use crate::protocol::wire::Reader;
+use bytes::Bytes;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ApiKey, ProduceResponse, ResponseHeader, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use store::{Key, ProducerStore};
+use txn::TxnTracker;
+
+pub mod codes {
+    pub const NONE: i16 = 0;
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const INVALID_TXN_STATE: i16 = 48;
+    pub const INVALID_PRODUCER_ID_MAPPING: i16 = 49;
+    pub const UNKNOWN_PRODUCER_ID: i16 = 59;
+    pub const PRODUCER_FENCED: i16 = 90;
+    pub const TRANSACTION_ABORTABLE: i16 = 120;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Report anomalies, refuse only what the broker would certainly refuse anyway (stale epochs).
+    Audit,
+    /// Also refuse out-of-order batches at the proxy, before they reach the cluster.
+    Enforce,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    pub mode: Mode,
+    pub check_crc: bool,
+    pub max_tracked: usize,
+    pub idle_expiry: Duration,
+    /// The longest a retry waits for the outcome of its original still in flight.
+    pub in_flight_wait: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            enabled: true,
+            mode: Mode::Audit,
+            check_crc: false,
+            max_tracked: 1_000_000,
+            idle_expiry: Duration::from_secs(86_400),
+            in_flight_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Who sent a request, for audit lines.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub client_address: SocketAddr,
+    pub client_id: Option<String>,
+    pub broker_node_id: Option<i32>,
+}
+
+pub struct Guard {
+    pub config: GuardConfig,
+    pub store: ProducerStore,
+    pub txns: TxnTracker,
+    pub audit: Arc<AuditSink>,
+    clock: Instant,
+}
+
+/// One partition's answer made at the proxy.
+#[derive(Debug, Clone)]
+struct LocalAnswer {
+    error_code: i16,
+    base_offset: i64,
+    log_append_time: i64,
+    message: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Forwarded untouched and untracked.
+    Pass,
+    /// Forwarded and tracked: learn from the answer.
+    Track {
+        key: Key,
+        batch: Batch,
+        max_timestamp: i64,
+    },
+    /// Waiting for an in-flight original; resolved before the request moves on.
+    Wait {
+        key: Key,
+        batch: Batch,
+        max_timestamp: i64,
+    },
+    /// Answered at the proxy.
+    Local(LocalAnswer),
+}
+
+/// The guard's decision for one Produce request, partition by partition (same order as the request).
+pub struct ProducePlan {
+    outcomes: Vec<Vec<Outcome>>,
+    topics: Vec<String>,
+    partitions: Vec<Vec<i32>>,
+    acks: i16,
+    timeout: Duration,
+    transactional_id: Option<String>,
+    version: i16,
+    correlation_id: i32,
+}
+
+impl ProducePlan {
+    /// Whether some partition waits for an in-flight original (see [`Guard::resolve_waits`]).
+    pub fn has_waits(&self) -> bool {
+        self.outcomes
+            .iter()
+            .flatten()
+            .any(|o| matches!(o, Outcome::Wait { .. }))
+    }
+}
+
+/// What the session does with a planned Produce request.
+pub enum ProduceAction {
+    /// Forward the frame as it is (with what to learn from the answer, if anything).
+    Forward(Option<ProduceTracking>),
+    /// Forward this rebuilt frame (some partitions were answered at the proxy).
+    Rebuilt(Bytes, ProduceTracking),
+    /// Answer at the proxy with this response frame (`None` with acks=0: no answer at all).
+    Local(Option<Bytes>),
+}
+
+/// What the response to a forwarded Produce request must teach the store, and the proxy's own answers
+/// to merge into it. Dropping it unanswered (the connection died) takes its batches out of flight.
+pub struct ProduceTracking {
+    guard: Arc<Guard>,
+    tracked: Vec<(String, i32, Key, Batch, i64)>,
+    local: Vec<(String, i32, LocalAnswer)>,
+    acks_all: bool,
+    transactional_id: Option<String>,
+    settled: bool,
+}
+
+impl Drop for ProduceTracking {
+    fn drop(&mut self) {
+        if !self.settled {
+            for (_, _, key, batch, _) in &self.tracked {
+                self.guard.store.settle(key, *batch);
+            }
+        }
+    }
+}
+
+impl Guard {
+    pub fn new(config: GuardConfig, audit: Arc<AuditSink>) -> Self {
+        Guard {
+            store: ProducerStore::new(config.max_tracked, config.idle_expiry.as_millis() as u64),
+            txns: TxnTracker::new(config.max_tracked),
+            config,
+            audit,
+            clock: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Drops idle producer state (called periodically by the server).
+    pub fn expire_idle(&self) -> usize {
+        self.store.expire_idle(self.now())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        conn: &ConnInfo,
+        api_key: i16,
+        kind: Kind,
+        source: Source,
+        action: Action,
+        error_code: i16,
+        producer: (i64, i16),
+        transactional_id: Option<&str>,
+        tp: Option<(&str, i32)>,
+        sequences: (Option<i32>, Option<i32>),
+        expected_epoch: Option<i16>,
+        detail: Option<String>,
+    ) {
+        self.audit.emit(AuditEvent {
+            time_ms: now_ms(),
+            kind,
+            source,
+            action,
+            error_code,
+            producer_id: producer.0,
+            producer_epoch: producer.1,
+            transactional_id: transactional_id.map(str::to_string),
+            topic: tp.map(|t| t.0.to_string()),
+            partition: tp.map(|t| t.1),
+            expected_sequence: sequences.0,
+            received_sequence: sequences.1,
+            expected_epoch,
+            client_id: conn.client_id.clone(),
+            client_address: conn.client_address.to_string(),
+            broker_node_id: conn.broker_node_id,
+            api_key,
+            detail,
+        });
+    }
+
+    /// Step 1: decide every partition of a Produce request (sync; batches to forward are tracked now).
+    pub fn plan(
+        &self,
+        frame: &[u8],
+        head: &RequestHead,
+        conn: &ConnInfo,
+    ) -> Result<ProducePlan, String> {
+        let body = head
+            .body_offset
+            .ok_or("produce request without a known header")?;
+        let view = produce::parse(frame, body, head.api_version).map_err(|e| e.to_string())?;
+        let mut plan = ProducePlan {
+            outcomes: Vec::with_capacity(view.topics.len()),
+            topics: view.topics.iter().map(|t| t.name.to_string()).collect(),
+            partitions: view
+                .topics
+                .iter()
+                .map(|t| t.partitions.iter().map(|p| p.index).collect())
+                .collect(),
+            acks: view.acks,
+            timeout: Duration::from_millis(view.timeout_ms.max(0) as u64)
+                .min(self.config.in_flight_wait),
+            transactional_id: view.transactional_id.map(str::to_string),
+            version: head.api_version,
+            correlation_id: head.correlation_id,
+        };
+        for topic in &view.topics {
+            let mut outcomes = Vec::with_capacity(topic.partitions.len());
+            for p in &topic.partitions {
+                outcomes.push(match p.records {
+                    None => Outcome::Pass,
+                    Some(records) => {
+                        self.decide_partition(&view, topic.name, p.index, records, conn)
+                    }
+                });
+            }
+            plan.outcomes.push(outcomes);
+        }
+        Ok(plan)
+    }
+
+    fn decide_partition(
+        &self,
+        view: &ProduceView,
+        topic: &str,
+        partition: i32,
+        records: &[u8],
+        conn: &ConnInfo,
+    ) -> Outcome {
+        let txn_id = view.transactional_id;
+        let info = match validate_client_records(records, self.config.check_crc) {
+            Ok(info) => info,
+            Err(refusal) => {
+                self.event(
+                    conn,
+                    0,
+                    Kind::InvalidBatch,
+                    Source::Proxy,
+                    Action::Refused,
+                    refusal.error_code,
+                    (-1, -1),
+                    txn_id,
+                    Some((topic, partition)),
+                    (None, None),
+                    None,
+                    Some(refusal.reason.to_string()),
+                );
+                return Outcome::Local(LocalAnswer {
+                    error_code: refusal.error_code,
+                    base_offset: -1,
+                    log_append_time: -1,
+                    message: Some(format!("kafka-eos-proxy: {}", refusal.reason)),
+                });
+            }
+        };
+        if !info.is_idempotent() {
+            return Outcome::Pass;
+        }
+        let batch = Batch {
+            epoch: info.producer_epoch,
+            first_seq: info.base_sequence,
+            last_seq: info.last_sequence,
+        };
+        let producer = (info.producer_id, info.producer_epoch);
+        let refuse = |code: i16,
+                      kind: Kind,
+                      seqs: (Option<i32>, Option<i32>),
+                      epoch: Option<i16>,
+                      msg: String| {
+            self.event(
+                conn,
+                0,
+                kind,
+                Source::Proxy,
+                Action::Refused,
+                code,
+                producer,
+                txn_id,
+                Some((topic, partition)),
+                seqs,
+                epoch,
+                Some(msg.clone()),
+            );
+            Outcome::Local(LocalAnswer {
+                error_code: code,
+                base_offset: -1,
+                log_append_time: -1,
+                message: Some(format!("kafka-eos-proxy: {msg}")),
+            })
+        };
+        if let Some(t) = txn_id.filter(|_| info.transactional) {
+            if let Some(current) = self.txns.stale(t, info.producer_id, info.producer_epoch, 0) {
+                return refuse(
+                    codes::INVALID_PRODUCER_EPOCH,
+                    Kind::FencedEpoch,
+                    (None, Some(info.base_sequence)),
+                    Some(current),
+                    format!(
+                        "producer epoch {} of transactional id {t} is fenced by epoch {current}",
+                        info.producer_epoch
+                    ),
+                );
+            }
+        }
+        let key = self.store.key(info.producer_id, topic, partition);
+        match self.store.check_and_track(&key, batch, self.now()) {
+            Verdict::Unknown | Verdict::InOrder => Outcome::Track {
+                key,
+                batch,
+                max_timestamp: info.max_timestamp,
+            },
+            Verdict::DuplicateInFlight => Outcome::Wait {
+                key,
+                batch,
+                max_timestamp: info.max_timestamp,
+            },
+            Verdict::Duplicate(acked) => self.duplicate(
+                conn,
+                view,
+                topic,
+                partition,
+                key,
+                batch,
+                info.max_timestamp,
+                acked,
+            ),
+            Verdict::StaleEpoch { current } => refuse(
+                codes::INVALID_PRODUCER_EPOCH,
+                Kind::FencedEpoch,
+                (None, Some(info.base_sequence)),
+                Some(current),
+                format!(
+                    "producer epoch {} is older than the current epoch {current}",
+                    info.producer_epoch
+                ),
+            ),
+            verdict @ (Verdict::OutOfOrder { .. } | Verdict::EpochBumpNotAtZero { .. }) => {
+                let (expected, epoch, msg) = match verdict {
+                    Verdict::OutOfOrder { expected, received } => (
+                        Some(expected),
+                        None,
+                        format!("sequence {received} out of order, expected {expected}"),
+                    ),
+                    Verdict::EpochBumpNotAtZero { current } => (
+                        Some(0),
+                        Some(current),
+                        format!(
+                            "new epoch {} must start at sequence 0, got {}",
+                            info.producer_epoch, info.base_sequence
+                        ),
+                    ),
+                    _ => (None, None, String::new()),
+                };
+                if self.config.mode == Mode::Enforce {
+                    refuse(
+                        codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        Kind::OutOfOrderSequence,
+                        (expected, Some(info.base_sequence)),
+                        epoch,
+                        msg,
+                    )
+                } else {
+                    self.event(
+                        conn,
+                        0,
+                        Kind::OutOfOrderSequence,
+                        Source::Proxy,
+                        Action::Forwarded,
+                        codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        producer,
+                        txn_id,
+                        Some((topic, partition)),
+                        (expected, Some(info.base_sequence)),
+                        epoch,
+                        Some(msg),
+                    );
+                    // Not tracked: the broker will refuse it, and a refused batch is never learned.
+                    Outcome::Pass
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn duplicate(
+        &self,
+        conn: &ConnInfo,
+        view: &ProduceView,
+        topic: &str,
+        partition: i32,
+        key: Key,
+        batch: Batch,
+        max_timestamp: i64,
+        acked: Acked,
+    ) -> Outcome {
+        if view.acks == -1 && !acked.acks_all {
+            // The original was only acknowledged by the leader; let the broker answer with acks=all.
+            return self.retrack(key, batch, max_timestamp);
+        }
+        self.event(
+            conn,
+            0,
+            Kind::DuplicateAnswered,
+            Source::Proxy,
+            Action::Answered,
+            codes::NONE,
+            (key.producer_id, batch.epoch),
+            view.transactional_id,
+            Some((topic, partition)),
+            (Some(acked.first_seq), Some(batch.first_seq)),
+            None,
+            Some(format!(
+                "answered with original offset {}",
+                acked.first_offset
+            )),
+        );
+        Outcome::Local(LocalAnswer {
+            error_code: codes::NONE,
+            base_offset: acked.first_offset,
+            log_append_time: acked.timestamp,
+            message: None,
+        })
+    }
+
+    fn retrack(&self, key: Key, batch: Batch, max_timestamp: i64) -> Outcome {
+        Outcome::Track {
+            key,
+            batch,
+            max_timestamp,
+        }
+    }
+
+    /// Step 2: wait for the originals of in-flight duplicates, then decide those partitions again.
+    pub async fn resolve_waits(&self, plan: &mut ProducePlan, conn: &ConnInfo) {
+        let deadline = tokio::time::Instant::now() + plan.timeout;
+        for t in 0..plan.outcomes.len() {
+            for p in 0..plan.outcomes[t].len() {
+                let Outcome::Wait {
+                    key,
+                    batch,
+                    max_timestamp,
+                } = plan.outcomes[t][p].clone()
+                else {
+                    continue;
+                };
+                while self.store.in_flight(&key, batch) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let topic = plan.topics[t].clone();
+                let partition = plan.partitions[t][p];
+                plan.outcomes[t][p] = match self.store.check_and_track(&key, batch, self.now()) {
+                    Verdict::Duplicate(acked) if plan.acks != -1 || acked.acks_all => {
+                        self.event(
+                            conn,
+                            0,
+                            Kind::DuplicateAnswered,
+                            Source::Proxy,
+                            Action::Answered,
+                            codes::NONE,
+                            (key.producer_id, batch.epoch),
+                            plan.transactional_id.as_deref(),
+                            Some((&topic, partition)),
+                            (Some(acked.first_seq), Some(batch.first_seq)),
+                            None,
+                            Some(format!(
+                                "retry of an in-flight batch, answered with offset {}",
+                                acked.first_offset
+                            )),
+                        );
+                        Outcome::Local(LocalAnswer {
+                            error_code: codes::NONE,
+                            base_offset: acked.first_offset,
+                            log_append_time: acked.timestamp,
+                            message: None,
+                        })
+                    }
+                    v if v.forwards() => Outcome::Track {
+                        key,
+                        batch,
+                        max_timestamp,
+                    },
+                    // Still in flight after the wait, or anything else: the broker deduplicates.
+                    _ => Outcome::Pass,
+                };
+            }
+        }
+    }
+
+    /// Step 3: what to send, and what to remember for the answer.
+    pub fn finish(
+        self: &Arc<Self>,
+        plan: ProducePlan,
+        frame: &Bytes,
+        view_frame_body: usize,
+    ) -> ProduceAction {
+        let mut tracked = Vec::new();
+        let mut local = Vec::new();
+        let mut forwarded = 0usize;
+        let total: usize = plan.outcomes.iter().map(Vec::len).sum();
+        for (t, outcomes) in plan.outcomes.iter().enumerate() {
+            for (p, o) in outcomes.iter().enumerate() {
+                let (topic, partition) = (plan.topics[t].clone(), plan.partitions[t][p]);
+                match o {
+                    Outcome::Pass | Outcome::Wait { .. } => forwarded += 1,
+                    Outcome::Track {
+                        key,
+                        batch,
+                        max_timestamp,
+                    } => {
+                        forwarded += 1;
+                        tracked.push((topic, partition, key.clone(), *batch, *max_timestamp));
+                    }
+                    Outcome::Local(answer) => local.push((topic, partition, answer.clone())),
+                }
+            }
+        }
+        let tracking = ProduceTracking {
+            guard: self.clone(),
+            tracked,
+            local,
+            acks_all: plan.acks == -1,
+            transactional_id: plan.transactional_id.clone(),
+            settled: false,
+        };
+        if forwarded == total {
+            let needed = !tracking.tracked.is_empty();
+            return ProduceAction::Forward(needed.then_some(tracking));
+        }
+        if forwarded == 0 {
+            let mut tracking = tracking;
+            tracking.settled = true;
+            if plan.acks == 0 {
+                return ProduceAction::Local(None);
+            }
+            let mut resp = ProduceResponse::default();
+            merge_local(&mut resp, &tracking.local, plan.version);
+            let header = ResponseHeader::default().with_correlation_id(plan.correlation_id);
+            return match encode_response(&header, &resp, ApiKey::Produce, plan.version) {
+                Ok(bytes) => ProduceAction::Local(Some(bytes)),
+                Err(_) => ProduceAction::Forward(None),
+            };
+        }
+        // Mixed: forward the rest, byte for byte.
+        let Ok(view) = produce::parse(frame, view_frame_body, plan.version) else {
+            return ProduceAction::Forward(Some(tracking));
+        };
+        let keep = |t: usize, p: usize| !matches!(plan.outcomes[t][p], Outcome::Local(_));
+        ProduceAction::Rebuilt(view.rebuild(frame, keep), tracking)
+    }
+
+    /// The broker's answer to a forwarded Produce request: learn, audit, merge the proxy's own answers.
+    /// Returns the (possibly re-encoded) response frame and the decoded body for further rewriting.
+    pub fn on_produce_response(
+        &self,
+        frame: Bytes,
+        version: i16,
+        mut tracking: ProduceTracking,
+        conn: &ConnInfo,
+    ) -> Result<(ResponseHeader, ProduceResponse), String> {
+        let (header, mut resp) =
+            decode_response::<ProduceResponse>(frame, ApiKey::Produce, version)
+                .map_err(|e| e.to_string())?;
+        let now = self.now();
+        for topic in &resp.responses {
+            for p in &topic.partition_responses {
+                let name = topic.name.0.as_str();
+                let Some(i) = tracking
+                    .tracked
+                    .iter()
+                    .position(|(t, part, ..)| t == name && *part == p.index)
+                else {
+                    continue;
+                };
+                let (_, _, key, batch, max_ts) = tracking.tracked.swap_remove(i);
+                if p.error_code == codes::NONE {
+                    let acked = Acked {
+                        first_seq: batch.first_seq,
+                        last_seq: batch.last_seq,
+                        first_offset: p.base_offset,
+                        timestamp: if p.log_append_time_ms >= 0 {
+                            p.log_append_time_ms
+                        } else {
+                            max_ts
+                        },
+                        acks_all: tracking.acks_all,
+                    };
+                    self.store.acknowledge(&key, batch, acked, now);
+                } else {
+                    self.store.settle(&key, batch);
+                    if let Some(kind) = eos_error_kind(p.error_code) {
+                        self.event(
+                            conn,
+                            0,
+                            kind,
+                            Source::Broker,
+                            Action::Observed,
+                            p.error_code,
+                            (key.producer_id, batch.epoch),
+                            tracking.transactional_id.as_deref(),
+                            Some((name, p.index)),
+                            (None, Some(batch.first_seq)),
+                            None,
+                            p.error_message.as_ref().map(|m| m.as_str().to_string()),
+                        );
+                    }
+                }
+            }
+        }
+        for (_, _, key, batch, _) in tracking.tracked.drain(..) {
+            self.store.settle(&key, batch);
+        }
+        tracking.settled = true;
+        merge_local(&mut resp, &tracking.local, version);
+        Ok((header, resp))
+    }
+
+    /// Whether a response needs the guard (tracked batches or local answers to merge).
+    pub fn needs_response(tracking: &ProduceTracking) -> bool {
+        !tracking.tracked.is_empty() || !tracking.local.is_empty()
+    }
+}
+
+/// Kafka error codes that are exactly-once anomalies, and how they are audited.
+pub fn eos_error_kind(code: i16) -> Option<Kind> {
+    Some(match code {
+        codes::OUT_OF_ORDER_SEQUENCE_NUMBER => Kind::OutOfOrderSequence,
+        codes::DUPLICATE_SEQUENCE_NUMBER => Kind::DuplicateSequence,
+        codes::INVALID_PRODUCER_EPOCH => Kind::FencedEpoch,
+        codes::UNKNOWN_PRODUCER_ID => Kind::UnknownProducer,
+        codes::INVALID_TXN_STATE
+        | codes::INVALID_PRODUCER_ID_MAPPING
+        | codes::TRANSACTION_ABORTABLE => Kind::TransactionState,
+        codes::PRODUCER_FENCED => Kind::ProducerFenced,
+        _ => return None,
+    })
+}
+
+fn merge_local(resp: &mut ProduceResponse, local: &[(String, i32, LocalAnswer)], version: i16) {
+    for (topic, partition, answer) in local {
+        let mut p = PartitionProduceResponse::default()
+            .with_index(*partition)
+            .with_error_code(answer.error_code)
+            .with_base_offset(answer.base_offset)
+            .with_log_append_time_ms(answer.log_append_time)
+            .with_log_start_offset(-1);
+        if version >= 8 {
+            p.error_message = answer.message.clone().map(StrBytes::from_string);
+        }
+        match resp
+            .responses
+            .iter_mut()
+            .find(|t| t.name.0.as_str() == topic)
+        {
+            Some(t) => t.partition_responses.push(p),
+            None => resp.responses.push(
+                TopicProduceResponse::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partition_responses(vec![p]),
+            ),
+        }
+    }
+}
+
+/// Fields at the start of EndTxn and AddOffsetsToTxn requests: transactional id, producer id, epoch.
+pub fn coordinator_request_producer(
+    frame: &[u8],
+    head: &RequestHead,
+    flexible: bool,
+) -> Option<(String, i64, i16)> {
+    let mut r = Reader::at(frame, head.body_offset?);
+    let id = if flexible {
+        r.compact_nullable_bytes().ok()??
+    } else {
+        r.nullable_string().ok()??
+    };
+    let id = std::str::from_utf8(id).ok()?.to_string();
+    let pid = r.i64().ok()?;
+    let epoch = r.i16().ok()?;
+    Some((id, pid, epoch))
+}
+
+/// The transactional id of an InitProducerId request (None for idempotent producers).
+pub fn init_producer_id_txn(frame: &[u8], head: &RequestHead) -> Option<String> {
+    let mut r = Reader::at(frame, head.body_offset?);
+    let id = if head.api_version >= 2 {
+        r.compact_nullable_bytes().ok()?
+    } else {
+        r.nullable_string().ok()?
+    }?;
+    std::str::from_utf8(id).ok().map(str::to_string)
+}
