@@ -595,18 +595,13 @@ fn learn_from_coordinator(
                         guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
                     }
                 } else {
-                    errors.push((
-                        r.error_code,
-                        None,
-                        None,
-                        (r.producer_id.0, r.producer_epoch),
-                    ));
+                    errors.push((r.error_code, None, (r.producer_id.0, r.producer_epoch)));
                 }
             })
         }
         ApiKey::AddOffsetsToTxn => {
             decode_response::<AddOffsetsToTxnResponse>(frame.clone(), key, version)
-                .map(|(_, r)| errors.push((r.error_code, None, None, (-1, -1))))
+                .map(|(_, r)| errors.push((r.error_code, None, (-1, -1))))
         }
         ApiKey::AddPartitionsToTxn if version <= 3 => {
             decode_response::<AddPartitionsToTxnResponse>(frame.clone(), key, version).map(
@@ -615,7 +610,6 @@ fn learn_from_coordinator(
                         for p in &t.results_by_partition {
                             errors.push((
                                 p.partition_error_code,
-                                None,
                                 Some((t.name.0.to_string(), p.partition_index)),
                                 (-1, -1),
                             ));
@@ -630,7 +624,6 @@ fn learn_from_coordinator(
                     for p in &t.partitions {
                         errors.push((
                             p.error_code,
-                            None,
                             Some((t.name.0.to_string(), p.partition_index)),
                             (-1, -1),
                         ));
