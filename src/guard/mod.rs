@@ -434,8 +434,13 @@ impl Guard {
                         epoch,
                         Some(msg),
                     );
-                    // Not tracked: the broker will refuse it, and a refused batch is never learned.
-                    Outcome::Pass
+                    // Watched but not in flight: the broker's answer is audited, and learned only if
+                    // the broker accepts the batch after all.
+                    Outcome::Track {
+                        key,
+                        batch,
+                        max_timestamp: info.max_timestamp,
+                    }
                 }
             }
         }

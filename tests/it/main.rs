@@ -4,5 +4,6 @@
 mod brokers;
 mod common;
 mod java_client;
+mod producer_state;
 mod rdkafka_clients;
 mod wire;

@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub struct Raw {
-    stream: TcpStream,
-    next_corr: i32,
+    pub stream: TcpStream,
+    pub next_corr: i32,
 }
 
 impl Raw {

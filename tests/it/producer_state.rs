@@ -1,0 +1,427 @@
+//! Producer state at the proxy, against real Kafka: retries answered with the original offset, gaps
+//! audited and refused, zombies fenced before the cluster, malformed batches refused per partition, and a
+//! librdkafka idempotent producer that still writes every record exactly once while responses get lost.
+
+use crate::common::*;
+use crate::rdkafka_clients::{client_config, create_topic, read_all};
+use crate::wire::Raw;
+use bytes::{Bytes, BytesMut};
+use kafka_eos_proxy::audit::{Action, AuditEvent, Kind, Source};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PRODUCE_VERSION: i16 = 11;
+
+/// A v2 batch of `n` records from producer (pid, epoch) starting at sequence `seq`.
+fn batch(pid: i64, epoch: i16, seq: i32, n: i32, transactional: bool, tag: &str) -> Bytes {
+    let records: Vec<Record> = (0..n)
+        .map(|i| Record {
+            transactional,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id: pid,
+            producer_epoch: epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: i64::from(i),
+            sequence: seq + i,
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(Bytes::from(format!("{tag}-{}", seq + i))),
+            headers: Default::default(),
+            delete_horizon: false,
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    buf.freeze()
+}
+
+fn produce(topic: &str, txn: Option<&str>, parts: Vec<(i32, Bytes)>) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(10_000)
+        .with_transactional_id(txn.map(|t| StrBytes::from_string(t.to_string()).into()))
+        .with_topic_data(vec![produce_request::TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_data(
+                parts
+                    .into_iter()
+                    .map(|(i, r)| {
+                        produce_request::PartitionProduceData::default()
+                            .with_index(i)
+                            .with_records(Some(r))
+                    })
+                    .collect(),
+            )])
+}
+
+/// (partition, error code, base offset, error message) of every partition in a produce response.
+async fn send_produce(raw: &mut Raw, req: &ProduceRequest) -> Vec<(i32, i16, i64, Option<String>)> {
+    let resp: ProduceResponse = raw.call(ApiKey::Produce, PRODUCE_VERSION, req).await;
+    let mut out: Vec<_> = resp
+        .responses
+        .iter()
+        .flat_map(|t| t.partition_responses.iter())
+        .map(|p| {
+            (
+                p.index,
+                p.error_code,
+                p.base_offset,
+                p.error_message.as_ref().map(|m| m.to_string()),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn init_producer_id(raw: &mut Raw, txn: Option<&str>) -> (i64, i16) {
+    if let Some(t) = txn {
+        // The first transaction coordinator lookup creates __transaction_state.
+        for _ in 0..100 {
+            let req = FindCoordinatorRequest::default()
+                .with_key_type(1)
+                .with_coordinator_keys(vec![StrBytes::from_string(t.to_string())]);
+            let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 4, &req).await;
+            if resp.coordinators.first().is_some_and(|c| c.error_code == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for _ in 0..100 {
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(txn.map(|t| StrBytes::from_string(t.to_string()).into()))
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+        let resp: InitProducerIdResponse = raw.call(ApiKey::InitProducerId, 4, &req).await;
+        match resp.error_code {
+            0 => return (resp.producer_id.0, resp.producer_epoch),
+            14 | 15 | 16 | 51 => tokio::time::sleep(Duration::from_millis(200)).await,
+            e => panic!("InitProducerId failed with {e}"),
+        }
+    }
+    panic!("InitProducerId kept failing");
+}
+
+fn events(proxy: &TestProxy, kind: Kind) -> Vec<AuditEvent> {
+    proxy
+        .audits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == kind)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_response_retry_lands_once_with_the_original_offset() {
+    let dropped: Arc<Mutex<HashSet<i32>>> = Arc::default();
+    let d = dropped.clone();
+    let rule: DropRule = Arc::new(move |key, frame| {
+        let corr = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        key == ApiKey::Produce as i16 && d.lock().unwrap().remove(&corr)
+    });
+    let proxy = start_proxy_full(Cluster::Single, |_| {}, Some(rule)).await;
+    let topic = unique_topic("lost-response");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let (pid, epoch) = init_producer_id(&mut raw, None).await;
+
+    // The first send lands, but its response is lost on the way to the client.
+    let first = produce(&topic, None, vec![(0, batch(pid, epoch, 0, 3, false, "r"))]);
+    let (corr, bytes) = raw.encode(ApiKey::Produce, PRODUCE_VERSION, &first);
+    dropped.lock().unwrap().insert(corr);
+    raw.send_bytes(&bytes).await;
+    let shared = proxy.proxy.as_ref().unwrap().shared().clone();
+    eventually(
+        "the proxy to learn the first batch",
+        Duration::from_secs(10),
+        || {
+            let s = shared.clone();
+            async move {
+                s.guard.store.snapshot().iter().any(|e| {
+                    e.key.producer_id == pid
+                        && e.state.as_ref().is_some_and(|st| st.window().count() == 1)
+                })
+            }
+        },
+    )
+    .await;
+    assert!(
+        dropped.lock().unwrap().is_empty(),
+        "the response was dropped"
+    );
+
+    // The client retries the identical batch: answered by the proxy with the original offset.
+    let retry = send_produce(&mut raw, &first).await;
+    assert_eq!(retry, vec![(0, 0, 0, None)]);
+    let answered = events(&proxy, Kind::DuplicateAnswered);
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    assert_eq!(answered[0].producer_id, pid);
+    assert_eq!(answered[0].action, Action::Answered);
+    assert_eq!(answered[0].topic.as_deref(), Some(topic.as_str()));
+
+    // The producer carries on in sequence.
+    let next = send_produce(
+        &mut raw,
+        &produce(&topic, None, vec![(0, batch(pid, epoch, 3, 2, false, "r"))]),
+    )
+    .await;
+    assert_eq!(next, vec![(0, 0, 3, None)]);
+    let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 5);
+    assert_eq!(
+        values,
+        vec!["r-0", "r-1", "r-2", "r-3", "r-4"],
+        "every record exactly once"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_gap_is_audited_and_refused_in_enforce_mode() {
+    for mode in ["audit", "enforce"] {
+        let proxy = start_proxy_with(Cluster::Single, |c| {
+            c.producer_state.mode = if mode == "enforce" {
+                kafka_eos_proxy::guard::Mode::Enforce
+            } else {
+                kafka_eos_proxy::guard::Mode::Audit
+            };
+        })
+        .await;
+        let topic = unique_topic(&format!("gap-{mode}"));
+        create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+        let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+        let (pid, epoch) = init_producer_id(&mut raw, None).await;
+        let ok = send_produce(
+            &mut raw,
+            &produce(&topic, None, vec![(0, batch(pid, epoch, 0, 3, false, "g"))]),
+        )
+        .await;
+        assert_eq!(ok[0].1, 0);
+        // Sequences 3..9 never arrive: a gap.
+        let gap = send_produce(
+            &mut raw,
+            &produce(
+                &topic,
+                None,
+                vec![(0, batch(pid, epoch, 10, 3, false, "g"))],
+            ),
+        )
+        .await;
+        assert_eq!(gap[0].1, 45, "{mode}: OUT_OF_ORDER_SEQUENCE_NUMBER");
+        let seen = events(&proxy, Kind::OutOfOrderSequence);
+        let by_proxy: Vec<_> = seen.iter().filter(|e| e.source == Source::Proxy).collect();
+        assert_eq!(by_proxy.len(), 1, "{mode}: {seen:?}");
+        let e = by_proxy[0];
+        assert_eq!(
+            (e.expected_sequence, e.received_sequence),
+            (Some(3), Some(10))
+        );
+        assert_eq!((e.producer_id, e.partition), (pid, Some(0)));
+        assert!(e.client_address.starts_with("127.0.0.1:"));
+        assert_eq!(e.broker_node_id, Some(1));
+        if mode == "enforce" {
+            assert_eq!(e.action, Action::Refused);
+            assert!(
+                gap[0].3.as_deref().unwrap_or("").contains("expected 3"),
+                "{gap:?}"
+            );
+            assert!(
+                seen.iter().all(|e| e.source == Source::Proxy),
+                "never reached the broker"
+            );
+        } else {
+            assert_eq!(e.action, Action::Forwarded);
+            assert!(
+                seen.iter()
+                    .any(|e| e.source == Source::Broker && e.error_code == 45),
+                "the broker's own 45 is audited too: {seen:?}"
+            );
+        }
+        let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 3);
+        assert_eq!(values.len(), 3, "{mode}: the gap batch was not written");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let topic = unique_topic("zombie");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let txn = unique_topic("zombie-txn");
+    // Single broker: it is the coordinator and the leader.
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let (pid, old_epoch) = init_producer_id(&mut raw, Some(&txn)).await;
+    // A new instance with the same transactional.id fences the old one.
+    let (pid2, new_epoch) = init_producer_id(&mut raw, Some(&txn)).await;
+    assert_eq!(pid2, pid);
+    assert!(new_epoch > old_epoch);
+
+    // The zombie's write is refused at the proxy and never reaches the cluster.
+    let write = produce(
+        &topic,
+        Some(&txn),
+        vec![(0, batch(pid, old_epoch, 0, 2, true, "z"))],
+    );
+    let answer = send_produce(&mut raw, &write).await;
+    assert_eq!(answer[0].1, 47, "INVALID_PRODUCER_EPOCH");
+    assert!(
+        answer[0]
+            .3
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("kafka-eos-proxy:"),
+        "{answer:?}"
+    );
+    let fenced = events(&proxy, Kind::FencedEpoch);
+    assert_eq!(fenced.len(), 1, "{fenced:?}");
+    assert_eq!(fenced[0].source, Source::Proxy);
+    assert_eq!(fenced[0].action, Action::Refused);
+    assert_eq!(fenced[0].transactional_id.as_deref(), Some(txn.as_str()));
+    assert_eq!(fenced[0].expected_epoch, Some(new_epoch));
+
+    // Its EndTxn is fenced too: PRODUCER_FENCED for EndTxn v3.
+    let end = EndTxnRequest::default()
+        .with_transactional_id(StrBytes::from_string(txn.clone()).into())
+        .with_producer_id(ProducerId(pid))
+        .with_producer_epoch(old_epoch)
+        .with_committed(true);
+    let resp: EndTxnResponse = raw.call(ApiKey::EndTxn, 3, &end).await;
+    assert_eq!(resp.error_code, 90);
+    assert_eq!(events(&proxy, Kind::FencedEpoch).len(), 2);
+
+    let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 0);
+    assert!(
+        values.is_empty(),
+        "nothing from the zombie was written: {values:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_batches_are_refused_per_partition_and_the_rest_goes_through() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let topic = unique_topic("bad-batches");
+    create_topic(proxy.bootstrap(), &topic, 5, 1).await;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let (pid, epoch) = init_producer_id(&mut raw, None).await;
+
+    let good = batch(pid, epoch, 0, 2, false, "ok");
+    let mut lying_length = batch(pid, epoch, 0, 2, false, "x").to_vec();
+    lying_length[8..12].copy_from_slice(&5000i32.to_be_bytes());
+    let mut count_mismatch = batch(pid, epoch, 0, 2, false, "x").to_vec();
+    count_mismatch[57..61].copy_from_slice(&7i32.to_be_bytes());
+    let mut negative_seq = batch(pid, epoch, 0, 1, false, "x").to_vec();
+    negative_seq[53..57].copy_from_slice(&(-1i32).to_be_bytes());
+    let mut control = batch(pid, epoch, 0, 1, false, "x").to_vec();
+    control[22] |= 0x20;
+    let req = produce(
+        &topic,
+        None,
+        vec![
+            (0, good),
+            (1, Bytes::from(lying_length)),
+            (2, Bytes::from(count_mismatch)),
+            (3, Bytes::from(negative_seq)),
+            (4, Bytes::from(control)),
+        ],
+    );
+    let answer = send_produce(&mut raw, &req).await;
+    let codes: Vec<(i32, i16)> = answer.iter().map(|a| (a.0, a.1)).collect();
+    assert_eq!(
+        codes,
+        vec![(0, 0), (1, 2), (2, 87), (3, 87), (4, 87)],
+        "{answer:?}"
+    );
+    assert_eq!(
+        answer[0].2, 0,
+        "the healthy partition was written at offset 0"
+    );
+    assert_eq!(events(&proxy, Kind::InvalidBatch).len(), 4);
+    // The connection carries on.
+    let next = send_produce(
+        &mut raw,
+        &produce(
+            &topic,
+            None,
+            vec![(0, batch(pid, epoch, 2, 1, false, "ok"))],
+        ),
+    )
+    .await;
+    assert_eq!(next, vec![(0, 0, 2, None)]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_idempotent_producer_with_lost_responses_writes_exactly_once() {
+    // Every 5th of the first 40 produce responses is lost between proxy and client (each loss costs the
+    // client a request timeout, so the count is bounded to keep the test short).
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    let rule: DropRule = Arc::new(move |key, _| {
+        if key != ApiKey::Produce as i16 {
+            return false;
+        }
+        let n = s.fetch_add(1, Ordering::Relaxed);
+        n % 5 == 4 && n < 40
+    });
+    let proxy = start_proxy_full(Cluster::Three, |_| {}, Some(rule)).await;
+    let topic = unique_topic("rd-lossy");
+    create_topic(proxy.bootstrap(), &topic, 3, 3).await;
+    let bootstrap = proxy.bootstrap().to_string();
+    let t = topic.clone();
+    let delivered = tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let mut cfg = client_config(&bootstrap);
+        cfg.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "50")
+            .set("request.timeout.ms", "2000")
+            .set("socket.timeout.ms", "2000")
+            .set("message.timeout.ms", "120000")
+            .set("retry.backoff.ms", "50");
+        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+        for i in 0..3000 {
+            let v = format!("m-{i:05}");
+            p.send(BaseRecord::to(&t).key(&v).payload(&v)).unwrap();
+        }
+        p.flush(Duration::from_secs(120))
+            .expect("every record delivered");
+        p.in_flight_count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(delivered, 0);
+    let mut values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 3000);
+    assert_eq!(values.len(), 3000, "no record lost or duplicated");
+    values.sort();
+    values.dedup();
+    assert_eq!(values.len(), 3000);
+    assert!(seen.load(Ordering::Relaxed) > 5, "responses were dropped");
+    let answered = events(&proxy, Kind::DuplicateAnswered).len();
+    assert!(
+        answered > 0,
+        "retries were answered by the proxy with the original offsets"
+    );
+    proxy.stop().await;
+}
