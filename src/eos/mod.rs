@@ -59,6 +59,15 @@ pub struct Acked {
     pub acks_all: bool,
 }
 
+/// An acknowledged batch as stored: 24 bytes (the acks flag lives in a bitmask beside the window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    first_seq: i32,
+    last_seq: i32,
+    first_offset: i64,
+    timestamp: i64,
+}
+
 /// The broker's view of one producer on one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionState {
@@ -71,15 +80,16 @@ pub struct PartitionState {
     len: u8,
     /// Ring buffer, oldest first starting at `head`.
     head: u8,
-    window: [Acked; WINDOW],
+    /// Bit i: slot i was acknowledged with acks=all.
+    acks_all: u8,
+    window: [Stored; WINDOW],
 }
 
-const EMPTY: Acked = Acked {
+const EMPTY: Stored = Stored {
     first_seq: 0,
     last_seq: 0,
     first_offset: 0,
     timestamp: 0,
-    acks_all: false,
 };
 
 impl PartitionState {
@@ -89,6 +99,7 @@ impl PartitionState {
             learned: 0,
             len: 0,
             head: 0,
+            acks_all: 0,
             window: [EMPTY; WINDOW],
         }
     }
@@ -101,15 +112,26 @@ impl PartitionState {
         s
     }
 
-    /// Acknowledged batches of the current epoch, oldest first.
-    pub fn window(&self) -> impl Iterator<Item = &Acked> {
-        (0..self.len as usize).map(move |i| &self.window[(self.head as usize + i) % WINDOW])
+    fn slot(&self, i: usize) -> Acked {
+        let w = &self.window[i];
+        Acked {
+            first_seq: w.first_seq,
+            last_seq: w.last_seq,
+            first_offset: w.first_offset,
+            timestamp: w.timestamp,
+            acks_all: self.acks_all & (1 << i) != 0,
+        }
     }
 
-    pub fn last(&self) -> Option<&Acked> {
+    /// Acknowledged batches of the current epoch, oldest first.
+    pub fn window(&self) -> impl Iterator<Item = Acked> + '_ {
+        (0..self.len as usize).map(move |i| self.slot((self.head as usize + i) % WINDOW))
+    }
+
+    pub fn last(&self) -> Option<Acked> {
         self.len
             .checked_sub(1)
-            .map(|i| &self.window[(self.head as usize + i as usize) % WINDOW])
+            .map(|i| self.slot((self.head as usize + i as usize) % WINDOW))
     }
 
     /// Whether the window holds everything the broker's does (see `learned`).
@@ -142,12 +164,24 @@ impl PartitionState {
             }
         }
         self.learned = self.learned.saturating_add(1).min(WINDOW as u8);
-        if self.len as usize == WINDOW {
-            self.window[self.head as usize] = acked;
+        let slot = if self.len as usize == WINDOW {
+            let slot = self.head as usize;
             self.head = ((self.head as usize + 1) % WINDOW) as u8;
+            slot
         } else {
-            self.window[(self.head as usize + self.len as usize) % WINDOW] = acked;
             self.len += 1;
+            (self.head as usize + self.len as usize - 1) % WINDOW
+        };
+        self.window[slot] = Stored {
+            first_seq: acked.first_seq,
+            last_seq: acked.last_seq,
+            first_offset: acked.first_offset,
+            timestamp: acked.timestamp,
+        };
+        if acked.acks_all {
+            self.acks_all |= 1 << slot;
+        } else {
+            self.acks_all &= !(1 << slot);
         }
     }
 }
@@ -202,7 +236,7 @@ pub fn check(state: Option<&PartitionState>, in_flight: &[Batch], batch: Batch) 
             .window()
             .find(|a| a.first_seq == batch.first_seq && a.last_seq == batch.last_seq)
         {
-            return Verdict::Duplicate(*acked);
+            return Verdict::Duplicate(acked);
         }
     }
     if batch.epoch < state.epoch {

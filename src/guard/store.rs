@@ -127,9 +127,7 @@ impl ProducerStore {
     /// The batch is no longer in flight (answered, failed, or its connection is gone).
     pub fn settle(&self, key: &Key, batch: Batch) {
         if let Some(mut e) = self.map.get_mut(key) {
-            if let Some(i) = e.in_flight.iter().position(|b| *b == batch) {
-                e.in_flight.remove(i);
-            }
+            remove_in_flight(&mut e.in_flight, batch);
         }
     }
 
@@ -152,9 +150,7 @@ impl ProducerStore {
             last_used_ms: now_ms,
         });
         e.last_used_ms = now_ms;
-        if let Some(i) = e.in_flight.iter().position(|b| *b == batch) {
-            e.in_flight.remove(i);
-        }
+        remove_in_flight(&mut e.in_flight, batch);
         let state = e.state.get_or_insert_with(|| {
             if fresh && batch.first_seq == 0 {
                 PartitionState::new_complete(batch.epoch)
@@ -201,6 +197,17 @@ impl ProducerStore {
                 in_flight: e.in_flight.clone(),
             })
             .collect()
+    }
+}
+
+/// Removes `batch` from an in-flight list, and frees the list's memory once it is empty (most of the
+/// time nothing is in flight, and a million idle entries should not each keep a heap allocation).
+fn remove_in_flight(list: &mut Vec<Batch>, batch: Batch) {
+    if let Some(i) = list.iter().position(|b| *b == batch) {
+        list.remove(i);
+    }
+    if list.is_empty() && list.capacity() > 0 {
+        *list = Vec::new();
     }
 }
 
