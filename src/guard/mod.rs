@@ -18,6 +18,7 @@
 //! well-formed response. The response teaches the store (offsets of accepted batches) and every EOS
 //! error the broker returns becomes an audit event.
 
+pub mod coordinator;
 pub mod store;
 pub mod txn;
 
@@ -724,24 +725,6 @@ fn merge_local(resp: &mut ProduceResponse, local: &[(String, i32, LocalAnswer)],
             ),
         }
     }
-}
-
-/// Fields at the start of EndTxn and AddOffsetsToTxn requests: transactional id, producer id, epoch.
-pub fn coordinator_request_producer(
-    frame: &[u8],
-    head: &RequestHead,
-    flexible: bool,
-) -> Option<(String, i64, i16)> {
-    let mut r = Reader::at(frame, head.body_offset?);
-    let id = if flexible {
-        r.compact_nullable_bytes().ok()??
-    } else {
-        r.nullable_string().ok()??
-    };
-    let id = std::str::from_utf8(id).ok()?.to_string();
-    let pid = r.i64().ok()?;
-    let epoch = r.i16().ok()?;
-    Some((id, pid, epoch))
 }
 
 /// The transactional id of an InitProducerId request (None for idempotent producers).

@@ -20,9 +20,9 @@ pub use close::Close;
 
 use crate::audit::{now_ms, Action, AuditEvent, Kind, Source};
 use crate::filters::{addresses, api_versions};
+use crate::guard::coordinator::{self, CoordinatorRequest};
 use crate::guard::{
-    codes, coordinator_request_producer, eos_error_kind, init_producer_id_txn, ConnInfo, Guard,
-    ProduceAction, ProduceTracking,
+    codes, eos_error_kind, init_producer_id_txn, ConnInfo, Guard, ProduceAction, ProduceTracking,
 };
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
@@ -35,7 +35,7 @@ use futures::StreamExt;
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::messages::{
     AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, EndTxnResponse, InitProducerIdResponse,
-    ProducerId, ResponseHeader, TxnOffsetCommitResponse,
+    TxnOffsetCommitResponse,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -292,16 +292,27 @@ async fn request_pump(
                 };
                 true
             }
-            ApiKey::EndTxn | ApiKey::AddOffsetsToTxn => {
-                let flexible = key.request_header_version(head.api_version) >= 2;
-                let producer = coordinator_request_producer(&frame, &head, flexible);
-                if let Some((txn, pid, epoch)) = &producer {
+            ApiKey::EndTxn
+            | ApiKey::AddOffsetsToTxn
+            | ApiKey::AddPartitionsToTxn
+            | ApiKey::TxnOffsetCommit => {
+                let request = match key {
+                    ApiKey::AddPartitionsToTxn => coordinator::parse_add_partitions(&frame, &head),
+                    ApiKey::TxnOffsetCommit => coordinator::parse_txn_offset_commit(&frame, &head),
+                    _ => coordinator::parse_producer_first(&frame, &head, key),
+                };
+                if let Some(req) = &request {
                     // Transactions v2: an EndTxn retry may carry the epoch before the bump it caused.
                     let tolerance = i16::from(key == ApiKey::EndTxn && head.api_version >= 5);
-                    if let Some(current) = guard.txns.stale(txn, *pid, *epoch, tolerance) {
-                        let answer =
-                            fenced_answer(key, &head, guard, &info(), txn, *pid, *epoch, current);
-                        if let Some(answer) = answer {
+                    let stale = guard.txns.stale(
+                        &req.transactional_id,
+                        req.producer_id,
+                        req.producer_epoch,
+                        tolerance,
+                    );
+                    if let Some(current) = stale {
+                        if let Some(answer) = coordinator::fenced_response(key, &head, req) {
+                            audit_fenced(guard, &info(), key, &head, req, current);
                             if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
                                 return e;
                             }
@@ -309,7 +320,7 @@ async fn request_pump(
                         }
                     }
                 }
-                let transactional_id = producer.map(|p| p.0);
+                let transactional_id = request.map(|r| r.transactional_id);
                 learn = match (key, transactional_id) {
                     (ApiKey::EndTxn, Some(t)) => Learn::EndTxn {
                         transactional_id: t,
@@ -317,12 +328,6 @@ async fn request_pump(
                     (_, t) => Learn::Coordinator {
                         transactional_id: t,
                     },
-                };
-                true
-            }
-            ApiKey::AddPartitionsToTxn | ApiKey::TxnOffsetCommit => {
-                learn = Learn::Coordinator {
-                    transactional_id: None,
                 };
                 true
             }
@@ -346,48 +351,24 @@ async fn request_pump(
     }
 }
 
-/// The answer to an EndTxn or AddOffsetsToTxn from a fenced epoch: PRODUCER_FENCED from v2 on,
-/// INVALID_PRODUCER_EPOCH before (what the coordinator would answer).
-#[allow(clippy::too_many_arguments)]
-fn fenced_answer(
-    key: ApiKey,
-    head: &RequestHead,
+/// Audits a coordinator request refused at the proxy because its epoch is fenced.
+fn audit_fenced(
     guard: &Guard,
     info: &ConnInfo,
-    txn: &str,
-    pid: i64,
-    epoch: i16,
+    key: ApiKey,
+    head: &RequestHead,
+    req: &CoordinatorRequest,
     current: i16,
-) -> Option<Bytes> {
-    let code = if head.api_version >= 2 {
-        codes::PRODUCER_FENCED
-    } else {
-        codes::INVALID_PRODUCER_EPOCH
-    };
-    let header = ResponseHeader::default().with_correlation_id(head.correlation_id);
-    let encoded = match key {
-        ApiKey::EndTxn => {
-            let body = EndTxnResponse::default()
-                .with_error_code(code)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1);
-            encode_response(&header, &body, key, head.api_version)
-        }
-        _ => {
-            let body = AddOffsetsToTxnResponse::default().with_error_code(code);
-            encode_response(&header, &body, key, head.api_version)
-        }
-    }
-    .ok()?;
+) {
     guard.audit.emit(AuditEvent {
         time_ms: now_ms(),
         kind: Kind::FencedEpoch,
         source: Source::Proxy,
         action: Action::Refused,
-        error_code: code,
-        producer_id: pid,
-        producer_epoch: epoch,
-        transactional_id: Some(txn.to_string()),
+        error_code: coordinator::fenced_code(key, head.api_version),
+        producer_id: req.producer_id,
+        producer_epoch: req.producer_epoch,
+        transactional_id: Some(req.transactional_id.clone()),
         topic: None,
         partition: None,
         expected_sequence: None,
@@ -398,10 +379,10 @@ fn fenced_answer(
         broker_node_id: info.broker_node_id,
         api_key: key as i16,
         detail: Some(format!(
-            "{key:?} from epoch {epoch}, transactional id {txn} is at epoch {current}"
+            "{key:?} from epoch {}, transactional id {} is at epoch {current}",
+            req.producer_epoch, req.transactional_id
         )),
     });
-    Some(encoded)
 }
 
 /// Queues a pending response; if the queue is full, flushes upstream first so the responses that will

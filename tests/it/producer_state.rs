@@ -307,7 +307,41 @@ async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
         .with_committed(true);
     let resp: EndTxnResponse = raw.call(ApiKey::EndTxn, 3, &end).await;
     assert_eq!(resp.error_code, 90);
-    assert_eq!(events(&proxy, Kind::FencedEpoch).len(), 2);
+    // And its AddPartitionsToTxn (PRODUCER_FENCED from v2) and TxnOffsetCommit (INVALID_PRODUCER_EPOCH),
+    // answered for every partition it named.
+    let add = AddPartitionsToTxnRequest::default()
+        .with_v3_and_below_transactional_id(StrBytes::from_string(txn.clone()).into())
+        .with_v3_and_below_producer_id(ProducerId(pid))
+        .with_v3_and_below_producer_epoch(old_epoch)
+        .with_v3_and_below_topics(vec![
+            add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                .with_partitions(vec![0]),
+        ]);
+    let resp: AddPartitionsToTxnResponse = raw.call(ApiKey::AddPartitionsToTxn, 3, &add).await;
+    let codes: Vec<i16> = resp.results_by_topic_v3_and_below[0]
+        .results_by_partition
+        .iter()
+        .map(|p| p.partition_error_code)
+        .collect();
+    assert_eq!(codes, vec![90]);
+    let commit = TxnOffsetCommitRequest::default()
+        .with_transactional_id(StrBytes::from_string(txn.clone()).into())
+        .with_group_id(StrBytes::from_static_str("zombie-group").into())
+        .with_producer_id(ProducerId(pid))
+        .with_producer_epoch(old_epoch)
+        .with_topics(vec![
+            txn_offset_commit_request::TxnOffsetCommitRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                .with_partitions(vec![
+                    txn_offset_commit_request::TxnOffsetCommitRequestPartition::default()
+                        .with_partition_index(0)
+                        .with_committed_offset(1),
+                ]),
+        ]);
+    let resp: TxnOffsetCommitResponse = raw.call(ApiKey::TxnOffsetCommit, 3, &commit).await;
+    assert_eq!(resp.topics[0].partitions[0].error_code, 47);
+    assert_eq!(events(&proxy, Kind::FencedEpoch).len(), 4);
 
     let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 0);
     assert!(
