@@ -173,3 +173,84 @@ impl AuditSink {
         self.dropped.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: Kind) -> AuditEvent {
+        AuditEvent {
+            time_ms: 1,
+            kind,
+            source: Source::Proxy,
+            action: Action::Refused,
+            error_code: 45,
+            producer_id: 7,
+            producer_epoch: 0,
+            transactional_id: None,
+            topic: Some("t".into()),
+            partition: Some(0),
+            expected_sequence: Some(3),
+            received_sequence: Some(10),
+            expected_epoch: None,
+            client_id: Some("c".into()),
+            client_address: "127.0.0.1:1".into(),
+            broker_node_id: Some(1),
+            api_key: 0,
+            detail: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_json_lines_to_the_file() {
+        let path = std::env::temp_dir().join(format!(
+            "kafka-eos-proxy-audit-{}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let config = AuditConfig {
+            stdout: false,
+            file: Some(path.clone()),
+            queue: 10,
+        };
+        let sink = AuditSink::start(&config, None).unwrap();
+        sink.emit(event(Kind::OutOfOrderSequence));
+        sink.emit(event(Kind::FencedEpoch));
+        drop(sink); // closes the queue; the writer drains it
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["kind"], "out_of_order_sequence");
+        assert_eq!(lines[0]["expected_sequence"], 3);
+        assert_eq!(lines[1]["kind"], "fenced_epoch");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts() {
+        let config = AuditConfig {
+            stdout: false,
+            file: Some(std::env::temp_dir().join("kafka-eos-proxy-audit-full.jsonl")),
+            queue: 1,
+        };
+        let sink = AuditSink::start(&config, None).unwrap();
+        for _ in 0..1000 {
+            sink.emit(event(Kind::DuplicateAnswered));
+        }
+        assert_eq!(sink.emitted(), 1000);
+        assert!(
+            sink.dropped() > 0,
+            "a one-slot queue cannot take 1000 events at once"
+        );
+    }
+}
