@@ -377,9 +377,9 @@ impl Guard {
             },
             Verdict::Duplicate(acked) => self.duplicate(
                 conn,
-                view,
-                topic,
-                partition,
+                view.acks,
+                txn_id,
+                (topic, partition),
                 key,
                 batch,
                 info.max_timestamp,
@@ -447,21 +447,27 @@ impl Guard {
         }
     }
 
+    /// A retry of an acknowledged batch: answered with the original offset and timestamp, unless the
+    /// retry asks for acks=all and the original only had the leader's acknowledgement (then the broker
+    /// answers, and the batch is watched).
     #[allow(clippy::too_many_arguments)]
     fn duplicate(
         &self,
         conn: &ConnInfo,
-        view: &ProduceView,
-        topic: &str,
-        partition: i32,
+        acks: i16,
+        transactional_id: Option<&str>,
+        (topic, partition): (&str, i32),
         key: Key,
         batch: Batch,
         max_timestamp: i64,
         acked: Acked,
     ) -> Outcome {
-        if view.acks == -1 && !acked.acks_all {
-            // The original was only acknowledged by the leader; let the broker answer with acks=all.
-            return self.retrack(key, batch, max_timestamp);
+        if acks == -1 && !acked.acks_all {
+            return Outcome::Track {
+                key,
+                batch,
+                max_timestamp,
+            };
         }
         self.event(
             conn,
@@ -471,7 +477,7 @@ impl Guard {
             Action::Answered,
             codes::NONE,
             (key.producer_id, batch.epoch),
-            view.transactional_id,
+            transactional_id,
             Some((topic, partition)),
             (Some(acked.first_seq), Some(batch.first_seq)),
             None,
@@ -486,14 +492,6 @@ impl Guard {
             log_append_time: acked.timestamp,
             message: None,
         })
-    }
-
-    fn retrack(&self, key: Key, batch: Batch, max_timestamp: i64) -> Outcome {
-        Outcome::Track {
-            key,
-            batch,
-            max_timestamp,
-        }
     }
 
     /// Step 2: wait for the originals of in-flight duplicates, then decide those partitions again.
@@ -515,31 +513,16 @@ impl Guard {
                 let topic = plan.topics[t].clone();
                 let partition = plan.partitions[t][p];
                 plan.outcomes[t][p] = match self.store.check_and_track(&key, batch, self.now()) {
-                    Verdict::Duplicate(acked) if plan.acks != -1 || acked.acks_all => {
-                        self.event(
-                            conn,
-                            0,
-                            Kind::DuplicateAnswered,
-                            Source::Proxy,
-                            Action::Answered,
-                            codes::NONE,
-                            (key.producer_id, batch.epoch),
-                            plan.transactional_id.as_deref(),
-                            Some((&topic, partition)),
-                            (Some(acked.first_seq), Some(batch.first_seq)),
-                            None,
-                            Some(format!(
-                                "retry of an in-flight batch, answered with offset {}",
-                                acked.first_offset
-                            )),
-                        );
-                        Outcome::Local(LocalAnswer {
-                            error_code: codes::NONE,
-                            base_offset: acked.first_offset,
-                            log_append_time: acked.timestamp,
-                            message: None,
-                        })
-                    }
+                    Verdict::Duplicate(acked) => self.duplicate(
+                        conn,
+                        plan.acks,
+                        plan.transactional_id.as_deref(),
+                        (&topic, partition),
+                        key,
+                        batch,
+                        max_timestamp,
+                        acked,
+                    ),
                     v if v.forwards() => Outcome::Track {
                         key,
                         batch,
