@@ -31,6 +31,10 @@ pub enum Kind {
     ProducerFenced,
     /// A batch the broker would refuse as malformed (bad magic, length, counts, control batch, CRC).
     InvalidBatch,
+    /// A transaction open longer than its timeout plus the watchdog margin.
+    HangingTransaction,
+    /// A transaction the watchdog had flagged has ended.
+    HangingTransactionEnded,
 }
 
 /// Who noticed.
@@ -51,7 +55,7 @@ pub enum Action {
     Answered,
     /// Passed on to the cluster (audit mode, or nothing to do but report).
     Forwarded,
-    /// Reported as the broker returned it.
+    /// Reported as the broker returned it (or as the proxy's watchdog noticed it).
     Observed,
 }
 
@@ -109,12 +113,17 @@ pub struct AuditSink {
     dropped: AtomicU64,
     emitted: AtomicU64,
     observer: Option<Observer>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AuditSink {
     /// Starts the writer task (needs a tokio runtime). With neither stdout nor a file, events are only
     /// counted and shown to the observer.
-    pub fn start(config: &AuditConfig, observer: Option<Observer>) -> std::io::Result<AuditSink> {
+    pub fn start(
+        config: &AuditConfig,
+        observer: Option<Observer>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> std::io::Result<AuditSink> {
         let mut file = match &config.file {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -150,11 +159,15 @@ impl AuditSink {
             dropped: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
             observer,
+            metrics,
         })
     }
 
     pub fn emit(&self, event: AuditEvent) {
         self.emitted.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.on_audit(&event);
+        }
         if let Some(observe) = &self.observer {
             observe(&event);
         }
@@ -213,7 +226,7 @@ mod tests {
             file: Some(path.clone()),
             queue: 10,
         };
-        let sink = AuditSink::start(&config, None).unwrap();
+        let sink = AuditSink::start(&config, None, None).unwrap();
         sink.emit(event(Kind::OutOfOrderSequence));
         sink.emit(event(Kind::FencedEpoch));
         drop(sink); // closes the queue; the writer drains it
@@ -243,7 +256,7 @@ mod tests {
             file: Some(std::env::temp_dir().join("kafka-eos-proxy-audit-full.jsonl")),
             queue: 1,
         };
-        let sink = AuditSink::start(&config, None).unwrap();
+        let sink = AuditSink::start(&config, None, None).unwrap();
         for _ in 0..1000 {
             sink.emit(event(Kind::DuplicateAnswered));
         }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod eos;
 pub mod filters;
 pub mod guard;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;

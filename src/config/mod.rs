@@ -101,6 +101,24 @@ pub struct Config {
     pub log: LogConfig,
     pub producer_state: GuardConfig,
     pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
+    pub watchdog: WatchdogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// Record metrics on the data path (off: nothing is counted; /metrics answers 404).
+    pub enabled: bool,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /producers); none: no endpoint.
+    pub listen: Option<String>,
+    pub max_producer_series: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchdogConfig {
+    /// A transaction open longer than its timeout plus this margin is flagged as hanging.
+    pub margin: Duration,
+    pub interval: Duration,
 }
 
 /// One problem in a config file, with the key path it concerns.
@@ -159,6 +177,8 @@ impl Config {
             let log = parse_log(&root.section("log", false));
             let producer_state = parse_producer_state(&root.section("producer_state", false));
             let audit = parse_audit(&root.section("audit", false));
+            let metrics = parse_metrics(&root.section("metrics", false));
+            let watchdog = parse_watchdog(&root.section("transaction_watchdog", false));
             root.finish(&[
                 "upstream",
                 "listen",
@@ -166,6 +186,8 @@ impl Config {
                 "log",
                 "producer_state",
                 "audit",
+                "metrics",
+                "transaction_watchdog",
             ]);
             Config {
                 upstream,
@@ -174,6 +196,8 @@ impl Config {
                 log,
                 producer_state,
                 audit,
+                metrics,
+                watchdog,
             }
         };
         let mut problems = problems.into_inner();
@@ -387,6 +411,34 @@ fn parse_audit(s: &Section) -> AuditConfig {
         file,
         queue,
     }
+}
+
+fn parse_metrics(s: &Section) -> MetricsConfig {
+    let enabled = s.bool("enabled", true);
+    let listen = s.optional_string("listen");
+    if let Some(l) = &listen {
+        // Port 0 is allowed here (an ephemeral port, reported in the log): handy for tests.
+        let ok = l
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !ok {
+            s.problem("listen", &format!("'{l}' is not host:port"));
+        }
+    }
+    let max_producer_series = s.int("max_producer_series", Some(1000), 1, 1_000_000) as usize;
+    s.finish(&["enabled", "listen", "max_producer_series"]);
+    MetricsConfig {
+        enabled,
+        listen,
+        max_producer_series,
+    }
+}
+
+fn parse_watchdog(s: &Section) -> WatchdogConfig {
+    let margin = s.millis("margin_ms", 10_000, 0, 86_400_000);
+    let interval = s.millis("interval_ms", 1_000, 10, 600_000);
+    s.finish(&["margin_ms", "interval_ms"]);
+    WatchdogConfig { margin, interval }
 }
 
 fn cross_check(c: &Config, problems: &mut Vec<Problem>) {

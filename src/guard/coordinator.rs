@@ -26,6 +26,8 @@ pub struct CoordinatorRequest {
     pub producer_id: i64,
     pub producer_epoch: i16,
     pub topics: Vec<(String, Vec<i32>)>,
+    /// EndTxn only: commit (true) or abort.
+    pub committed: Option<bool>,
 }
 
 struct Walk<'a> {
@@ -80,11 +82,18 @@ pub fn parse_producer_first(
 ) -> Option<CoordinatorRequest> {
     let mut w = walk(frame, head, key)?;
     let id = w.string().ok()??.to_string();
+    let producer_id = w.r.i64().ok()?;
+    let producer_epoch = w.r.i16().ok()?;
+    let committed = match key {
+        ApiKey::EndTxn => Some(w.r.i8().ok()? != 0),
+        _ => None,
+    };
     Some(CoordinatorRequest {
         transactional_id: id,
-        producer_id: w.r.i64().ok()?,
-        producer_epoch: w.r.i16().ok()?,
+        producer_id,
+        producer_epoch,
         topics: Vec::new(),
+        committed,
     })
 }
 
@@ -143,6 +152,7 @@ pub fn parse_txn_offset_commit(frame: &[u8], head: &RequestHead) -> Option<Coord
         producer_id,
         producer_epoch,
         topics,
+        committed: None,
     })
 }
 
@@ -267,6 +277,7 @@ mod tests {
             producer_id: 42,
             producer_epoch: 7,
             topics: vec![("a".into(), vec![0, 2]), ("b".into(), vec![5])],
+            committed: None,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod txn;
 
 use crate::audit::{now_ms, Action, AuditEvent, AuditSink, Kind, Source};
 use crate::eos::{Acked, Batch, Verdict};
+use crate::metrics::Metrics;
 use crate::protocol::batch::validate_client_records;
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::header::RequestHead;
@@ -96,6 +97,7 @@ pub struct Guard {
     pub store: ProducerStore,
     pub txns: TxnTracker,
     pub audit: Arc<AuditSink>,
+    pub metrics: Option<Arc<Metrics>>,
     clock: Instant,
 }
 
@@ -114,6 +116,13 @@ enum Outcome {
     Pass,
     /// Forwarded and tracked: learn from the answer.
     Track {
+        key: Key,
+        batch: Batch,
+        max_timestamp: i64,
+    },
+    /// Forwarded although the proxy already audited it as out of order: learn from a success, and do
+    /// not audit the broker's refusal again (it is the same anomaly).
+    Watch {
         key: Key,
         batch: Batch,
         max_timestamp: i64,
@@ -160,11 +169,21 @@ pub enum ProduceAction {
     Local(Option<Bytes>),
 }
 
+/// A forwarded batch awaiting its answer.
+struct Tracked {
+    topic: String,
+    partition: i32,
+    key: Key,
+    batch: Batch,
+    max_timestamp: i64,
+    already_audited: bool,
+}
+
 /// What the response to a forwarded Produce request must teach the store, and the proxy's own answers
 /// to merge into it. Dropping it unanswered (the connection died) takes its batches out of flight.
 pub struct ProduceTracking {
     guard: Arc<Guard>,
-    tracked: Vec<(String, i32, Key, Batch, i64)>,
+    tracked: Vec<Tracked>,
     local: Vec<(String, i32, LocalAnswer)>,
     acks_all: bool,
     transactional_id: Option<String>,
@@ -174,16 +193,17 @@ pub struct ProduceTracking {
 impl Drop for ProduceTracking {
     fn drop(&mut self) {
         if !self.settled {
-            for (_, _, key, batch, _) in &self.tracked {
-                self.guard.store.settle(key, *batch);
+            for t in &self.tracked {
+                self.guard.store.settle(&t.key, t.batch);
             }
         }
     }
 }
 
 impl Guard {
-    pub fn new(config: GuardConfig, audit: Arc<AuditSink>) -> Self {
+    pub fn new(config: GuardConfig, audit: Arc<AuditSink>, metrics: Option<Arc<Metrics>>) -> Self {
         Guard {
+            metrics,
             store: ProducerStore::new(config.max_tracked, config.idle_expiry.as_millis() as u64),
             txns: TxnTracker::new(config.max_tracked),
             config,
@@ -194,6 +214,70 @@ impl Guard {
 
     fn now(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
+    }
+
+    /// A transactional write or registration: the transaction is open from now (if it was not).
+    pub fn begin_transaction(&self, txn_id: &str, client: &str) {
+        if self.txns.begin(txn_id, client, Instant::now()) {
+            if let Some(m) = &self.metrics {
+                m.producers.admit(client, txn_id);
+                m.producers
+                    .open_transactions
+                    .with_label_values(&[client, txn_id])
+                    .inc();
+            }
+        }
+    }
+
+    /// The coordinator confirmed the end of a transaction (`committed`: commit or abort; `None`: it was
+    /// ended by a new InitProducerId, which aborts whatever was open).
+    pub fn end_transaction(&self, txn_id: &str, committed: Option<bool>, conn: &ConnInfo) {
+        let Some(ended) = self.txns.end(txn_id, Instant::now()) else {
+            return;
+        };
+        if let Some(m) = &self.metrics {
+            let labels = [ended.client_id.as_str(), txn_id];
+            m.producers
+                .open_transactions
+                .with_label_values(&labels)
+                .dec();
+            match committed {
+                Some(true) => m.producers.txn_committed.with_label_values(&labels).inc(),
+                Some(false) => m.producers.txn_aborted.with_label_values(&labels).inc(),
+                None => {}
+            }
+            if committed.is_some() {
+                m.producers
+                    .txn_duration
+                    .with_label_values(&labels)
+                    .observe(ended.duration.as_secs_f64());
+            }
+            if ended.was_hanging {
+                m.hanging_transactions.dec();
+            }
+        }
+        if ended.was_hanging {
+            let current = self.txns.current(txn_id).unwrap_or((-1, -1));
+            self.event(
+                conn,
+                26,
+                Kind::HangingTransactionEnded,
+                Source::Proxy,
+                Action::Observed,
+                codes::NONE,
+                current,
+                Some(txn_id),
+                None,
+                (None, None),
+                None,
+                Some(format!("ended after {:.1} s", ended.duration.as_secs_f64())),
+            );
+        }
+    }
+
+    /// Every tracked producer-partition, for `/producers`.
+    pub fn snapshot(&self) -> Vec<store::Snapshot> {
+        self.store.snapshot(self.now())
     }
 
     /// Drops idle producer state (called periodically by the server).
@@ -317,6 +401,22 @@ impl Guard {
         if !info.is_idempotent() {
             return Outcome::Pass;
         }
+        let client = conn.client_id.as_deref().unwrap_or("");
+        self.store
+            .set_owner(info.producer_id, conn.client_id.as_deref(), txn_id);
+        if let Some(m) = &self.metrics {
+            let labels = [client, txn_id.unwrap_or("")];
+            m.producers.admit(labels[0], labels[1]);
+            m.producers.batches.with_label_values(&labels).inc();
+            m.producers
+                .records
+                .with_label_values(&labels)
+                .inc_by(info.record_count.max(0) as u64);
+            m.producers
+                .bytes
+                .with_label_values(&labels)
+                .inc_by(info.bytes as u64);
+        }
         let batch = Batch {
             epoch: info.producer_epoch,
             first_seq: info.base_sequence,
@@ -364,7 +464,12 @@ impl Guard {
             }
         }
         let key = self.store.key(info.producer_id, topic, partition);
-        match self.store.check_and_track(&key, batch, self.now()) {
+        let verdict = self.store.check_and_track(&key, batch, self.now());
+        if let (true, Some(t), true) = (info.transactional, txn_id, verdict.forwards()) {
+            // A transactional write going to the cluster: the transaction is open from here.
+            self.begin_transaction(t, client);
+        }
+        match verdict {
             Verdict::Unknown | Verdict::InOrder => Outcome::Track {
                 key,
                 batch,
@@ -435,9 +540,8 @@ impl Guard {
                         epoch,
                         Some(msg),
                     );
-                    // Watched but not in flight: the broker's answer is audited, and learned only if
-                    // the broker accepts the batch after all.
-                    Outcome::Track {
+                    // Watched but not in flight: learned only if the broker accepts it after all.
+                    Outcome::Watch {
                         key,
                         batch,
                         max_timestamp: info.max_timestamp,
@@ -555,9 +659,21 @@ impl Guard {
                         key,
                         batch,
                         max_timestamp,
+                    }
+                    | Outcome::Watch {
+                        key,
+                        batch,
+                        max_timestamp,
                     } => {
                         forwarded += 1;
-                        tracked.push((topic, partition, key.clone(), *batch, *max_timestamp));
+                        tracked.push(Tracked {
+                            topic,
+                            partition,
+                            key: key.clone(),
+                            batch: *batch,
+                            max_timestamp: *max_timestamp,
+                            already_audited: matches!(o, Outcome::Watch { .. }),
+                        });
                     }
                     Outcome::Local(answer) => local.push((topic, partition, answer.clone())),
                 }
@@ -616,11 +732,17 @@ impl Guard {
                 let Some(i) = tracking
                     .tracked
                     .iter()
-                    .position(|(t, part, ..)| t == name && *part == p.index)
+                    .position(|t| t.topic == name && t.partition == p.index)
                 else {
                     continue;
                 };
-                let (_, _, key, batch, max_ts) = tracking.tracked.swap_remove(i);
+                let Tracked {
+                    key,
+                    batch,
+                    max_timestamp: max_ts,
+                    already_audited,
+                    ..
+                } = tracking.tracked.swap_remove(i);
                 if p.error_code == codes::NONE {
                     let acked = Acked {
                         first_seq: batch.first_seq,
@@ -633,10 +755,20 @@ impl Guard {
                         },
                         acks_all: tracking.acks_all,
                     };
-                    self.store.acknowledge(&key, batch, acked, now);
+                    if self.store.acknowledge(&key, batch, acked, now) {
+                        if let Some(m) = &self.metrics {
+                            let labels = [
+                                conn.client_id.as_deref().unwrap_or(""),
+                                tracking.transactional_id.as_deref().unwrap_or(""),
+                            ];
+                            m.producers.admit(labels[0], labels[1]);
+                            m.producers.epoch_bumps.with_label_values(&labels).inc();
+                        }
+                    }
                 } else {
                     self.store.settle(&key, batch);
-                    if let Some(kind) = eos_error_kind(p.error_code) {
+                    let kind = eos_error_kind(p.error_code).filter(|_| !already_audited);
+                    if let Some(kind) = kind {
                         self.event(
                             conn,
                             0,
@@ -655,8 +787,8 @@ impl Guard {
                 }
             }
         }
-        for (_, _, key, batch, _) in tracking.tracked.drain(..) {
-            self.store.settle(&key, batch);
+        for t in tracking.tracked.drain(..) {
+            self.store.settle(&t.key, t.batch);
         }
         tracking.settled = true;
         merge_local(&mut resp, &tracking.local, version);
@@ -711,12 +843,17 @@ fn merge_local(resp: &mut ProduceResponse, local: &[(String, i32, LocalAnswer)],
 }
 
 /// The transactional id of an InitProducerId request (None for idempotent producers).
-pub fn init_producer_id_txn(frame: &[u8], head: &RequestHead) -> Option<String> {
+/// The transactional id and transaction timeout of an InitProducerId request (no id for idempotent
+/// producers).
+pub fn init_producer_id_txn(frame: &[u8], head: &RequestHead) -> Option<(String, i32)> {
     let mut r = Reader::at(frame, head.body_offset?);
     let id = if head.api_version >= 2 {
         r.compact_nullable_bytes().ok()?
     } else {
         r.nullable_string().ok()?
     }?;
-    std::str::from_utf8(id).ok().map(str::to_string)
+    let timeout = r.i32().ok()?;
+    std::str::from_utf8(id)
+        .ok()
+        .map(|s| (s.to_string(), timeout))
 }

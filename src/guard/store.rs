@@ -37,6 +37,7 @@ pub struct ProducerStore {
     /// producer id -> epoch handed out by an InitProducerId answer seen through this proxy: a state created
     /// for that producer at that epoch from sequence 0 is complete from the start.
     issued: DashMap<i64, i16>,
+    owners: DashMap<i64, Owner>,
     max_tracked: usize,
     idle_expiry_ms: u64,
     evictions: AtomicU64,
@@ -48,7 +49,12 @@ pub struct Snapshot {
     pub key: Key,
     pub state: Option<PartitionState>,
     pub in_flight: Vec<Batch>,
+    /// Milliseconds since the entry was last used.
+    pub idle_ms: u64,
 }
+
+/// Who a producer id belongs to: client id and transactional id, as last seen in its requests.
+type Owner = (Option<Arc<str>>, Option<Arc<str>>);
 
 impl ProducerStore {
     pub fn new(max_tracked: usize, idle_expiry_ms: u64) -> Self {
@@ -56,6 +62,7 @@ impl ProducerStore {
             map: DashMap::new(),
             topics: DashMap::new(),
             issued: DashMap::new(),
+            owners: DashMap::new(),
             max_tracked: max_tracked.max(1),
             idle_expiry_ms,
             evictions: AtomicU64::new(0),
@@ -99,6 +106,37 @@ impl ProducerStore {
         self.issued.insert(producer_id, epoch);
     }
 
+    /// Remembers which client (and transactional id) a producer id writes for, for `/producers`.
+    pub fn set_owner(
+        &self,
+        producer_id: i64,
+        client_id: Option<&str>,
+        transactional_id: Option<&str>,
+    ) {
+        let same = self
+            .owners
+            .get(&producer_id)
+            .is_some_and(|o| o.0.as_deref() == client_id && o.1.as_deref() == transactional_id);
+        if !same {
+            if self.owners.len() >= self.max_tracked {
+                self.owners.clear();
+            }
+            self.owners.insert(
+                producer_id,
+                (client_id.map(Arc::from), transactional_id.map(Arc::from)),
+            );
+        }
+    }
+
+    pub fn owner(&self, producer_id: i64) -> Option<(Option<String>, Option<String>)> {
+        self.owners.get(&producer_id).map(|o| {
+            (
+                o.0.as_deref().map(str::to_string),
+                o.1.as_deref().map(str::to_string),
+            )
+        })
+    }
+
     /// Decides on a batch and, if it is to be forwarded, records it as in flight.
     pub fn check_and_track(&self, key: &Key, batch: Batch, now_ms: u64) -> Verdict {
         if let Some(mut e) = self.map.get_mut(key) {
@@ -138,8 +176,9 @@ impl ProducerStore {
             .is_some_and(|e| e.in_flight.contains(&batch))
     }
 
-    /// The broker accepted `batch`: learn it (and settle it).
-    pub fn acknowledge(&self, key: &Key, batch: Batch, acked: Acked, now_ms: u64) {
+    /// The broker accepted `batch`: learn it (and settle it). Returns true if it moved the producer to a
+    /// new epoch on this partition.
+    pub fn acknowledge(&self, key: &Key, batch: Batch, acked: Acked, now_ms: u64) -> bool {
         let fresh = self
             .issued
             .get(&key.producer_id)
@@ -151,6 +190,7 @@ impl ProducerStore {
         });
         e.last_used_ms = now_ms;
         remove_in_flight(&mut e.in_flight, batch);
+        let bumped = e.state.as_ref().is_some_and(|s| s.epoch < batch.epoch);
         let state = e.state.get_or_insert_with(|| {
             if fresh && batch.first_seq == 0 {
                 PartitionState::new_complete(batch.epoch)
@@ -159,6 +199,7 @@ impl ProducerStore {
             }
         });
         state.acknowledge(batch.epoch, acked);
+        bumped
     }
 
     /// Drops entries idle for longer than the idle expiry; returns how many.
@@ -188,13 +229,14 @@ impl ProducerStore {
         self.evictions.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> Vec<Snapshot> {
+    pub fn snapshot(&self, now_ms: u64) -> Vec<Snapshot> {
         self.map
             .iter()
             .map(|e| Snapshot {
                 key: e.key().clone(),
                 state: e.state.clone(),
                 in_flight: e.in_flight.clone(),
+                idle_ms: now_ms.saturating_sub(e.last_used_ms),
             })
             .collect()
     }
@@ -286,8 +328,8 @@ mod tests {
         assert!(s.len() <= 16, "{}", s.len());
         assert!(s.evictions() >= 24);
         // the most recent survive
-        assert!(s.snapshot().iter().any(|e| e.key.producer_id == 39));
-        assert!(!s.snapshot().iter().any(|e| e.key.producer_id == 0));
+        assert!(s.snapshot(0).iter().any(|e| e.key.producer_id == 39));
+        assert!(!s.snapshot(0).iter().any(|e| e.key.producer_id == 0));
         let n = s.len();
         assert_eq!(
             s.expire_idle(38 + 1000),

@@ -10,6 +10,7 @@ pub mod discovery;
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::guard::Guard;
+use crate::metrics::Metrics;
 use crate::session::{self, Target};
 use brokers::Brokers;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ pub struct Shared {
     pub config: Config,
     pub brokers: Brokers,
     pub guard: Arc<Guard>,
+    pub metrics: Option<Arc<Metrics>>,
     pub hooks: Hooks,
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -51,6 +53,7 @@ pub struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     bootstrap_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
 }
 
 /// How long connections may take to finish after shutdown is requested.
@@ -67,12 +70,28 @@ impl Proxy {
         })?;
         let bootstrap_addr = bootstrap.local_addr()?;
         let (listener_tx, mut listener_rx) = mpsc::unbounded_channel();
-        let audit = AuditSink::start(&config.audit, hooks.on_audit.clone())
+        let metrics = config
+            .metrics
+            .enabled
+            .then(|| Arc::new(Metrics::new(config.metrics.max_producer_series)));
+        let audit = AuditSink::start(&config.audit, hooks.on_audit.clone(), metrics.clone())
             .map_err(|e| anyhow::anyhow!("cannot open the audit file: {e}"))?;
-        let guard = Arc::new(Guard::new(config.producer_state.clone(), Arc::new(audit)));
+        let guard = Arc::new(Guard::new(
+            config.producer_state.clone(),
+            Arc::new(audit),
+            metrics.clone(),
+        ));
+        let http =
+            match &config.metrics.listen {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot bind the metrics endpoint {addr}: {e}")
+                })?),
+                None => None,
+            };
         let shared = Arc::new(Shared {
             brokers: Brokers::new(&config.listen, listener_tx),
             guard,
+            metrics,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             hooks,
@@ -81,6 +100,15 @@ impl Proxy {
             tracker: TaskTracker::new(),
         });
         info!(addr = %bootstrap_addr, "bootstrap listener up");
+        let mut http_addr = None;
+        if let Some(listener) = http {
+            http_addr = listener.local_addr().ok();
+            info!(addr = ?http_addr, "metrics endpoint up");
+            shared
+                .tracker
+                .spawn(crate::metrics::http::serve(listener, shared.clone()));
+        }
+        shared.tracker.spawn(watchdog(shared.clone()));
         shared
             .tracker
             .spawn(accept_loop(shared.clone(), bootstrap, Target::Bootstrap));
@@ -100,8 +128,11 @@ impl Proxy {
             }
         });
         // A first refresh before returning, so node listeners exist as soon as the cluster answers.
-        if let Err(e) = discovery::refresh_once(&shared).await {
-            warn!(error = %e, "upstream cluster not reachable yet; will keep trying");
+        match discovery::refresh_once(&shared).await {
+            Ok(_) => shared
+                .upstream_ready
+                .store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => warn!(error = %e, "upstream cluster not reachable yet; will keep trying"),
         }
         shared
             .tracker
@@ -121,11 +152,17 @@ impl Proxy {
         Ok(Proxy {
             shared,
             bootstrap_addr,
+            http_addr,
         })
     }
 
     pub fn bootstrap_addr(&self) -> SocketAddr {
         self.bootstrap_addr
+    }
+
+    /// Where /metrics, /healthz, /readyz and /producers are served, if configured.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -157,6 +194,48 @@ pub async fn run(
     Ok(())
 }
 
+/// Flags transactions open longer than their timeout plus the margin (gauge + audit event).
+async fn watchdog(shared: Arc<Shared>) {
+    let cfg = &shared.config.watchdog;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+        let now = std::time::Instant::now();
+        for (txn, client, open_for) in shared.guard.txns.newly_hanging(cfg.margin, now) {
+            if let Some(m) = &shared.metrics {
+                m.hanging_transactions.inc();
+            }
+            shared.guard.audit.emit(crate::audit::AuditEvent {
+                time_ms: crate::audit::now_ms(),
+                kind: crate::audit::Kind::HangingTransaction,
+                source: crate::audit::Source::Proxy,
+                action: crate::audit::Action::Observed,
+                error_code: 0,
+                producer_id: shared.guard.txns.current(&txn).map_or(-1, |c| c.0),
+                producer_epoch: shared.guard.txns.current(&txn).map_or(-1, |c| c.1),
+                transactional_id: Some(txn.clone()),
+                topic: None,
+                partition: None,
+                expected_sequence: None,
+                received_sequence: None,
+                expected_epoch: None,
+                client_id: Some(client),
+                client_address: String::new(),
+                broker_node_id: None,
+                api_key: -1,
+                detail: Some(format!(
+                    "open for {:.1} s, timeout {:.1} s + margin {:.1} s",
+                    open_for.as_secs_f64(),
+                    shared.guard.txns.timeout(&txn).as_secs_f64(),
+                    cfg.margin.as_secs_f64()
+                )),
+            });
+        }
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, target: Target) {
     loop {
         let accepted = tokio::select! {
@@ -173,6 +252,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, target: Target)
             }
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            if let Some(m) = &shared.metrics {
+                m.connections_rejected.inc();
+            }
             warn!(%peer, limit = shared.config.limits.max_connections, "connection limit reached; closing new connection");
             drop(socket);
             continue;

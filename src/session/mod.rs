@@ -39,6 +39,7 @@ use kafka_protocol::messages::{
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -72,10 +73,11 @@ enum Learn {
     Nothing,
     Produce(ProduceTracking),
     InitProducerId {
-        transactional_id: Option<String>,
+        transactional: Option<(String, i32)>,
     },
     EndTxn {
         transactional_id: String,
+        committed: Option<bool>,
     },
     /// AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit: audit the errors the coordinator returns.
     Coordinator {
@@ -89,6 +91,8 @@ struct InFlight {
     version: i16,
     action: ResponseAction,
     learn: Learn,
+    /// When the request was read from the client and written upstream (for latency metrics).
+    timing: Option<(Instant, Instant)>,
 }
 
 enum Pending {
@@ -127,10 +131,16 @@ pub async fn run(
         Ok(s) => s,
         Err(e) => {
             warn!(%peer, ?target, error = %e, "cannot reach upstream; closing client connection");
+            if let Some(m) = &shared.metrics {
+                m.connection_closed("upstream_unreachable");
+            }
             return;
         }
     };
     let upstream_addr = upstream.peer_addr().ok();
+    if let Some(m) = &shared.metrics {
+        m.connections_active.inc();
+    }
     debug!(%peer, ?target, upstream = ?upstream_addr, "session open");
 
     let limits = &shared.config.limits;
@@ -158,6 +168,10 @@ pub async fn run(
         _ = shared.shutdown.cancelled() => Close::Shutdown,
     };
     let _ = to_client.flush().await;
+    if let Some(m) = &shared.metrics {
+        m.connections_active.dec();
+        m.connection_closed(close.kind());
+    }
     if close.is_protocol_violation() {
         warn!(%peer, ?target, reason = close.kind(), detail = %close, "closing connection");
     } else {
@@ -207,6 +221,7 @@ async fn request_pump(
     let idle = conn.shared.config.limits.idle_timeout;
     let guard = &conn.shared.guard;
     let guarding = guard.config.enabled;
+    let metrics = conn.shared.metrics.as_deref();
     loop {
         // Flush before any wait, so requests never sit in our buffer while we block.
         if !holds_complete_frame(requests.read_buffer()) {
@@ -221,6 +236,10 @@ async fn request_pump(
             Ok(Some(Err(e))) => return Close::ClientFrame(e),
             Ok(Some(Ok(frame))) => frame.freeze(),
         };
+        let received = metrics.map(|m| {
+            m.bytes_from_client.inc_by(frame.len() as u64);
+            Instant::now()
+        });
         let head = match peek_request(&frame) {
             Ok(h) => h,
             Err(e) => return Close::MalformedRequest(e.to_string()),
@@ -275,6 +294,9 @@ async fn request_pump(
                             learn = Learn::Produce(tracking);
                         }
                         ProduceAction::Local(answer) => {
+                            if let Some(m) = metrics {
+                                m.api(head.api_key).requests.inc();
+                            }
                             if let Some(answer) = answer {
                                 if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
                                     return e;
@@ -288,7 +310,7 @@ async fn request_pump(
             }
             ApiKey::InitProducerId => {
                 learn = Learn::InitProducerId {
-                    transactional_id: init_producer_id_txn(&frame, &head),
+                    transactional: init_producer_id_txn(&frame, &head),
                 };
                 true
             }
@@ -320,13 +342,23 @@ async fn request_pump(
                         }
                     }
                 }
-                let transactional_id = request.map(|r| r.transactional_id);
-                learn = match (key, transactional_id) {
-                    (ApiKey::EndTxn, Some(t)) => Learn::EndTxn {
-                        transactional_id: t,
+                learn = match (key, request) {
+                    (ApiKey::EndTxn, Some(r)) => Learn::EndTxn {
+                        transactional_id: r.transactional_id,
+                        committed: r.committed,
                     },
-                    (_, t) => Learn::Coordinator {
-                        transactional_id: t,
+                    (ApiKey::AddPartitionsToTxn | ApiKey::AddOffsetsToTxn, Some(r)) => {
+                        // Registering partitions or offsets opens the transaction (transactions v1).
+                        guard.begin_transaction(
+                            &r.transactional_id,
+                            client_id.get().map_or("", String::as_str),
+                        );
+                        Learn::Coordinator {
+                            transactional_id: Some(r.transactional_id),
+                        }
+                    }
+                    (_, r) => Learn::Coordinator {
+                        transactional_id: r.map(|r| r.transactional_id),
                     },
                 };
                 true
@@ -340,10 +372,15 @@ async fn request_pump(
                 version: head.api_version,
                 action: response_action(key),
                 learn,
+                timing: received.map(|r| (r, Instant::now())),
             });
             if let Err(e) = queue(&tx, pending, upstream).await {
                 return e;
             }
+        }
+        if let Some(m) = metrics {
+            m.api(head.api_key).requests.inc();
+            m.bytes_to_upstream.inc_by(out.len() as u64);
         }
         if let Err(e) = upstream.write_all(&out).await {
             return Close::UpstreamIo(e);
@@ -425,6 +462,7 @@ async fn response_pump(
     mut rx: mpsc::Receiver<Pending>,
     client_id: &std::sync::OnceLock<String>,
 ) -> Close {
+    let metrics = conn.shared.metrics.as_deref();
     loop {
         let pending = match rx.try_recv() {
             Ok(p) => p,
@@ -464,8 +502,25 @@ async fn response_pump(
                     Some(Err(e)) => return Close::UpstreamFrame(e),
                     Some(Ok(f)) => f.freeze(),
                 };
+                let answered = metrics.map(|m| {
+                    m.bytes_from_upstream.inc_by(frame.len() as u64);
+                    Instant::now()
+                });
+                let timing = inflight.timing;
                 match process_response(conn, frame, inflight, client_id).await {
-                    Ok(out) => (api_key, out),
+                    Ok(out) => {
+                        if let (Some(m), Some((received, sent)), Some(answered)) =
+                            (metrics, timing, answered)
+                        {
+                            let api = m.api(api_key);
+                            api.upstream_seconds
+                                .observe(answered.saturating_duration_since(sent).as_secs_f64());
+                            let inside =
+                                sent.saturating_duration_since(received) + answered.elapsed();
+                            api.proxy_seconds.observe(inside.as_secs_f64());
+                        }
+                        (api_key, out)
+                    }
                     Err(close) => return close,
                 }
             }
@@ -477,6 +532,9 @@ async fn response_pump(
         }
         if let Some(hook) = &conn.shared.hooks.on_client_frame {
             hook(&out);
+        }
+        if let Some(m) = metrics {
+            m.bytes_to_client.inc_by(out.len() as u64);
         }
         if let Err(e) = client.write_all(&out).await {
             return Close::ClientIo(e);
@@ -548,14 +606,19 @@ fn learn_from_coordinator(
     // (error code, topic-partition if per partition, producer id and epoch if known)
     type Found = (i16, Option<(String, i32)>, (i64, i16));
     let mut errors: Vec<Found> = Vec::new();
-    let txn_of = |l: &Learn| match l {
-        Learn::InitProducerId { transactional_id } | Learn::Coordinator { transactional_id } => {
-            transactional_id.clone()
-        }
-        Learn::EndTxn { transactional_id } => Some(transactional_id.clone()),
-        _ => None,
+    let (txn, timeout_ms, committed) = match &learn {
+        Learn::InitProducerId { transactional } => (
+            transactional.as_ref().map(|t| t.0.clone()),
+            transactional.as_ref().map(|t| t.1),
+            None,
+        ),
+        Learn::Coordinator { transactional_id } => (transactional_id.clone(), None, None),
+        Learn::EndTxn {
+            transactional_id,
+            committed,
+        } => (Some(transactional_id.clone()), None, *committed),
+        _ => (None, None, None),
     };
-    let txn = txn_of(&learn);
     let decoded = match key {
         ApiKey::InitProducerId => {
             decode_response::<InitProducerIdResponse>(frame.clone(), key, version).map(|(_, r)| {
@@ -563,6 +626,11 @@ fn learn_from_coordinator(
                     guard.store.issued(r.producer_id.0, r.producer_epoch);
                     if let Some(t) = &txn {
                         guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
+                        if let Some(ms) = timeout_ms.filter(|ms| *ms > 0) {
+                            guard.txns.set_timeout(t, Duration::from_millis(ms as u64));
+                        }
+                        // A new InitProducerId aborts whatever the transactional id had open.
+                        guard.end_transaction(t, None, info);
                     }
                 } else {
                     errors.push((r.error_code, None, (-1, -1)));
@@ -572,8 +640,11 @@ fn learn_from_coordinator(
         ApiKey::EndTxn => {
             decode_response::<EndTxnResponse>(frame.clone(), key, version).map(|(_, r)| {
                 if r.error_code == codes::NONE {
-                    if let (Some(t), true) = (&txn, version >= 5) {
-                        guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
+                    if let Some(t) = &txn {
+                        if version >= 5 {
+                            guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
+                        }
+                        guard.end_transaction(t, committed, info);
                     }
                 } else {
                     errors.push((r.error_code, None, (r.producer_id.0, r.producer_epoch)));

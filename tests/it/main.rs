@@ -6,4 +6,5 @@ mod common;
 mod java_client;
 mod producer_state;
 mod rdkafka_clients;
+mod telemetry;
 mod wire;

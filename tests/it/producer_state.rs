@@ -20,7 +20,7 @@ use std::time::Duration;
 const PRODUCE_VERSION: i16 = 11;
 
 /// A v2 batch of `n` records from producer (pid, epoch) starting at sequence `seq`.
-fn batch(pid: i64, epoch: i16, seq: i32, n: i32, transactional: bool, tag: &str) -> Bytes {
+pub fn batch(pid: i64, epoch: i16, seq: i32, n: i32, transactional: bool, tag: &str) -> Bytes {
     let records: Vec<Record> = (0..n)
         .map(|i| Record {
             transactional,
@@ -51,7 +51,7 @@ fn batch(pid: i64, epoch: i16, seq: i32, n: i32, transactional: bool, tag: &str)
     buf.freeze()
 }
 
-fn produce(topic: &str, txn: Option<&str>, parts: Vec<(i32, Bytes)>) -> ProduceRequest {
+pub fn produce(topic: &str, txn: Option<&str>, parts: Vec<(i32, Bytes)>) -> ProduceRequest {
     ProduceRequest::default()
         .with_acks(-1)
         .with_timeout_ms(10_000)
@@ -71,7 +71,10 @@ fn produce(topic: &str, txn: Option<&str>, parts: Vec<(i32, Bytes)>) -> ProduceR
 }
 
 /// (partition, error code, base offset, error message) of every partition in a produce response.
-async fn send_produce(raw: &mut Raw, req: &ProduceRequest) -> Vec<(i32, i16, i64, Option<String>)> {
+pub async fn send_produce(
+    raw: &mut Raw,
+    req: &ProduceRequest,
+) -> Vec<(i32, i16, i64, Option<String>)> {
     let resp: ProduceResponse = raw.call(ApiKey::Produce, PRODUCE_VERSION, req).await;
     let mut out: Vec<_> = resp
         .responses
@@ -90,7 +93,15 @@ async fn send_produce(raw: &mut Raw, req: &ProduceRequest) -> Vec<(i32, i16, i64
     out
 }
 
-async fn init_producer_id(raw: &mut Raw, txn: Option<&str>) -> (i64, i16) {
+pub async fn init_producer_id(raw: &mut Raw, txn: Option<&str>) -> (i64, i16) {
+    init_producer_id_timeout(raw, txn, 60_000).await
+}
+
+pub async fn init_producer_id_timeout(
+    raw: &mut Raw,
+    txn: Option<&str>,
+    timeout_ms: i32,
+) -> (i64, i16) {
     if let Some(t) = txn {
         // The first transaction coordinator lookup creates __transaction_state.
         for _ in 0..100 {
@@ -107,7 +118,7 @@ async fn init_producer_id(raw: &mut Raw, txn: Option<&str>) -> (i64, i16) {
     for _ in 0..100 {
         let req = InitProducerIdRequest::default()
             .with_transactional_id(txn.map(|t| StrBytes::from_string(t.to_string()).into()))
-            .with_transaction_timeout_ms(60_000)
+            .with_transaction_timeout_ms(timeout_ms)
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1);
         let resp: InitProducerIdResponse = raw.call(ApiKey::InitProducerId, 4, &req).await;
@@ -157,7 +168,7 @@ async fn lost_response_retry_lands_once_with_the_original_offset() {
         || {
             let s = shared.clone();
             async move {
-                s.guard.store.snapshot().iter().any(|e| {
+                s.guard.snapshot().iter().any(|e| {
                     e.key.producer_id == pid
                         && e.state.as_ref().is_some_and(|st| st.window().count() == 1)
                 })
@@ -250,11 +261,33 @@ async fn sequence_gap_is_audited_and_refused_in_enforce_mode() {
             );
         } else {
             assert_eq!(e.action, Action::Forwarded);
-            assert!(
-                seen.iter()
-                    .any(|e| e.source == Source::Broker && e.error_code == 45),
-                "the broker's own 45 is audited too: {seen:?}"
+            assert_eq!(
+                seen.len(),
+                1,
+                "the broker's 45 for it is the same anomaly: {seen:?}"
             );
+            // Through a second proxy that never saw this producer: it passes the gap on (no state),
+            // and audits the 45 the broker returns.
+            let other = start_proxy(Cluster::Single).await;
+            let mut raw2 = Raw::connect(&format!("{PROXY_HOST}:{}", other.broker_port(1))).await;
+            let gap2 = send_produce(
+                &mut raw2,
+                &produce(
+                    &topic,
+                    None,
+                    vec![(0, batch(pid, epoch, 20, 1, false, "g"))],
+                ),
+            )
+            .await;
+            assert_eq!(gap2[0].1, 45);
+            let seen2 = events(&other, Kind::OutOfOrderSequence);
+            assert_eq!(seen2.len(), 1, "{seen2:?}");
+            assert_eq!(
+                (seen2[0].source, seen2[0].action),
+                (Source::Broker, Action::Observed)
+            );
+            assert_eq!(seen2[0].producer_id, pid);
+            other.stop().await;
         }
         let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 3);
         assert_eq!(values.len(), 3, "{mode}: the gap batch was not written");

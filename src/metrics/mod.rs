@@ -1,0 +1,446 @@
+//! Prometheus metrics. Every handle is built once; the hot path indexes arrays (per api key) or per-connection
+//! caches instead of hashing label values per request.
+//!
+//! Per-producer series are labelled by client id and transactional id (never by raw producer id) and
+//! capped at `metrics.max_producer_series`: past the cap the least recently used label set is removed from
+//! every per-producer metric. The cap, the live count and the evictions are metrics themselves.
+
+pub mod http;
+
+use crate::audit::{AuditEvent, Kind};
+use dashmap::DashMap;
+use kafka_protocol::messages::ApiKey;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const PREFIX: &str = "kafka_eos_proxy";
+/// Api keys go up to ~90 today; anything beyond shares the last slot's "other" label.
+const API_SLOTS: usize = 128;
+
+fn name(n: &str) -> String {
+    format!("{PREFIX}_{n}")
+}
+
+/// Latency buckets from 50 µs to 30 s.
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+}
+
+/// Per-api handles, indexed by api key.
+pub struct ApiHandles {
+    pub requests: IntCounter,
+    pub proxy_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_active: IntGauge,
+    pub connections_accepted_bootstrap: IntCounter,
+    pub connections_accepted_broker: IntCounter,
+    connections_closed: IntCounterVec,
+    pub connections_rejected: IntCounter,
+    apis: Vec<ApiHandles>,
+    pub bytes_from_client: IntCounter,
+    pub bytes_to_upstream: IntCounter,
+    pub bytes_from_upstream: IntCounter,
+    pub bytes_to_client: IntCounter,
+    pub tracked_producer_partitions: IntGauge,
+    pub producer_state_evictions: IntCounter,
+    audit_events: IntCounterVec,
+    pub audit_dropped: IntCounter,
+    pub hanging_transactions: IntGauge,
+    pub producers: ProducerMetrics,
+}
+
+/// Per-producer metrics, labelled (client_id, transactional_id).
+pub struct ProducerMetrics {
+    pub batches: IntCounterVec,
+    pub records: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub duplicates: IntCounterVec,
+    pub out_of_order: IntCounterVec,
+    pub fenced: IntCounterVec,
+    pub epoch_bumps: IntCounterVec,
+    pub txn_committed: IntCounterVec,
+    pub txn_aborted: IntCounterVec,
+    pub txn_duration: HistogramVec,
+    pub open_transactions: IntGaugeVec,
+    /// hash(client, txn) -> (client, txn, last used): looked up without allocating on the data path.
+    series: DashMap<u64, (String, String, u64)>,
+    cap: usize,
+    pub series_live: IntGauge,
+    pub series_limit: IntGauge,
+    pub series_evicted: IntCounter,
+    touches: AtomicU64,
+}
+
+fn counter_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name(n), help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter(r: &Registry, n: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name(n), help).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, n: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name(n), help).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn gauge_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name(n), help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn histogram_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name(n), help).buckets(latency_buckets()),
+        labels,
+    )
+    .expect("valid metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+/// Short stable label for an api key.
+pub fn api_label(key: i16) -> String {
+    match ApiKey::try_from(key) {
+        Ok(k) => format!("{k:?}"),
+        Err(_) => "Unknown".to_string(),
+    }
+}
+
+impl Metrics {
+    /// All metric definitions are static and valid; registration cannot fail on a fresh registry, so
+    /// the `expect`s above are invariants, not input handling.
+    pub fn new(max_producer_series: usize) -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = r.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        let producer = ["client_id", "transactional_id"];
+        let proxy_seconds = histogram_vec(
+            &r,
+            "request_proxy_seconds",
+            "Time a request and its response spent inside the proxy, by api",
+            &["api"],
+        );
+        let upstream_seconds = histogram_vec(
+            &r,
+            "request_upstream_seconds",
+            "Time from writing a request upstream to reading its response, by api",
+            &["api"],
+        );
+        let requests = counter_vec(
+            &r,
+            "requests_total",
+            "Requests from clients, by api",
+            &["api"],
+        );
+        let apis = (0..API_SLOTS as i16)
+            .map(|k| {
+                let label = api_label(k);
+                ApiHandles {
+                    requests: requests.with_label_values(&[&label]),
+                    proxy_seconds: proxy_seconds.with_label_values(&[&label]),
+                    upstream_seconds: upstream_seconds.with_label_values(&[&label]),
+                }
+            })
+            .collect();
+        let accepted = counter_vec(
+            &r,
+            "connections_accepted_total",
+            "Client connections accepted, by listener (bootstrap or broker)",
+            &["listener"],
+        );
+        let bytes_received =
+            counter_vec(&r, "bytes_received_total", "Bytes read, by peer", &["from"]);
+        let bytes_sent = counter_vec(&r, "bytes_sent_total", "Bytes written, by peer", &["to"]);
+        let m = Metrics {
+            connections_active: gauge(&r, "connections_active", "Open client connections"),
+            connections_accepted_bootstrap: accepted.with_label_values(&["bootstrap"]),
+            connections_accepted_broker: accepted.with_label_values(&["broker"]),
+            connections_closed: counter_vec(
+                &r,
+                "connections_closed_total",
+                "Client connections closed, by reason",
+                &["reason"],
+            ),
+            connections_rejected: counter(
+                &r,
+                "connections_rejected_total",
+                "Client connections refused at accept because of limits.max_connections",
+            ),
+            apis,
+            bytes_from_client: bytes_received.with_label_values(&["client"]),
+            bytes_from_upstream: bytes_received.with_label_values(&["upstream"]),
+            bytes_to_client: bytes_sent.with_label_values(&["client"]),
+            bytes_to_upstream: bytes_sent.with_label_values(&["upstream"]),
+            tracked_producer_partitions: gauge(
+                &r,
+                "tracked_producer_partitions",
+                "Producer-partitions whose state the proxy keeps",
+            ),
+            producer_state_evictions: counter(
+                &r,
+                "producer_state_evictions_total",
+                "Producer-partition states evicted because of producer_state.max_tracked",
+            ),
+            audit_events: counter_vec(&r, "audit_events_total", "Audit events, by kind", &["kind"]),
+            audit_dropped: counter(
+                &r,
+                "audit_events_dropped_total",
+                "Audit events dropped because a sink's queue was full",
+            ),
+            hanging_transactions: gauge(
+                &r,
+                "hanging_transactions",
+                "Transactions open longer than their timeout plus the watchdog margin",
+            ),
+            producers: ProducerMetrics {
+                batches: counter_vec(
+                    &r,
+                    "producer_batches_total",
+                    "Idempotent batches produced",
+                    &producer,
+                ),
+                records: counter_vec(
+                    &r,
+                    "producer_records_total",
+                    "Records in idempotent batches",
+                    &producer,
+                ),
+                bytes: counter_vec(
+                    &r,
+                    "producer_bytes_total",
+                    "Bytes of idempotent batches",
+                    &producer,
+                ),
+                duplicates: counter_vec(
+                    &r,
+                    "producer_duplicates_answered_total",
+                    "Retries of written batches answered by the proxy with the original offset",
+                    &producer,
+                ),
+                out_of_order: counter_vec(
+                    &r,
+                    "producer_out_of_order_total",
+                    "Out-of-order sequences (seen by the proxy or returned by the broker)",
+                    &producer,
+                ),
+                fenced: counter_vec(
+                    &r,
+                    "producer_fenced_total",
+                    "Requests from fenced epochs (refused by the proxy or the broker)",
+                    &producer,
+                ),
+                epoch_bumps: counter_vec(
+                    &r,
+                    "producer_epoch_bumps_total",
+                    "Epoch changes seen in acknowledged batches",
+                    &producer,
+                ),
+                txn_committed: counter_vec(
+                    &r,
+                    "transactions_committed_total",
+                    "Transactions committed",
+                    &producer,
+                ),
+                txn_aborted: counter_vec(
+                    &r,
+                    "transactions_aborted_total",
+                    "Transactions aborted",
+                    &producer,
+                ),
+                txn_duration: histogram_vec(
+                    &r,
+                    "transaction_duration_seconds",
+                    "From the first write of a transaction to its EndTxn answer",
+                    &producer,
+                ),
+                open_transactions: gauge_vec(
+                    &r,
+                    "open_transactions",
+                    "Transactions in progress",
+                    &producer,
+                ),
+                series: DashMap::new(),
+                cap: max_producer_series.max(1),
+                series_live: gauge(
+                    &r,
+                    "producer_series",
+                    "Per-producer label sets currently exported",
+                ),
+                series_limit: gauge(
+                    &r,
+                    "producer_series_limit",
+                    "The cap on per-producer label sets",
+                ),
+                series_evicted: counter(
+                    &r,
+                    "producer_series_evicted_total",
+                    "Per-producer label sets removed to stay under the cap",
+                ),
+                touches: AtomicU64::new(0),
+            },
+            registry: r,
+        };
+        m.producers.series_limit.set(m.producers.cap as i64);
+        m
+    }
+
+    pub fn api(&self, key: i16) -> &ApiHandles {
+        let i = usize::try_from(key)
+            .unwrap_or(API_SLOTS - 1)
+            .min(API_SLOTS - 1);
+        &self.apis[i]
+    }
+
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed.with_label_values(&[reason]).inc();
+    }
+
+    pub fn on_audit(&self, e: &AuditEvent) {
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.audit_events.with_label_values(&[&kind]).inc();
+        let client = e.client_id.as_deref().unwrap_or("");
+        let txn = e.transactional_id.as_deref().unwrap_or("");
+        let p = &self.producers;
+        let vec = match e.kind {
+            Kind::DuplicateAnswered => &p.duplicates,
+            Kind::OutOfOrderSequence => &p.out_of_order,
+            Kind::FencedEpoch | Kind::ProducerFenced => &p.fenced,
+            _ => return,
+        };
+        if p.admit(client, txn) {
+            vec.with_label_values(&[client, txn]).inc();
+        }
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl ProducerMetrics {
+    fn all(&self) -> [&IntCounterVec; 9] {
+        [
+            &self.batches,
+            &self.records,
+            &self.bytes,
+            &self.duplicates,
+            &self.out_of_order,
+            &self.fenced,
+            &self.epoch_bumps,
+            &self.txn_committed,
+            &self.txn_aborted,
+        ]
+    }
+
+    /// Records that the label set is in use; evicts the least recently used set if the cap is reached.
+    /// Always admits (the newest series is the one worth seeing).
+    pub fn admit(&self, client: &str, txn: &str) -> bool {
+        use std::hash::{Hash, Hasher};
+        // A use counter orders the label sets by recency (milliseconds would tie).
+        let now = self.touches.fetch_add(1, Ordering::Relaxed);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (client, txn).hash(&mut h);
+        let id = h.finish();
+        if let Some(mut e) = self.series.get_mut(&id) {
+            e.2 = now;
+            return true;
+        }
+        if self.series.len() >= self.cap {
+            let oldest = self
+                .series
+                .iter()
+                .min_by_key(|e| e.value().2)
+                .map(|e| *e.key());
+            if let Some((_, (c, t, _))) = oldest.and_then(|k| self.series.remove(&k)) {
+                for v in self.all() {
+                    let _ = v.remove_label_values(&[&c, &t]);
+                }
+                let _ = self.txn_duration.remove_label_values(&[&c, &t]);
+                let _ = self.open_transactions.remove_label_values(&[&c, &t]);
+                self.series_evicted.inc();
+            }
+        }
+        self.series
+            .insert(id, (client.to_string(), txn.to_string(), now));
+        self.touches.fetch_add(1, Ordering::Relaxed);
+        self.series_live.set(self.series.len() as i64);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = Metrics::new(10);
+        m.api(0).requests.inc();
+        m.producers.admit("c", "");
+        m.producers.batches.with_label_values(&["c", ""]).inc();
+        m.producers
+            .txn_duration
+            .with_label_values(&["c", ""])
+            .observe(0.1);
+        m.connection_closed("client_closed");
+        for family in m.registry.gather() {
+            let n = family.name();
+            if !n.starts_with("process_") {
+                assert!(n.starts_with("kafka_eos_proxy_"), "{n}");
+            }
+            match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => assert!(n.ends_with("_total"), "{n}"),
+                prometheus::proto::MetricType::HISTOGRAM => assert!(n.ends_with("_seconds"), "{n}"),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn producer_series_are_capped_with_eviction() {
+        let m = Metrics::new(3);
+        for c in ["a", "b", "c", "d", "e"] {
+            m.producers.admit(c, "tx");
+            m.producers.batches.with_label_values(&[c, "tx"]).inc();
+        }
+        assert_eq!(m.producers.series_live.get(), 3);
+        assert_eq!(m.producers.series_evicted.get(), 2);
+        let text = m.render();
+        assert!(!text.contains("client_id=\"a\""), "{text}");
+        assert!(text.contains("client_id=\"e\""));
+        assert!(text.contains("kafka_eos_proxy_producer_series_limit 3"));
+    }
+}

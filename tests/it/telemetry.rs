@@ -1,0 +1,298 @@
+//! Metrics, the operator endpoint and the dashboard, against real Kafka: drive every kind of traffic the
+//! dashboard shows through a proxy, scrape it, and check that every metric the dashboard queries is
+//! exported, and that the counters count what happened.
+
+use crate::common::*;
+use crate::producer_state::{
+    batch, init_producer_id, init_producer_id_timeout, produce, send_produce,
+};
+use crate::rdkafka_clients::{client_config, create_topic};
+use crate::wire::Raw;
+use kafka_protocol::messages::ApiKey;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics endpoint");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let status = body
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` (labels as written by the text format), if exported.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Metric names in the dashboard's queries (histogram series reduced to their family).
+fn dashboard_metrics() -> BTreeSet<String> {
+    let text =
+        std::fs::read_to_string(repo_root().join("dashboards/kafka-eos-proxy.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).expect("dashboard is valid JSON");
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(e)) = m.get("expr") {
+                    out.push(e.clone());
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&json, &mut exprs);
+    assert!(exprs.len() > 20, "the dashboard has its queries");
+    let re = regex::Regex::new(r"\b(kafka_eos_proxy_[a-z_]+|process_[a-z_]+)\b").unwrap();
+    exprs
+        .iter()
+        .flat_map(|e| {
+            re.find_iter(e)
+                .map(|m| m.as_str().to_string())
+                .collect::<Vec<_>>()
+        })
+        .map(|n| n.trim_end_matches("_bucket").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_and_dashboard_match_real_traffic() {
+    let dropped: Arc<Mutex<HashSet<i32>>> = Arc::default();
+    let d = dropped.clone();
+    let rule: DropRule = Arc::new(move |key, frame| {
+        let corr = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        key == ApiKey::Produce as i16 && d.lock().unwrap().remove(&corr)
+    });
+    let proxy = start_proxy_full(
+        Cluster::Single,
+        |c| {
+            c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
+            c.watchdog.margin = Duration::from_millis(0);
+            c.watchdog.interval = Duration::from_millis(100);
+        },
+        Some(rule),
+    )
+    .await;
+    let http = proxy
+        .proxy
+        .as_ref()
+        .unwrap()
+        .http_addr()
+        .expect("metrics endpoint");
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(http_get(http, "/nope").await.0, 404);
+
+    let topic = unique_topic("telemetry");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let leader = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+    let mut raw = Raw::connect(&leader).await;
+
+    // An idempotent producer: a batch, a lost response and its retry, an epoch bump, a gap.
+    let (pid, e) = init_producer_id(&mut raw, None).await;
+    let first = produce(&topic, None, vec![(0, batch(pid, e, 0, 4, false, "t"))]);
+    let (corr, bytes) = raw.encode(ApiKey::Produce, 11, &first);
+    dropped.lock().unwrap().insert(corr);
+    raw.send_bytes(&bytes).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        send_produce(&mut raw, &first).await[0].1,
+        0,
+        "retry answered"
+    );
+    assert_eq!(
+        send_produce(
+            &mut raw,
+            &produce(&topic, None, vec![(0, batch(pid, e + 1, 0, 1, false, "t"))])
+        )
+        .await[0]
+            .1,
+        0
+    );
+    assert_eq!(
+        send_produce(
+            &mut raw,
+            &produce(&topic, None, vec![(0, batch(pid, e + 1, 5, 1, false, "t"))])
+        )
+        .await[0]
+            .1,
+        45
+    );
+
+    // A zombie, and a transaction that outlives its timeout (the watchdog flags it).
+    let txn = unique_topic("telemetry-txn");
+    let (tpid, te) = init_producer_id_timeout(&mut raw, Some(&txn), 1000).await;
+    let _ = init_producer_id_timeout(&mut raw, Some(&txn), 1000).await;
+    assert_eq!(
+        send_produce(
+            &mut raw,
+            &produce(
+                &topic,
+                Some(&txn),
+                vec![(0, batch(tpid, te, 0, 1, true, "z"))]
+            )
+        )
+        .await[0]
+            .1,
+        47
+    );
+    let hang = unique_topic("telemetry-hang");
+    let (hpid, he) = init_producer_id_timeout(&mut raw, Some(&hang), 1000).await;
+    let _ = send_produce(
+        &mut raw,
+        &produce(
+            &topic,
+            Some(&hang),
+            vec![(0, batch(hpid, he, 0, 1, true, "h"))],
+        ),
+    )
+    .await;
+    let shared = proxy.proxy.as_ref().unwrap().shared().clone();
+    assert_eq!(
+        shared.guard.txns.open_count(),
+        1,
+        "the zombie's refused write opened nothing"
+    );
+    eventually(
+        "the watchdog to flag the transaction",
+        Duration::from_secs(10),
+        || {
+            let s = shared.clone();
+            async move { s.metrics.as_ref().unwrap().hanging_transactions.get() == 1 }
+        },
+    )
+    .await;
+    assert!(proxy.audits.lock().unwrap().iter().any(|e| e.kind
+        == kafka_eos_proxy::audit::Kind::HangingTransaction
+        && e.transactional_id.as_deref() == Some(hang.as_str())));
+    // A new InitProducerId for it ends it (the coordinator aborts what was open): the gauge clears.
+    let _ = init_producer_id_timeout(&mut raw, Some(&hang), 60_000).await;
+    assert_eq!(
+        shared.metrics.as_ref().unwrap().hanging_transactions.get(),
+        0
+    );
+
+    // librdkafka: a transaction committed and one aborted.
+    let bs = proxy.bootstrap().to_string();
+    let (t, tx_id) = (topic.clone(), unique_topic("telemetry-rd"));
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let mut cfg = client_config(&bs);
+        cfg.set("transactional.id", &tx_id)
+            .set("client.id", "dashboard-client");
+        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+        for commit in [true, false] {
+            p.begin_transaction().unwrap();
+            p.send(BaseRecord::to(&t).key("k").payload("v")).unwrap();
+            p.flush(Duration::from_secs(30)).unwrap();
+            if commit {
+                p.commit_transaction(Duration::from_secs(30)).unwrap();
+            } else {
+                p.abort_transaction(Duration::from_secs(30)).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    drop(raw); // a closed connection, for connections_closed_total
+
+    let (status, metrics) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    // Every metric the dashboard queries is exported.
+    for name in dashboard_metrics() {
+        let exported = metrics.lines().any(|l| {
+            l.starts_with(&name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{' | b'_'))
+        });
+        assert!(
+            exported,
+            "the dashboard queries {name}, which the proxy does not export"
+        );
+    }
+    // And the counters count what happened.
+    let raw_labels = "{client_id=\"raw-test\",transactional_id=\"\"}";
+    let m = |series: &str| sample(&metrics, series).unwrap_or_else(|| panic!("no sample {series}"));
+    assert_eq!(
+        m(&format!(
+            "kafka_eos_proxy_producer_duplicates_answered_total{raw_labels}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        m(&format!(
+            "kafka_eos_proxy_producer_out_of_order_total{raw_labels}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        m(&format!(
+            "kafka_eos_proxy_producer_epoch_bumps_total{raw_labels}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        m(&format!(
+            "kafka_eos_proxy_producer_batches_total{raw_labels}"
+        )),
+        4.0,
+        "first, retry, bump, gap"
+    );
+    assert_eq!(m(&format!("kafka_eos_proxy_producer_fenced_total{{client_id=\"raw-test\",transactional_id=\"{txn}\"}}")), 1.0);
+    let rd = |name: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains("client_id=\"dashboard-client\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(rd("kafka_eos_proxy_transactions_committed_total"), 1.0);
+    assert_eq!(rd("kafka_eos_proxy_transactions_aborted_total"), 1.0);
+    assert_eq!(
+        rd("kafka_eos_proxy_transaction_duration_seconds_count"),
+        2.0
+    );
+    assert!(m("kafka_eos_proxy_requests_total{api=\"Produce\"}") >= 6.0);
+    assert!(m("kafka_eos_proxy_request_upstream_seconds_count{api=\"Metadata\"}") >= 1.0);
+    assert!(m("kafka_eos_proxy_tracked_producer_partitions") >= 1.0);
+    assert!(m("kafka_eos_proxy_connections_closed_total{reason=\"client_closed\"}") >= 1.0);
+
+    // /producers shows the idempotent producer with its partition.
+    let (status, producers) = http_get(http, "/producers").await;
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&producers).unwrap();
+    let p = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["producer_id"] == pid)
+        .unwrap_or_else(|| panic!("producer {pid} in {producers}"));
+    assert_eq!(p["client_id"], "raw-test");
+    assert_eq!(p["epoch"], e + 1);
+    assert_eq!(p["partitions"][0]["topic"], topic.as_str());
+    assert_eq!(
+        p["partitions"][0]["last_offset"], 4,
+        "the bump batch landed at offset 4"
+    );
+    proxy.stop().await;
+}
