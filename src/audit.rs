@@ -94,6 +94,18 @@ pub struct AuditConfig {
     pub stdout: bool,
     pub file: Option<PathBuf>,
     pub queue: usize,
+    pub kafka: Option<KafkaAuditConfig>,
+}
+
+/// Audit events to a topic on the upstream cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaAuditConfig {
+    pub topic: String,
+    /// Where to write; the proxy's upstream bootstrap servers unless set. The proxy writes directly, not
+    /// through itself, so its own audit writes are never audited.
+    pub bootstrap_servers: Vec<String>,
+    /// Events buffered for the topic; past this they are dropped and counted.
+    pub queue: usize,
 }
 
 impl Default for AuditConfig {
@@ -102,7 +114,53 @@ impl Default for AuditConfig {
             stdout: true,
             file: None,
             queue: 10_000,
+            kafka: None,
         }
+    }
+}
+
+/// Writes audit events to a Kafka topic without ever blocking: librdkafka's local queue is bounded and a
+/// full queue drops the event (counted). Events are keyed by transactional id, else producer id, so one
+/// producer's events land in one partition, in order (idempotent producer).
+struct KafkaSink {
+    producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: String,
+}
+
+impl KafkaSink {
+    fn start(config: &KafkaAuditConfig) -> std::io::Result<KafkaSink> {
+        let producer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", config.bootstrap_servers.join(","))
+            .set("client.id", "kafka-eos-proxy-audit")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "50")
+            .set(
+                "queue.buffering.max.messages",
+                config.queue.max(1).to_string(),
+            )
+            .set("log_level", "4")
+            .create()
+            .map_err(|e| std::io::Error::other(format!("audit topic producer: {e}")))?;
+        Ok(KafkaSink {
+            producer,
+            topic: config.topic.clone(),
+        })
+    }
+
+    /// False if the event could not be queued.
+    fn send(&self, event: &AuditEvent) -> bool {
+        let Ok(payload) = serde_json::to_vec(event) else {
+            return false;
+        };
+        let key = match &event.transactional_id {
+            Some(t) => t.clone(),
+            None => event.producer_id.to_string(),
+        };
+        let record = rdkafka::producer::BaseRecord::to(&self.topic)
+            .key(&key)
+            .payload(&payload);
+        self.producer.send(record).is_ok()
     }
 }
 
@@ -110,6 +168,7 @@ type Observer = Arc<dyn Fn(&AuditEvent) + Send + Sync>;
 
 pub struct AuditSink {
     tx: Option<mpsc::Sender<AuditEvent>>,
+    kafka: Option<KafkaSink>,
     dropped: AtomicU64,
     emitted: AtomicU64,
     observer: Option<Observer>,
@@ -154,8 +213,10 @@ impl AuditSink {
         } else {
             None
         };
+        let kafka = config.kafka.as_ref().map(KafkaSink::start).transpose()?;
         Ok(AuditSink {
             tx,
+            kafka,
             dropped: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
             observer,
@@ -170,6 +231,11 @@ impl AuditSink {
         }
         if let Some(observe) = &self.observer {
             observe(&event);
+        }
+        if let Some(k) = &self.kafka {
+            if !k.send(&event) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if let Some(tx) = &self.tx {
             if tx.try_send(event).is_err() {

@@ -6,7 +6,7 @@
 
 mod reader;
 
-pub use crate::audit::AuditConfig;
+pub use crate::audit::{AuditConfig, KafkaAuditConfig};
 pub use crate::guard::{GuardConfig, Mode};
 use reader::Section;
 use std::cell::RefCell;
@@ -176,7 +176,7 @@ impl Config {
             let limits = parse_limits(&root.section("limits", false));
             let log = parse_log(&root.section("log", false));
             let producer_state = parse_producer_state(&root.section("producer_state", false));
-            let audit = parse_audit(&root.section("audit", false));
+            let audit = parse_audit(&root.section("audit", false), &upstream);
             let metrics = parse_metrics(&root.section("metrics", false));
             let watchdog = parse_watchdog(&root.section("transaction_watchdog", false));
             root.finish(&[
@@ -400,16 +400,44 @@ fn parse_producer_state(s: &Section) -> GuardConfig {
     }
 }
 
-fn parse_audit(s: &Section) -> AuditConfig {
+fn parse_audit(s: &Section, upstream: &UpstreamConfig) -> AuditConfig {
     let d = AuditConfig::default();
     let stdout = s.bool("stdout", d.stdout);
     let file = s.optional_string("file").map(std::path::PathBuf::from);
     let queue = s.int("queue", Some(d.queue as i64), 1, 10_000_000) as usize;
-    s.finish(&["stdout", "file", "queue"]);
+    let kafka = s.optional_section("kafka").map(|k| {
+        let topic = k.string("topic", None);
+        if topic.len() > 249
+            || !topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            k.problem(
+                "topic",
+                &format!("'{topic}' is not a legal Kafka topic name"),
+            );
+        }
+        let servers = k.string_list("bootstrap_servers", false, |v| {
+            reader::check_host_port(v).err()
+        });
+        let queue = k.int("queue", Some(10_000), 1, 10_000_000) as usize;
+        k.finish(&["topic", "bootstrap_servers", "queue"]);
+        KafkaAuditConfig {
+            topic,
+            bootstrap_servers: if servers.is_empty() {
+                upstream.bootstrap_servers.clone()
+            } else {
+                servers
+            },
+            queue,
+        }
+    });
+    s.finish(&["stdout", "file", "queue", "kafka"]);
     AuditConfig {
         stdout,
         file,
         queue,
+        kafka,
     }
 }
 

@@ -296,3 +296,76 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_reach_a_kafka_topic_keyed_by_producer() {
+    let audit_topic = unique_topic("audit");
+    let upstream = kafka(Cluster::Single);
+    let t = audit_topic.clone();
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.producer_state.mode = kafka_eos_proxy::guard::Mode::Enforce;
+        c.audit.kafka = Some(kafka_eos_proxy::config::KafkaAuditConfig {
+            topic: t.clone(),
+            bootstrap_servers: vec![upstream.clone()],
+            queue: 100,
+        });
+    })
+    .await;
+    create_topic(proxy.bootstrap(), &audit_topic, 1, 1).await;
+    let topic = unique_topic("audited");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let (pid, e) = init_producer_id(&mut raw, None).await;
+    assert_eq!(
+        send_produce(
+            &mut raw,
+            &produce(&topic, None, vec![(0, batch(pid, e, 0, 1, false, "a"))])
+        )
+        .await[0]
+            .1,
+        0
+    );
+    for gap in [5, 9] {
+        assert_eq!(
+            send_produce(
+                &mut raw,
+                &produce(&topic, None, vec![(0, batch(pid, e, gap, 1, false, "a"))])
+            )
+            .await[0]
+                .1,
+            45
+        );
+    }
+    let bs = proxy.bootstrap().to_string();
+    let t = audit_topic.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message;
+        let mut cfg = client_config(&bs);
+        cfg.set("group.id", unique_topic("audit-reader"))
+            .set("auto.offset.reset", "earliest");
+        let c: BaseConsumer = cfg.create().unwrap();
+        c.subscribe(&[&t]).unwrap();
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < 2 && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                let value: serde_json::Value =
+                    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+                out.push((key, value));
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    for (i, (key, event)) in records.iter().enumerate() {
+        assert_eq!(key, &pid.to_string(), "keyed by producer id");
+        assert_eq!(event["kind"], "out_of_order_sequence");
+        assert_eq!(event["action"], "refused");
+        assert_eq!(event["received_sequence"], [5, 9][i], "in order");
+    }
+    proxy.stop().await;
+}
