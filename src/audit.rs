@@ -291,6 +291,7 @@ mod tests {
             stdout: false,
             file: Some(path.clone()),
             queue: 10,
+            kafka: None,
         };
         let sink = AuditSink::start(&config, None, None).unwrap();
         sink.emit(event(Kind::OutOfOrderSequence));
@@ -321,6 +322,7 @@ mod tests {
             stdout: false,
             file: Some(std::env::temp_dir().join("kafka-eos-proxy-audit-full.jsonl")),
             queue: 1,
+            kafka: None,
         };
         let sink = AuditSink::start(&config, None, None).unwrap();
         for _ in 0..1000 {
