@@ -35,6 +35,11 @@ pub enum Kind {
     HangingTransaction,
     /// A transaction the watchdog had flagged has ended.
     HangingTransactionEnded,
+    /// A partition's last stable offset holds while its high watermark moves (read_committed consumers
+    /// are held back, typically by a hanging transaction).
+    StuckPartition,
+    /// A stuck partition's last stable offset moves again.
+    StuckPartitionCleared,
 }
 
 /// Who noticed.

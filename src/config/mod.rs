@@ -119,6 +119,10 @@ pub struct WatchdogConfig {
     /// A transaction open longer than its timeout plus this margin is flagged as hanging.
     pub margin: Duration,
     pub interval: Duration,
+    /// A partition whose last stable offset stays put this long while its high watermark moves is flagged.
+    pub lso_stuck: Duration,
+    /// At most this many partitions are watched (and exported with their read_committed lag).
+    pub max_partitions: usize,
 }
 
 /// One problem in a config file, with the key path it concerns.
@@ -465,8 +469,15 @@ fn parse_metrics(s: &Section) -> MetricsConfig {
 fn parse_watchdog(s: &Section) -> WatchdogConfig {
     let margin = s.millis("margin_ms", 10_000, 0, 86_400_000);
     let interval = s.millis("interval_ms", 1_000, 10, 600_000);
-    s.finish(&["margin_ms", "interval_ms"]);
-    WatchdogConfig { margin, interval }
+    let lso_stuck = s.millis("lso_stuck_ms", 60_000, 0, 86_400_000);
+    let max_partitions = s.int("max_partitions", Some(10_000), 1, 10_000_000) as usize;
+    s.finish(&["margin_ms", "interval_ms", "lso_stuck_ms", "max_partitions"]);
+    WatchdogConfig {
+        margin,
+        interval,
+        lso_stuck,
+        max_partitions,
+    }
 }
 
 fn cross_check(c: &Config, problems: &mut Vec<Problem>) {

@@ -109,7 +109,14 @@ pub async fn rewrite_response(
                 key,
                 version,
                 brokers,
-                async |r: &mut MetadataResponse, b| rewrite_list(&mut r.brokers, b).await,
+                async |r: &mut MetadataResponse, b| {
+                    for t in &r.topics {
+                        if let Some(name) = &t.name {
+                            b.learn_topic(*t.topic_id.as_bytes(), name.0.as_str());
+                        }
+                    }
+                    rewrite_list(&mut r.brokers, b).await
+                },
             )
             .await?
         }

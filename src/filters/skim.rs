@@ -39,29 +39,119 @@ pub fn produce_has_node_endpoints(frame: &[u8]) -> Result<bool, WireError> {
     r.skip_tagged_fields(0)
 }
 
+/// How a fetch response names a topic: by name before v13, by topic id from v13.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicRef<'a> {
+    Name(&'a str),
+    Id([u8; 16]),
+}
+
+/// One partition of a fetch response: its high watermark and last stable offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchPartition<'a> {
+    pub topic: TopicRef<'a>,
+    pub partition: i32,
+    pub error_code: i16,
+    pub high_watermark: i64,
+    pub last_stable_offset: i64,
+}
+
 /// Fetch response, version >= 16 (topic ids, flexible).
 pub fn fetch_has_node_endpoints(frame: &[u8]) -> Result<bool, WireError> {
-    let mut r = after_flexible_header(frame)?;
-    r.skip(4 + 2 + 4)?; // throttle, error, session id
-    for _topic in 0..compact_len(&mut r)? {
-        r.skip(16)?; // topic id
-        for _p in 0..compact_len(&mut r)? {
-            r.skip(4 + 2 + 8 + 8 + 8)?; // index, error, high watermark, last stable, log start
-            for _a in 0..compact_len(&mut r)? {
-                r.skip(8 + 8)?;
-                r.skip_tagged_fields(u32::MAX)?;
+    fetch_walk(frame, 16, |_| {})
+}
+
+/// Walks a Fetch response (v4-v18) by lengths only, calling `each` for every partition, and reports
+/// whether it carries top-level NodeEndpoints (v16+). Records are skipped, never copied.
+pub fn fetch_walk<'a>(
+    frame: &'a [u8],
+    version: i16,
+    mut each: impl FnMut(FetchPartition<'a>),
+) -> Result<bool, WireError> {
+    let flexible = version >= 12;
+    let mut r = if flexible {
+        after_flexible_header(frame)?
+    } else {
+        let mut r = Reader::at(frame, SIZE_PREFIX);
+        r.i32()?;
+        r
+    };
+    let len = |r: &mut Reader| -> Result<usize, WireError> {
+        Ok(if flexible {
+            r.compact_array_len()?
+        } else {
+            r.array_len()?
+        }
+        .unwrap_or(0))
+    };
+    r.skip(4)?; // throttle time (v1+)
+    if version >= 7 {
+        r.skip(2 + 4)?; // error, session id
+    }
+    for _topic in 0..len(&mut r)? {
+        let topic = if version >= 13 {
+            let id = r.take(16)?;
+            let mut a = [0u8; 16];
+            a.copy_from_slice(id);
+            TopicRef::Id(a)
+        } else {
+            let at = r.position();
+            let name = if flexible {
+                r.compact_nullable_bytes()?
+            } else {
+                r.nullable_string()?
             }
-            r.skip(4)?; // preferred read replica
-            r.compact_nullable_bytes()?; // records
+            .unwrap_or_default();
+            TopicRef::Name(std::str::from_utf8(name).map_err(|_| WireError::Invalid {
+                what: "topic name",
+                offset: at,
+            })?)
+        };
+        for _p in 0..len(&mut r)? {
+            let partition = r.i32()?;
+            let error_code = r.i16()?;
+            let high_watermark = r.i64()?;
+            let last_stable_offset = r.i64()?;
+            if version >= 5 {
+                r.skip(8)?; // log start offset
+            }
+            for _a in 0..len(&mut r)? {
+                r.skip(8 + 8)?;
+                if flexible {
+                    r.skip_tagged_fields(u32::MAX)?;
+                }
+            }
+            if version >= 11 {
+                r.skip(4)?; // preferred read replica
+            }
+            if flexible {
+                r.compact_nullable_bytes()?;
+                r.skip_tagged_fields(u32::MAX)?;
+            } else {
+                r.nullable_bytes()?;
+            }
+            each(FetchPartition {
+                topic,
+                partition,
+                error_code,
+                high_watermark,
+                last_stable_offset,
+            });
+        }
+        if flexible {
             r.skip_tagged_fields(u32::MAX)?;
         }
-        r.skip_tagged_fields(u32::MAX)?;
     }
-    r.skip_tagged_fields(0)
+    if flexible {
+        r.skip_tagged_fields(0)
+    } else {
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::TopicRef;
     use super::*;
     use crate::protocol::codec::encode_response;
     use bytes::Bytes;
@@ -118,6 +208,44 @@ mod tests {
         }
         assert!(fetch_has_node_endpoints(&fetch(true)).unwrap());
         assert!(!fetch_has_node_endpoints(&fetch(false)).unwrap());
+    }
+
+    #[test]
+    fn walks_every_fetch_version_and_reads_offsets() {
+        for v in 4..=18 {
+            let mut part = PartitionData::default()
+                .with_partition_index(3)
+                .with_high_watermark(100)
+                .with_last_stable_offset(90)
+                .with_records(Some(Bytes::from_static(&[7u8; 50])));
+            part.aborted_transactions = Some(vec![Default::default(), Default::default()]);
+            let mut topic = FetchableTopicResponse::default().with_partitions(vec![part]);
+            if v < 13 {
+                topic.topic = TopicName(StrBytes::from_static_str("orders"));
+            } else {
+                topic.topic_id = uuid::Uuid::from_bytes([9; 16]);
+            }
+            let resp = FetchResponse::default().with_responses(vec![topic]);
+            let frame =
+                encode_response(&ResponseHeader::default(), &resp, ApiKey::Fetch, v).unwrap();
+            let mut seen = Vec::new();
+            let nodes = fetch_walk(&frame, v, |p| {
+                seen.push((
+                    p.topic.clone(),
+                    p.partition,
+                    p.high_watermark,
+                    p.last_stable_offset,
+                ))
+            })
+            .unwrap_or_else(|e| panic!("v{v}: {e}"));
+            assert!(!nodes);
+            let want_topic = if v < 13 {
+                TopicRef::Name("orders")
+            } else {
+                TopicRef::Id([9; 16])
+            };
+            assert_eq!(seen, vec![(want_topic, 3, 100, 90)], "v{v}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! every per-producer metric. The cap, the live count and the evictions are metrics themselves.
 
 pub mod http;
+pub mod lso;
 
 use crate::audit::{AuditEvent, Kind};
 use dashmap::DashMap;
@@ -56,6 +57,8 @@ pub struct Metrics {
     audit_events: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub hanging_transactions: IntGauge,
+    pub stuck_partitions: IntGauge,
+    pub read_committed_lag: IntGaugeVec,
     pub producers: ProducerMetrics,
 }
 
@@ -217,6 +220,17 @@ impl Metrics {
                 &r,
                 "hanging_transactions",
                 "Transactions open longer than their timeout plus the watchdog margin",
+            ),
+            stuck_partitions: gauge(
+                &r,
+                "stuck_partitions",
+                "Partitions whose last stable offset has not moved while their high watermark did",
+            ),
+            read_committed_lag: gauge_vec(
+                &r,
+                "read_committed_lag_records",
+                "High watermark minus last stable offset, as last seen in fetch responses",
+                &["topic", "partition"],
             ),
             producers: ProducerMetrics {
                 batches: counter_vec(

@@ -8,6 +8,7 @@
 use crate::config::{BrokerPorts, ListenConfig};
 use dashmap::DashMap;
 use kafka_protocol::protocol::StrBytes;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -28,6 +29,8 @@ pub struct Brokers {
     failed: DashMap<i32, Instant>,
     bind_lock: tokio::sync::Mutex<()>,
     new_listeners: mpsc::UnboundedSender<(i32, TcpListener)>,
+    /// Topic id -> name, from Metadata answers (Fetch v13+ names topics by id).
+    topics: DashMap<[u8; 16], Arc<str>>,
 }
 
 impl Brokers {
@@ -44,11 +47,27 @@ impl Brokers {
             failed: DashMap::new(),
             bind_lock: tokio::sync::Mutex::new(()),
             new_listeners,
+            topics: DashMap::new(),
         }
     }
 
     pub fn advertised_host(&self) -> &StrBytes {
         &self.advertised_host
+    }
+
+    /// Remembers a topic's id (from a Metadata answer).
+    pub fn learn_topic(&self, id: [u8; 16], name: &str) {
+        if id == [0; 16] || self.topics.get(&id).is_some_and(|n| &**n == name) {
+            return;
+        }
+        if self.topics.len() >= 1_000_000 {
+            self.topics.clear();
+        }
+        self.topics.insert(id, Arc::from(name));
+    }
+
+    pub fn topic_name(&self, id: &[u8; 16]) -> Option<Arc<str>> {
+        self.topics.get(id).map(|n| n.clone())
     }
 
     /// Upstream address of a node, as `host:port`.

@@ -42,6 +42,7 @@ pub struct Shared {
     pub brokers: Brokers,
     pub guard: Arc<Guard>,
     pub metrics: Option<Arc<Metrics>>,
+    pub lso: crate::metrics::lso::LsoTracker,
     pub hooks: Hooks,
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -92,6 +93,10 @@ impl Proxy {
             brokers: Brokers::new(&config.listen, listener_tx),
             guard,
             metrics,
+            lso: crate::metrics::lso::LsoTracker::new(
+                config.watchdog.max_partitions,
+                config.watchdog.lso_stuck,
+            ),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             hooks,

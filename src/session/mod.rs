@@ -19,11 +19,13 @@ mod close;
 pub use close::Close;
 
 use crate::audit::{now_ms, Action, AuditEvent, Kind, Source};
+use crate::filters::skim::{self, TopicRef};
 use crate::filters::{addresses, api_versions};
 use crate::guard::coordinator::{self, CoordinatorRequest};
 use crate::guard::{
     codes, eos_error_kind, init_producer_id_txn, ConnInfo, Guard, ProduceAction, ProduceTracking,
 };
+use crate::metrics::lso::LsoChange;
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
 use crate::protocol::header::RequestHead;
@@ -579,6 +581,9 @@ async fn process_response(
         Learn::Produce(_) | Learn::Nothing => {}
         learn => learn_from_coordinator(shared, &info, key, version, &frame, learn),
     }
+    if key == ApiKey::Fetch && shared.metrics.is_some() {
+        observe_fetch(shared, &frame, version, &info);
+    }
     let out = match inflight.action {
         ResponseAction::PassThrough => frame,
         ResponseAction::ClampApiVersions => api_versions::clamp_api_versions(frame, version)
@@ -590,6 +595,84 @@ async fn process_response(
         }
     };
     Ok(out)
+}
+
+/// Read-committed lag and stuck last stable offsets, from a fetch answer (walked, never copied).
+fn observe_fetch(shared: &Shared, frame: &Bytes, version: i16, info: &ConnInfo) {
+    let Some(m) = &shared.metrics else { return };
+    let now = Instant::now();
+    let mut changes = Vec::new();
+    let walked = skim::fetch_walk(frame, version, |p| {
+        if p.error_code != 0 {
+            return;
+        }
+        let topic = match p.topic {
+            TopicRef::Name(n) => Arc::from(n),
+            TopicRef::Id(id) => match shared.brokers.topic_name(&id) {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        let (lag, change) = shared.lso.observe(
+            &topic,
+            p.partition,
+            p.high_watermark,
+            p.last_stable_offset,
+            now,
+        );
+        if let Some(lag) = lag {
+            m.read_committed_lag
+                .with_label_values(&[&*topic, p.partition.to_string().as_str()])
+                .set(lag);
+        }
+        if let Some(c) = change {
+            changes.push((topic, p.partition, c));
+        }
+    });
+    if let Err(e) = walked {
+        debug!(error = %e, "fetch answer not inspected");
+    }
+    for (topic, partition, change) in changes {
+        let (kind, detail) = match change {
+            LsoChange::Stuck { lag, for_how_long } => {
+                m.stuck_partitions.inc();
+                (
+                    Kind::StuckPartition,
+                    format!(
+                        "last stable offset unchanged for {:.1} s while the high watermark moved; {lag} records held back",
+                        for_how_long.as_secs_f64()
+                    ),
+                )
+            }
+            LsoChange::Cleared => {
+                m.stuck_partitions.dec();
+                (
+                    Kind::StuckPartitionCleared,
+                    "last stable offset moves again".to_string(),
+                )
+            }
+        };
+        shared.guard.audit.emit(AuditEvent {
+            time_ms: now_ms(),
+            kind,
+            source: Source::Broker,
+            action: Action::Observed,
+            error_code: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            transactional_id: None,
+            topic: Some(topic.to_string()),
+            partition: Some(partition),
+            expected_sequence: None,
+            received_sequence: None,
+            expected_epoch: None,
+            client_id: info.client_id.clone(),
+            client_address: info.client_address.to_string(),
+            broker_node_id: info.broker_node_id,
+            api_key: ApiKey::Fetch as i16,
+            detail: Some(detail),
+        });
+    }
 }
 
 /// Learns producer ids and epochs from coordinator answers and audits their exactly-once errors. Only

@@ -217,6 +217,9 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     .await
     .unwrap();
     drop(raw); // a closed connection, for connections_closed_total
+               // A read_committed consumer, for the lag per partition.
+    let read = crate::rdkafka_clients::read_all(proxy.bootstrap(), &topic, "read_committed", 1);
+    assert!(!read.is_empty());
 
     let (status, metrics) = http_get(http, "/metrics").await;
     assert_eq!(status, 200);
@@ -367,5 +370,88 @@ async fn audit_events_reach_a_kafka_topic_keyed_by_producer() {
         assert_eq!(event["action"], "refused");
         assert_eq!(event["received_sequence"], [5, 9][i], "in order");
     }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_last_stable_offset_is_flagged_and_clears() {
+    let proxy = start_proxy_with(Cluster::Single, |c| {
+        c.watchdog.lso_stuck = Duration::from_millis(800);
+    })
+    .await;
+    let topic = unique_topic("stuck-lso");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let shared = proxy.proxy.as_ref().unwrap().shared().clone();
+    let bs = proxy.bootstrap().to_string();
+    let t = topic.clone();
+    let s = shared.clone();
+    let lag_seen = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        use rdkafka::{Offset, TopicPartitionList};
+        // A transaction left open holds the last stable offset back...
+        let mut cfg = client_config(&bs);
+        cfg.set("transactional.id", unique_topic("stuck-txn"));
+        let txp: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+        txp.init_transactions(Duration::from_secs(30)).unwrap();
+        txp.begin_transaction().unwrap();
+        txp.send(BaseRecord::to(&t).key("x").payload("open"))
+            .unwrap();
+        txp.flush(Duration::from_secs(30)).unwrap();
+        // ...while plain writes move the high watermark on.
+        let plain: ThreadedProducer<DefaultProducerContext> = client_config(&bs).create().unwrap();
+        let mut cfg = client_config(&bs);
+        cfg.set("group.id", unique_topic("stuck-reader"))
+            .set("isolation.level", "read_committed");
+        let consumer: BaseConsumer = cfg.create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let gauge = |s: &kafka_eos_proxy::server::Shared| {
+            s.metrics.as_ref().unwrap().stuck_partitions.get()
+        };
+        while gauge(&s) == 0 && std::time::Instant::now() < deadline {
+            plain
+                .send(BaseRecord::to(&t).key("p").payload("plain"))
+                .unwrap();
+            plain.flush(Duration::from_secs(10)).unwrap();
+            let _ = consumer.poll(Duration::from_millis(200));
+        }
+        let flagged = gauge(&s);
+        let lag = s
+            .metrics
+            .as_ref()
+            .unwrap()
+            .read_committed_lag
+            .with_label_values(&[&t, "0"])
+            .get();
+        // The transaction commits: the LSO moves and the flag clears.
+        txp.commit_transaction(Duration::from_secs(30)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while gauge(&s) != 0 && std::time::Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(200));
+        }
+        (flagged, lag, gauge(&s))
+    })
+    .await
+    .unwrap();
+    assert_eq!(lag_seen.0, 1, "the stuck partition was flagged");
+    assert!(
+        lag_seen.1 > 0,
+        "read_committed lag was exported while stuck"
+    );
+    assert_eq!(lag_seen.2, 0, "cleared after the commit");
+    let kinds: Vec<_> = proxy
+        .audits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.topic.as_deref() == Some(topic.as_str()))
+        .map(|e| e.kind)
+        .collect();
+    use kafka_eos_proxy::audit::Kind;
+    assert!(kinds.contains(&Kind::StuckPartition), "{kinds:?}");
+    assert!(kinds.contains(&Kind::StuckPartitionCleared), "{kinds:?}");
     proxy.stop().await;
 }
