@@ -231,7 +231,7 @@ mod tests {
             let mut seen = Vec::new();
             let nodes = fetch_walk(&frame, v, |p| {
                 seen.push((
-                    p.topic.clone(),
+                    p.topic,
                     p.partition,
                     p.high_watermark,
                     p.last_stable_offset,
