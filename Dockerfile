@@ -14,6 +14,6 @@ COPY --from=build /src/target/release/kafka-eos-proxy /usr/local/bin/kafka-eos-p
 # The example config binds 127.0.0.1; mount your own at this path (bind_host 0.0.0.0 in a container).
 COPY config/proxy.yaml /etc/kafka-eos-proxy/proxy.yaml
 USER kafka-eos-proxy
-EXPOSE 9092 9100-9199
+EXPOSE 9092 9100-9199 9190
 ENTRYPOINT ["/usr/local/bin/kafka-eos-proxy"]
 CMD ["run", "--config", "/etc/kafka-eos-proxy/proxy.yaml"]

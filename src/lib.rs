@@ -7,12 +7,15 @@
 //!                         ─▶ filters that asked for this api key (everything else stays raw bytes)
 //!                         ─▶ exactly one upstream connection, to the broker the listener stands for
 //!                       response path: in-flight queue (request order) ─▶ filters ─▶ client
-//! side channels: broker registry (node id ↔ upstream address ↔ proxy port), config
+//! side channels: broker registry (node id ↔ upstream address ↔ proxy port, topic ids), producer state,
+//!                transaction tracker, audit sinks, metrics, config
 //! ```
 //!
 //! Module map, in data-flow order: [`config`] (YAML, validation) → [`server`] (listeners, broker
-//! registry, discovery, shutdown) → [`session`] (per-connection pumps) → [`protocol`] (framing, header
-//! peeks, version table, codecs) → [`filters`] (address rewrite, ApiVersions clamp).
+//! registry, discovery, watchdog, shutdown) → [`session`] (per-connection pumps) → [`protocol`] (framing,
+//! header peeks, batch headers, produce walker, version table, codecs) → [`filters`] (address rewrite,
+//! ApiVersions clamp, response skims) → [`guard`] (produce guard, transaction fence) → [`eos`] (pure
+//! producer-state rules) → [`audit`], [`metrics`] (what operators see).
 
 pub mod audit;
 pub mod config;

@@ -230,12 +230,7 @@ mod tests {
                 encode_response(&ResponseHeader::default(), &resp, ApiKey::Fetch, v).unwrap();
             let mut seen = Vec::new();
             let nodes = fetch_walk(&frame, v, |p| {
-                seen.push((
-                    p.topic,
-                    p.partition,
-                    p.high_watermark,
-                    p.last_stable_offset,
-                ))
+                seen.push((p.topic, p.partition, p.high_watermark, p.last_stable_offset))
             })
             .unwrap_or_else(|e| panic!("v{v}: {e}"));
             assert!(!nodes);
