@@ -8,7 +8,8 @@
 //! | not idempotent (producer id -1) | forwarded, not tracked |
 //! | transactional.id known to be at a newer epoch | refused with INVALID_PRODUCER_EPOCH (47), audited |
 //! | in order, or producer unknown to the proxy | forwarded, tracked as in flight |
-//! | duplicate of an acknowledged batch (same or weaker acks) | answered at the proxy with the original offset, audited |
+//! | duplicate of a batch acknowledged with acks=all | answered at the proxy with the original offset, audited |
+//! | duplicate of a batch acknowledged with acks=1 | forwarded (the broker decides: the original may be lost) |
 //! | duplicate of a batch still in flight | waits for the original's outcome, then as above (or forwarded) |
 //! | stale epoch | refused with INVALID_PRODUCER_EPOCH (47), audited |
 //! | out of order / higher epoch not at 0 | audited; refused with OUT_OF_ORDER_SEQUENCE_NUMBER (45) in `enforce` mode |
@@ -482,7 +483,6 @@ impl Guard {
             },
             Verdict::Duplicate(acked) => self.duplicate(
                 conn,
-                view.acks,
                 txn_id,
                 (topic, partition),
                 key,
@@ -551,14 +551,14 @@ impl Guard {
         }
     }
 
-    /// A retry of an acknowledged batch: answered with the original offset and timestamp, unless the
-    /// retry asks for acks=all and the original only had the leader's acknowledgement (then the broker
-    /// answers, and the batch is watched).
+    /// A retry of an acknowledged batch: answered with the original offset and timestamp, if the original
+    /// was acknowledged with acks=all. An acks=1 original may have been lost in a leader failover before
+    /// it was replicated; the new leader would then rightly accept the retry, so the broker answers it
+    /// (and the batch is watched).
     #[allow(clippy::too_many_arguments)]
     fn duplicate(
         &self,
         conn: &ConnInfo,
-        acks: i16,
         transactional_id: Option<&str>,
         (topic, partition): (&str, i32),
         key: Key,
@@ -566,7 +566,7 @@ impl Guard {
         max_timestamp: i64,
         acked: Acked,
     ) -> Outcome {
-        if acks == -1 && !acked.acks_all {
+        if !acked.acks_all {
             return Outcome::Track {
                 key,
                 batch,
@@ -619,7 +619,6 @@ impl Guard {
                 plan.outcomes[t][p] = match self.store.check_and_track(&key, batch, self.now()) {
                     Verdict::Duplicate(acked) => self.duplicate(
                         conn,
-                        plan.acks,
                         plan.transactional_id.as_deref(),
                         (&topic, partition),
                         key,

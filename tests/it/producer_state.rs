@@ -203,6 +203,23 @@ async fn lost_response_retry_lands_once_with_the_original_offset() {
         vec!["r-0", "r-1", "r-2", "r-3", "r-4"],
         "every record exactly once"
     );
+
+    // With acks=1 the original may not survive a leader failover, so its retry goes to the broker
+    // (which deduplicates it here, answering the same offset) instead of being answered by the proxy.
+    let mut weak = produce(&topic, None, vec![(0, batch(pid, epoch, 5, 1, false, "r"))]);
+    weak.acks = 1;
+    let (corr, bytes) = raw.encode(ApiKey::Produce, PRODUCE_VERSION, &weak);
+    dropped.lock().unwrap().insert(corr);
+    raw.send_bytes(&bytes).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send_produce(&mut raw, &weak).await, vec![(0, 0, 5, None)]);
+    assert_eq!(
+        events(&proxy, Kind::DuplicateAnswered).len(),
+        1,
+        "not answered by the proxy"
+    );
+    let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 6);
+    assert_eq!(values.len(), 6, "still exactly once");
     proxy.stop().await;
 }
 
