@@ -47,7 +47,11 @@ pub struct Metrics {
     pub connections_accepted_broker: IntCounter,
     connections_closed: IntCounterVec,
     pub connections_rejected: IntCounter,
-    apis: Vec<ApiHandles>,
+    /// Per-api handles, created on first use (so /metrics lists only the apis clients use).
+    apis: Vec<std::sync::OnceLock<ApiHandles>>,
+    requests: IntCounterVec,
+    proxy_seconds: HistogramVec,
+    upstream_seconds: HistogramVec,
     pub bytes_from_client: IntCounter,
     pub bytes_to_upstream: IntCounter,
     pub bytes_from_upstream: IntCounter,
@@ -161,16 +165,7 @@ impl Metrics {
             "Requests from clients, by api",
             &["api"],
         );
-        let apis = (0..API_SLOTS as i16)
-            .map(|k| {
-                let label = api_label(k);
-                ApiHandles {
-                    requests: requests.with_label_values(&[&label]),
-                    proxy_seconds: proxy_seconds.with_label_values(&[&label]),
-                    upstream_seconds: upstream_seconds.with_label_values(&[&label]),
-                }
-            })
-            .collect();
+        let apis = (0..API_SLOTS).map(|_| std::sync::OnceLock::new()).collect();
         let accepted = counter_vec(
             &r,
             "connections_accepted_total",
@@ -196,6 +191,9 @@ impl Metrics {
                 "Client connections refused at accept because of limits.max_connections",
             ),
             apis,
+            requests,
+            proxy_seconds,
+            upstream_seconds,
             bytes_from_client: bytes_received.with_label_values(&["client"]),
             bytes_from_upstream: bytes_received.with_label_values(&["upstream"]),
             bytes_to_client: bytes_sent.with_label_values(&["client"]),
@@ -328,7 +326,14 @@ impl Metrics {
         let i = usize::try_from(key)
             .unwrap_or(API_SLOTS - 1)
             .min(API_SLOTS - 1);
-        &self.apis[i]
+        self.apis[i].get_or_init(|| {
+            let label = api_label(i as i16);
+            ApiHandles {
+                requests: self.requests.with_label_values(&[&label]),
+                proxy_seconds: self.proxy_seconds.with_label_values(&[&label]),
+                upstream_seconds: self.upstream_seconds.with_label_values(&[&label]),
+            }
+        })
     }
 
     pub fn connection_closed(&self, reason: &str) {
