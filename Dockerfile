@@ -5,6 +5,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
 COPY tests ./tests
+COPY benches ./benches
+COPY examples ./examples
 RUN cargo build --release --locked --bin kafka-eos-proxy
 
 FROM debian:bookworm-slim
