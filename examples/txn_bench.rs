@@ -18,7 +18,10 @@ fn main() {
     let producer: ThreadedProducer<DefaultProducerContext> = match ClientConfig::new()
         .set("bootstrap.servers", &args[1])
         .set("broker.address.family", "v4")
-        .set("transactional.id", format!("txn-bench-{label}-{}", std::process::id()))
+        .set(
+            "transactional.id",
+            format!("txn-bench-{label}-{}", std::process::id()),
+        )
         .set("linger.ms", "0")
         .create()
     {
