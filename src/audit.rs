@@ -87,6 +87,32 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+impl AuditEvent {
+    /// An event stamped now, with nothing known beyond what it is; fill the rest with struct update syntax.
+    pub fn new(kind: Kind, source: Source, action: Action) -> AuditEvent {
+        AuditEvent {
+            time_ms: now_ms(),
+            kind,
+            source,
+            action,
+            error_code: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            transactional_id: None,
+            topic: None,
+            partition: None,
+            expected_sequence: None,
+            received_sequence: None,
+            expected_epoch: None,
+            client_id: None,
+            client_address: String::new(),
+            broker_node_id: None,
+            api_key: -1,
+            detail: None,
+        }
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

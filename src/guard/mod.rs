@@ -23,7 +23,7 @@ pub mod coordinator;
 pub mod store;
 pub mod txn;
 
-use crate::audit::{now_ms, Action, AuditEvent, AuditSink, Kind, Source};
+use crate::audit::{Action, AuditEvent, AuditSink, Kind, Source};
 use crate::eos::{Acked, Batch, Verdict};
 use crate::metrics::Metrics;
 use crate::protocol::batch::validate_client_records;
@@ -91,6 +91,18 @@ pub struct ConnInfo {
     pub client_address: SocketAddr,
     pub client_id: Option<String>,
     pub broker_node_id: Option<i32>,
+}
+
+impl AuditEvent {
+    /// The event, attributed to the connection it was seen on.
+    pub fn from_conn(self, conn: &ConnInfo) -> AuditEvent {
+        AuditEvent {
+            client_id: conn.client_id.clone(),
+            client_address: conn.client_address.to_string(),
+            broker_node_id: conn.broker_node_id,
+            ..self
+        }
+    }
 }
 
 pub struct Guard {
@@ -303,10 +315,6 @@ impl Guard {
         detail: Option<String>,
     ) {
         self.audit.emit(AuditEvent {
-            time_ms: now_ms(),
-            kind,
-            source,
-            action,
             error_code,
             producer_id: producer.0,
             producer_epoch: producer.1,
@@ -316,11 +324,9 @@ impl Guard {
             expected_sequence: sequences.0,
             received_sequence: sequences.1,
             expected_epoch,
-            client_id: conn.client_id.clone(),
-            client_address: conn.client_address.to_string(),
-            broker_node_id: conn.broker_node_id,
             api_key,
             detail,
+            ..AuditEvent::new(kind, source, action).from_conn(conn)
         });
     }
 

@@ -212,30 +212,20 @@ async fn watchdog(shared: Arc<Shared>) {
             if let Some(m) = &shared.metrics {
                 m.hanging_transactions.inc();
             }
-            shared.guard.audit.emit(crate::audit::AuditEvent {
-                time_ms: crate::audit::now_ms(),
-                kind: crate::audit::Kind::HangingTransaction,
-                source: crate::audit::Source::Proxy,
-                action: crate::audit::Action::Observed,
-                error_code: 0,
-                producer_id: shared.guard.txns.current(&txn).map_or(-1, |c| c.0),
-                producer_epoch: shared.guard.txns.current(&txn).map_or(-1, |c| c.1),
+            use crate::audit::{Action, AuditEvent, Kind, Source};
+            let (pid, epoch) = shared.guard.txns.current(&txn).unwrap_or((-1, -1));
+            shared.guard.audit.emit(AuditEvent {
+                producer_id: pid,
+                producer_epoch: epoch,
                 transactional_id: Some(txn.clone()),
-                topic: None,
-                partition: None,
-                expected_sequence: None,
-                received_sequence: None,
-                expected_epoch: None,
                 client_id: Some(client),
-                client_address: String::new(),
-                broker_node_id: None,
-                api_key: -1,
                 detail: Some(format!(
                     "open for {:.1} s, timeout {:.1} s + margin {:.1} s",
                     open_for.as_secs_f64(),
                     shared.guard.txns.timeout(&txn).as_secs_f64(),
                     cfg.margin.as_secs_f64()
                 )),
+                ..AuditEvent::new(Kind::HangingTransaction, Source::Proxy, Action::Observed)
             });
         }
     }

@@ -18,7 +18,7 @@ mod close;
 
 pub use close::Close;
 
-use crate::audit::{now_ms, Action, AuditEvent, Kind, Source};
+use crate::audit::{Action, AuditEvent, Kind, Source};
 use crate::filters::skim::{self, TopicRef};
 use crate::filters::{addresses, api_versions};
 use crate::guard::coordinator::{self, CoordinatorRequest};
@@ -400,27 +400,17 @@ fn audit_fenced(
     current: i16,
 ) {
     guard.audit.emit(AuditEvent {
-        time_ms: now_ms(),
-        kind: Kind::FencedEpoch,
-        source: Source::Proxy,
-        action: Action::Refused,
         error_code: coordinator::fenced_code(key, head.api_version),
         producer_id: req.producer_id,
         producer_epoch: req.producer_epoch,
         transactional_id: Some(req.transactional_id.clone()),
-        topic: None,
-        partition: None,
-        expected_sequence: None,
-        received_sequence: None,
         expected_epoch: Some(current),
-        client_id: info.client_id.clone(),
-        client_address: info.client_address.to_string(),
-        broker_node_id: info.broker_node_id,
         api_key: key as i16,
         detail: Some(format!(
             "{key:?} from epoch {}, transactional id {} is at epoch {current}",
             req.producer_epoch, req.transactional_id
         )),
+        ..AuditEvent::new(Kind::FencedEpoch, Source::Proxy, Action::Refused).from_conn(info)
     });
 }
 
@@ -653,24 +643,11 @@ fn observe_fetch(shared: &Shared, frame: &Bytes, version: i16, info: &ConnInfo) 
             }
         };
         shared.guard.audit.emit(AuditEvent {
-            time_ms: now_ms(),
-            kind,
-            source: Source::Broker,
-            action: Action::Observed,
-            error_code: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            transactional_id: None,
             topic: Some(topic.to_string()),
             partition: Some(partition),
-            expected_sequence: None,
-            received_sequence: None,
-            expected_epoch: None,
-            client_id: info.client_id.clone(),
-            client_address: info.client_address.to_string(),
-            broker_node_id: info.broker_node_id,
             api_key: ApiKey::Fetch as i16,
             detail: Some(detail),
+            ..AuditEvent::new(kind, Source::Broker, Action::Observed).from_conn(info)
         });
     }
 }
@@ -777,24 +754,14 @@ fn learn_from_coordinator(
             continue;
         };
         guard.audit.emit(AuditEvent {
-            time_ms: now_ms(),
-            kind,
-            source: Source::Broker,
-            action: Action::Observed,
             error_code: code,
             producer_id: producer.0,
             producer_epoch: producer.1,
             transactional_id: txn.clone(),
             topic: tp.as_ref().map(|t| t.0.clone()),
             partition: tp.map(|t| t.1),
-            expected_sequence: None,
-            received_sequence: None,
-            expected_epoch: None,
-            client_id: info.client_id.clone(),
-            client_address: info.client_address.to_string(),
-            broker_node_id: info.broker_node_id,
             api_key: key as i16,
-            detail: None,
+            ..AuditEvent::new(kind, Source::Broker, Action::Observed).from_conn(info)
         });
     }
 }
