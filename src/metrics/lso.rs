@@ -6,8 +6,10 @@ use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Seen {
+    /// The exported lag gauge of this partition, looked up once.
+    gauge: Option<prometheus::IntGauge>,
     high_watermark: i64,
     last_stable_offset: i64,
     /// When the LSO last moved, and the high watermark then.
@@ -40,7 +42,8 @@ impl LsoTracker {
         }
     }
 
-    /// Records one partition's offsets; returns the lag to export (None: not tracked) and a change.
+    /// Records one partition's offsets; returns the lag (None: not tracked) and a change. The partition's
+    /// lag gauge, made by `gauge` the first time the partition is seen, is kept up to date here.
     pub fn observe(
         &self,
         topic: &Arc<str>,
@@ -48,6 +51,7 @@ impl LsoTracker {
         high_watermark: i64,
         last_stable_offset: i64,
         now: Instant,
+        gauge: impl FnOnce() -> Option<prometheus::IntGauge>,
     ) -> (Option<i64>, Option<LsoChange>) {
         if high_watermark < 0 || last_stable_offset < 0 {
             return (None, None);
@@ -58,9 +62,14 @@ impl LsoTracker {
             if self.parts.len() >= self.cap {
                 return (None, None);
             }
+            let gauge = gauge();
+            if let Some(g) = &gauge {
+                g.set(lag);
+            }
             self.parts.insert(
                 key,
                 Seen {
+                    gauge,
                     high_watermark,
                     last_stable_offset,
                     lso_since: now,
@@ -71,6 +80,9 @@ impl LsoTracker {
             return (Some(lag), None);
         };
         seen.high_watermark = high_watermark;
+        if let Some(g) = &seen.gauge {
+            g.set(lag);
+        }
         if last_stable_offset != seen.last_stable_offset {
             seen.last_stable_offset = last_stable_offset;
             seen.lso_since = now;
@@ -107,24 +119,30 @@ mod tests {
         let topic: Arc<str> = Arc::from("t");
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
-        assert_eq!(t.observe(&topic, 0, 10, 10, at(0)), (Some(0), None));
+        assert_eq!(
+            t.observe(&topic, 0, 10, 10, at(0), || None),
+            (Some(0), None)
+        );
         // LSO stays at 10 (an open transaction), HW moves on: not yet stuck
-        assert_eq!(t.observe(&topic, 0, 20, 10, at(3)), (Some(10), None));
+        assert_eq!(
+            t.observe(&topic, 0, 20, 10, at(3), || None),
+            (Some(10), None)
+        );
         // after the threshold: stuck, once
-        let (lag, change) = t.observe(&topic, 0, 30, 10, at(6));
+        let (lag, change) = t.observe(&topic, 0, 30, 10, at(6), || None);
         assert_eq!(lag, Some(20));
         assert!(matches!(change, Some(LsoChange::Stuck { lag: 20, .. })));
-        assert_eq!(t.observe(&topic, 0, 31, 10, at(7)).1, None);
+        assert_eq!(t.observe(&topic, 0, 31, 10, at(7), || None).1, None);
         // the LSO moves: cleared
         assert_eq!(
-            t.observe(&topic, 0, 31, 31, at(8)),
+            t.observe(&topic, 0, 31, 31, at(8), || None),
             (Some(0), Some(LsoChange::Cleared))
         );
         // an idle partition (HW does not move either) is not stuck
-        assert_eq!(t.observe(&topic, 1, 5, 5, at(0)).1, None);
-        assert_eq!(t.observe(&topic, 1, 5, 5, at(60)).1, None);
+        assert_eq!(t.observe(&topic, 1, 5, 5, at(0), || None).1, None);
+        assert_eq!(t.observe(&topic, 1, 5, 5, at(60), || None).1, None);
         // unknown offsets are ignored
-        assert_eq!(t.observe(&topic, 2, -1, -1, at(0)), (None, None));
+        assert_eq!(t.observe(&topic, 2, -1, -1, at(0), || None), (None, None));
     }
 
     #[test]
@@ -132,7 +150,7 @@ mod tests {
         let t = LsoTracker::new(1, Duration::from_secs(5));
         let topic: Arc<str> = Arc::from("t");
         let now = Instant::now();
-        assert!(t.observe(&topic, 0, 1, 1, now).0.is_some());
-        assert!(t.observe(&topic, 1, 1, 1, now).0.is_none());
+        assert!(t.observe(&topic, 0, 1, 1, now, || None).0.is_some());
+        assert!(t.observe(&topic, 1, 1, 1, now, || None).0.is_none());
     }
 }

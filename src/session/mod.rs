@@ -603,18 +603,19 @@ fn observe_fetch(shared: &Shared, frame: &Bytes, version: i16, info: &ConnInfo) 
                 None => return,
             },
         };
-        let (lag, change) = shared.lso.observe(
+        let (_, change) = shared.lso.observe(
             &topic,
             p.partition,
             p.high_watermark,
             p.last_stable_offset,
             now,
+            || {
+                Some(
+                    m.read_committed_lag
+                        .with_label_values(&[&*topic, p.partition.to_string().as_str()]),
+                )
+            },
         );
-        if let Some(lag) = lag {
-            m.read_committed_lag
-                .with_label_values(&[&*topic, p.partition.to_string().as_str()])
-                .set(lag);
-        }
         if let Some(c) = change {
             changes.push((topic, p.partition, c));
         }
