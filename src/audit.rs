@@ -40,6 +40,10 @@ pub enum Kind {
     StuckPartition,
     /// A stuck partition's last stable offset moves again.
     StuckPartitionCleared,
+    /// More than five produce requests with idempotent batches in flight on one connection: the broker
+    /// keeps five batches per producer and partition, so retries beyond that can no longer be
+    /// deduplicated and ordering is not guaranteed.
+    TooManyInFlight,
 }
 
 /// Who noticed.

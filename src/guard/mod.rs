@@ -203,6 +203,13 @@ pub struct ProduceTracking {
     settled: bool,
 }
 
+impl ProduceTracking {
+    /// Whether the request carries idempotent batches that went to the broker.
+    pub fn tracks_idempotent_batches(&self) -> bool {
+        !self.tracked.is_empty()
+    }
+}
+
 impl Drop for ProduceTracking {
     fn drop(&mut self) {
         if !self.settled {

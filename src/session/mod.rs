@@ -40,6 +40,7 @@ use kafka_protocol::messages::{
     TxnOffsetCommitResponse,
 };
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -95,7 +96,22 @@ struct InFlight {
     learn: Learn,
     /// When the request was read from the client and written upstream (for latency metrics).
     timing: Option<(Instant, Instant)>,
+    /// Held while an idempotent produce request is in flight (counts them per connection).
+    _producing: Option<InFlightToken>,
 }
+
+/// Counts idempotent produce requests in flight on a connection while it lives.
+struct InFlightToken(Arc<AtomicUsize>);
+
+impl Drop for InFlightToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The most idempotent produce requests a connection may have in flight and keep its guarantees
+/// (the broker keeps five batches per producer and partition).
+const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
 
 enum Pending {
     Upstream(InFlight),
@@ -224,6 +240,8 @@ async fn request_pump(
     let guard = &conn.shared.guard;
     let guarding = guard.config.enabled;
     let metrics = conn.shared.metrics.as_deref();
+    let producing = Arc::new(AtomicUsize::new(0));
+    let mut warned_in_flight = false;
     loop {
         // Flush before any wait, so requests never sit in our buffer while we block.
         if !holds_complete_frame(requests.read_buffer()) {
@@ -367,6 +385,27 @@ async fn request_pump(
             }
             _ => true,
         };
+        let mut token = None;
+        if let (true, Learn::Produce(t)) = (expects_response, &learn) {
+            if t.tracks_idempotent_batches() {
+                let now_in_flight = producing.fetch_add(1, Ordering::Relaxed) + 1;
+                token = Some(InFlightToken(producing.clone()));
+                if now_in_flight > MAX_IDEMPOTENT_IN_FLIGHT && !warned_in_flight {
+                    // Once per connection: the condition persists while the client is configured so.
+                    warned_in_flight = true;
+                    guard.audit.emit(AuditEvent {
+                        api_key: ApiKey::Produce as i16,
+                        detail: Some(format!(
+                            "{now_in_flight} idempotent produce requests in flight on one connection \
+                             (max.in.flight.requests.per.connection must be <= {MAX_IDEMPOTENT_IN_FLIGHT}): \
+                             retries beyond the broker's five-batch window cannot be deduplicated"
+                        )),
+                        ..AuditEvent::new(Kind::TooManyInFlight, Source::Proxy, Action::Observed)
+                            .from_conn(&info())
+                    });
+                }
+            }
+        }
         if expects_response {
             let pending = Pending::Upstream(InFlight {
                 correlation_id: head.correlation_id,
@@ -375,6 +414,7 @@ async fn request_pump(
                 action: response_action(key),
                 learn,
                 timing: received.map(|r| (r, Instant::now())),
+                _producing: token,
             });
             if let Err(e) = queue(&tx, pending, upstream).await {
                 return e;

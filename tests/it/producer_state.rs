@@ -509,3 +509,67 @@ async fn librdkafka_idempotent_producer_with_lost_responses_writes_exactly_once(
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_five_idempotent_requests_in_flight_are_audited() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let topic = unique_topic("in-flight");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let (pid, epoch) = init_producer_id(&mut raw, None).await;
+    // Five in flight is what idempotence allows: nothing to report.
+    let mut sent = Vec::new();
+    for seq in 0..5 {
+        let (corr, bytes) = raw.encode(
+            ApiKey::Produce,
+            PRODUCE_VERSION,
+            &produce(
+                &topic,
+                None,
+                vec![(0, batch(pid, epoch, seq, 1, false, "f"))],
+            ),
+        );
+        raw.send_bytes(&bytes).await;
+        sent.push(corr);
+    }
+    for _ in 0..5 {
+        raw.recv_frame().await.expect("answer");
+    }
+    assert!(events(&proxy, Kind::TooManyInFlight).is_empty());
+    // Seven at once (one write, so they are all read before any answer can come back): audited (once
+    // for the connection), and every batch still lands in order.
+    let mut burst = Vec::new();
+    for seq in 5..12 {
+        let (_, bytes) = raw.encode(
+            ApiKey::Produce,
+            PRODUCE_VERSION,
+            &produce(
+                &topic,
+                None,
+                vec![(0, batch(pid, epoch, seq, 1, false, "f"))],
+            ),
+        );
+        burst.extend_from_slice(&bytes);
+    }
+    raw.send_bytes(&burst).await;
+    for expected_offset in 5..12 {
+        let frame = raw.recv_frame().await.expect("answer");
+        let (_, resp): (_, ProduceResponse) = kafka_eos_proxy::protocol::codec::decode_response(
+            frame,
+            ApiKey::Produce,
+            PRODUCE_VERSION,
+        )
+        .unwrap();
+        let p = &resp.responses[0].partition_responses[0];
+        assert_eq!((p.error_code, p.base_offset), (0, expected_offset));
+    }
+    let seen = events(&proxy, Kind::TooManyInFlight);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].client_id.as_deref(), Some("raw-test"));
+    assert!(seen[0]
+        .detail
+        .as_deref()
+        .unwrap_or("")
+        .contains("in flight"));
+    proxy.stop().await;
+}
