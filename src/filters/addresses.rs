@@ -88,6 +88,15 @@ where
     encode_response(&header, &body, key, version)
 }
 
+/// A coordinator on a node without a proxy port is answered as COORDINATOR_NOT_AVAILABLE (15), which
+/// clients retry, rather than handed out with its upstream address.
+fn unavailable(node_id: &mut i32, host: &mut StrBytes, port: &mut i32, error_code: &mut i16) {
+    *node_id = -1;
+    *host = StrBytes::default();
+    *port = -1;
+    *error_code = 15;
+}
+
 /// Rewrites the NodeEndpoints of an already decoded Produce response.
 pub async fn rewrite_produce_endpoints(resp: &mut ProduceResponse, brokers: &Brokers) {
     rewrite_list(&mut resp.node_endpoints, brokers).await
@@ -102,6 +111,15 @@ pub async fn rewrite_response(
     brokers: &Brokers,
 ) -> Result<Bytes, RewriteError> {
     use super::skim;
+    // The answers whose only broker addresses are one list field.
+    macro_rules! list {
+        ($ty:ty, $field:ident) => {
+            rewrite_decoded(frame, key, version, brokers, async |r: &mut $ty, b| {
+                rewrite_list(&mut r.$field, b).await
+            })
+            .await?
+        };
+    }
     let out = match key {
         ApiKey::Metadata => {
             rewrite_decoded(
@@ -132,24 +150,22 @@ pub async fn rewrite_response(
                         if r.node_id.0 >= 0
                             && !rewrite_one(r.node_id.0, &mut r.host, &mut r.port, b).await
                         {
-                            r.host = StrBytes::default();
-                            r.port = -1;
-                            r.node_id.0 = -1;
-                            r.error_code = 15; // COORDINATOR_NOT_AVAILABLE: the client retries
+                            unavailable(
+                                &mut r.node_id.0,
+                                &mut r.host,
+                                &mut r.port,
+                                &mut r.error_code,
+                            );
                         }
                     } else {
-                        let mut unmapped = Vec::new();
                         for c in r.coordinators.iter_mut().filter(|c| c.node_id.0 >= 0) {
                             if !rewrite_one(c.node_id.0, &mut c.host, &mut c.port, b).await {
-                                unmapped.push(c.key.clone());
-                            }
-                        }
-                        for c in r.coordinators.iter_mut() {
-                            if unmapped.contains(&c.key) {
-                                c.host = StrBytes::default();
-                                c.port = -1;
-                                c.node_id.0 = -1;
-                                c.error_code = 15;
+                                unavailable(
+                                    &mut c.node_id.0,
+                                    &mut c.host,
+                                    &mut c.port,
+                                    &mut c.error_code,
+                                );
                             }
                         }
                     }
@@ -157,64 +173,21 @@ pub async fn rewrite_response(
             )
             .await?
         }
-        ApiKey::DescribeCluster => {
-            rewrite_decoded(
-                frame,
-                key,
-                version,
-                brokers,
-                async |r: &mut DescribeClusterResponse, b| rewrite_list(&mut r.brokers, b).await,
-            )
-            .await?
-        }
+        ApiKey::DescribeCluster => list!(DescribeClusterResponse, brokers),
         ApiKey::Produce if version >= 10 => {
             if !skim::produce_has_node_endpoints(&frame).map_err(RewriteError::Skim)? {
                 return Ok(frame);
             }
-            rewrite_decoded(
-                frame,
-                key,
-                version,
-                brokers,
-                async |r: &mut ProduceResponse, b| rewrite_list(&mut r.node_endpoints, b).await,
-            )
-            .await?
+            list!(ProduceResponse, node_endpoints)
         }
         ApiKey::Fetch if version >= 16 => {
             if !skim::fetch_has_node_endpoints(&frame).map_err(RewriteError::Skim)? {
                 return Ok(frame);
             }
-            rewrite_decoded(
-                frame,
-                key,
-                version,
-                brokers,
-                async |r: &mut FetchResponse, b| rewrite_list(&mut r.node_endpoints, b).await,
-            )
-            .await?
+            list!(FetchResponse, node_endpoints)
         }
-        ApiKey::ShareFetch => {
-            rewrite_decoded(
-                frame,
-                key,
-                version,
-                brokers,
-                async |r: &mut ShareFetchResponse, b| rewrite_list(&mut r.node_endpoints, b).await,
-            )
-            .await?
-        }
-        ApiKey::ShareAcknowledge => {
-            rewrite_decoded(
-                frame,
-                key,
-                version,
-                brokers,
-                async |r: &mut ShareAcknowledgeResponse, b| {
-                    rewrite_list(&mut r.node_endpoints, b).await
-                },
-            )
-            .await?
-        }
+        ApiKey::ShareFetch => list!(ShareFetchResponse, node_endpoints),
+        ApiKey::ShareAcknowledge => list!(ShareAcknowledgeResponse, node_endpoints),
         _ => frame,
     };
     Ok(out)
@@ -226,4 +199,81 @@ pub enum RewriteError {
     Codec(#[from] CodecError),
     #[error("malformed response: {0}")]
     Skim(crate::protocol::wire::WireError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::protocol::codec::{decode_response, encode_response};
+    use kafka_protocol::messages::{BrokerId, ResponseHeader};
+
+    /// Node 7 has no proxy port (the range covers nodes 0-2), so it never binds a listener.
+    fn brokers() -> Brokers {
+        let config = Config::parse(
+            "upstream: {bootstrap_servers: [\"127.0.0.1:1\"]}\nlisten: {bind_host: 127.0.0.1, advertised_host: p, bootstrap_port: 1, broker_ports: {range: {first_port: 2, count: 3}}}\n",
+        )
+        .unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        Brokers::new(&config.listen, tx)
+    }
+
+    #[tokio::test]
+    async fn a_node_without_a_proxy_port_is_never_handed_out() {
+        let b = brokers();
+        for version in [3, 4] {
+            let mut resp = FindCoordinatorResponse::default();
+            if version < 4 {
+                resp = resp
+                    .with_node_id(BrokerId(7))
+                    .with_host(StrBytes::from_static_str("10.0.0.7"))
+                    .with_port(9092);
+            } else {
+                resp.coordinators = vec![
+                    kafka_protocol::messages::find_coordinator_response::Coordinator::default()
+                        .with_key(StrBytes::from_static_str("g"))
+                        .with_node_id(BrokerId(7))
+                        .with_host(StrBytes::from_static_str("10.0.0.7"))
+                        .with_port(9092),
+                ];
+            }
+            let frame = encode_response(
+                &ResponseHeader::default(),
+                &resp,
+                ApiKey::FindCoordinator,
+                version,
+            )
+            .unwrap();
+            let out = rewrite_response(frame, ApiKey::FindCoordinator, version, &b)
+                .await
+                .unwrap();
+            let (_, r) =
+                decode_response::<FindCoordinatorResponse>(out, ApiKey::FindCoordinator, version)
+                    .unwrap();
+            let (node, host, port, code) = if version < 4 {
+                (r.node_id.0, r.host.to_string(), r.port, r.error_code)
+            } else {
+                let c = &r.coordinators[0];
+                (c.node_id.0, c.host.to_string(), c.port, c.error_code)
+            };
+            assert_eq!(
+                (node, host.as_str(), port, code),
+                (-1, "", -1, 15),
+                "v{version}"
+            );
+        }
+        let resp = MetadataResponse::default().with_brokers(vec![
+            metadata_response::MetadataResponseBroker::default()
+                .with_node_id(BrokerId(7))
+                .with_host(StrBytes::from_static_str("10.0.0.7"))
+                .with_port(9092),
+        ]);
+        let frame =
+            encode_response(&ResponseHeader::default(), &resp, ApiKey::Metadata, 12).unwrap();
+        let out = rewrite_response(frame, ApiKey::Metadata, 12, &b)
+            .await
+            .unwrap();
+        let (_, r) = decode_response::<MetadataResponse>(out, ApiKey::Metadata, 12).unwrap();
+        assert!(r.brokers.is_empty(), "dropped, not leaked");
+    }
 }
