@@ -88,43 +88,52 @@ pub struct ProducerMetrics {
     touches: AtomicU64,
 }
 
-fn counter_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name(n), help), labels).expect("valid metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
+fn counter_vec(
+    r: &Registry,
+    n: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name(n), help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
-fn counter(r: &Registry, n: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name(n), help).expect("valid metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
+fn counter(r: &Registry, n: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name(n), help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
-fn gauge(r: &Registry, n: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name(n), help).expect("valid metric definition");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
+fn gauge(r: &Registry, n: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name(n), help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
-fn gauge_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name(n), help), labels).expect("valid metric definition");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
+fn gauge_vec(
+    r: &Registry,
+    n: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name(n), help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
-fn histogram_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> HistogramVec {
+fn histogram_vec(
+    r: &Registry,
+    n: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
     let h = HistogramVec::new(
         HistogramOpts::new(name(n), help).buckets(latency_buckets()),
         labels,
-    )
-    .expect("valid metric definition");
-    r.register(Box::new(h.clone()))
-        .expect("metric registered once");
-    h
+    )?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
 }
 
 /// Short stable label for an api key.
@@ -136,9 +145,9 @@ pub fn api_label(key: i16) -> String {
 }
 
 impl Metrics {
-    /// All metric definitions are static and valid; registration cannot fail on a fresh registry, so
-    /// the `expect`s above are invariants, not input handling.
-    pub fn new(max_producer_series: usize) -> Metrics {
+    /// Registers every metric on a fresh registry (an error here is a bug in a definition, reported at
+    /// start).
+    pub fn new(max_producer_series: usize) -> prometheus::Result<Metrics> {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
         {
@@ -152,31 +161,31 @@ impl Metrics {
             "request_proxy_seconds",
             "Time a request and its response spent inside the proxy, by api",
             &["api"],
-        );
+        )?;
         let upstream_seconds = histogram_vec(
             &r,
             "request_upstream_seconds",
             "Time from writing a request upstream to reading its response, by api",
             &["api"],
-        );
+        )?;
         let requests = counter_vec(
             &r,
             "requests_total",
             "Requests from clients, by api",
             &["api"],
-        );
+        )?;
         let apis = (0..API_SLOTS).map(|_| std::sync::OnceLock::new()).collect();
         let accepted = counter_vec(
             &r,
             "connections_accepted_total",
             "Client connections accepted, by listener (bootstrap or broker)",
             &["listener"],
-        );
+        )?;
         let bytes_received =
-            counter_vec(&r, "bytes_received_total", "Bytes read, by peer", &["from"]);
-        let bytes_sent = counter_vec(&r, "bytes_sent_total", "Bytes written, by peer", &["to"]);
+            counter_vec(&r, "bytes_received_total", "Bytes read, by peer", &["from"])?;
+        let bytes_sent = counter_vec(&r, "bytes_sent_total", "Bytes written, by peer", &["to"])?;
         let m = Metrics {
-            connections_active: gauge(&r, "connections_active", "Open client connections"),
+            connections_active: gauge(&r, "connections_active", "Open client connections")?,
             connections_accepted_bootstrap: accepted.with_label_values(&["bootstrap"]),
             connections_accepted_broker: accepted.with_label_values(&["broker"]),
             connections_closed: counter_vec(
@@ -184,12 +193,12 @@ impl Metrics {
                 "connections_closed_total",
                 "Client connections closed, by reason",
                 &["reason"],
-            ),
+            )?,
             connections_rejected: counter(
                 &r,
                 "connections_rejected_total",
                 "Client connections refused at accept because of limits.max_connections",
-            ),
+            )?,
             apis,
             requests,
             proxy_seconds,
@@ -202,124 +211,129 @@ impl Metrics {
                 &r,
                 "tracked_producer_partitions",
                 "Producer-partitions whose state the proxy keeps",
-            ),
+            )?,
             producer_state_evictions: counter(
                 &r,
                 "producer_state_evictions_total",
                 "Producer-partition states evicted because of producer_state.max_tracked",
-            ),
-            audit_events: counter_vec(&r, "audit_events_total", "Audit events, by kind", &["kind"]),
+            )?,
+            audit_events: counter_vec(
+                &r,
+                "audit_events_total",
+                "Audit events, by kind",
+                &["kind"],
+            )?,
             audit_dropped: counter(
                 &r,
                 "audit_events_dropped_total",
                 "Audit events dropped because a sink's queue was full",
-            ),
+            )?,
             hanging_transactions: gauge(
                 &r,
                 "hanging_transactions",
                 "Transactions open longer than their timeout plus the watchdog margin",
-            ),
+            )?,
             stuck_partitions: gauge(
                 &r,
                 "stuck_partitions",
                 "Partitions whose last stable offset has not moved while their high watermark did",
-            ),
+            )?,
             read_committed_lag: gauge_vec(
                 &r,
                 "read_committed_lag_records",
                 "High watermark minus last stable offset, as last seen in fetch responses",
                 &["topic", "partition"],
-            ),
+            )?,
             producers: ProducerMetrics {
                 batches: counter_vec(
                     &r,
                     "producer_batches_total",
                     "Idempotent batches produced",
                     &producer,
-                ),
+                )?,
                 records: counter_vec(
                     &r,
                     "producer_records_total",
                     "Records in idempotent batches",
                     &producer,
-                ),
+                )?,
                 bytes: counter_vec(
                     &r,
                     "producer_bytes_total",
                     "Bytes of idempotent batches",
                     &producer,
-                ),
+                )?,
                 duplicates: counter_vec(
                     &r,
                     "producer_duplicates_answered_total",
                     "Retries of written batches answered by the proxy with the original offset",
                     &producer,
-                ),
+                )?,
                 out_of_order: counter_vec(
                     &r,
                     "producer_out_of_order_total",
                     "Out-of-order sequences (seen by the proxy or returned by the broker)",
                     &producer,
-                ),
+                )?,
                 fenced: counter_vec(
                     &r,
                     "producer_fenced_total",
                     "Requests from fenced epochs (refused by the proxy or the broker)",
                     &producer,
-                ),
+                )?,
                 epoch_bumps: counter_vec(
                     &r,
                     "producer_epoch_bumps_total",
                     "Epoch changes seen in acknowledged batches",
                     &producer,
-                ),
+                )?,
                 txn_committed: counter_vec(
                     &r,
                     "transactions_committed_total",
                     "Transactions committed",
                     &producer,
-                ),
+                )?,
                 txn_aborted: counter_vec(
                     &r,
                     "transactions_aborted_total",
                     "Transactions aborted",
                     &producer,
-                ),
+                )?,
                 txn_duration: histogram_vec(
                     &r,
                     "transaction_duration_seconds",
                     "From the first write of a transaction to its EndTxn answer",
                     &producer,
-                ),
+                )?,
                 open_transactions: gauge_vec(
                     &r,
                     "open_transactions",
                     "Transactions in progress",
                     &producer,
-                ),
+                )?,
                 series: DashMap::new(),
                 cap: max_producer_series.max(1),
                 series_live: gauge(
                     &r,
                     "producer_series",
                     "Per-producer label sets currently exported",
-                ),
+                )?,
                 series_limit: gauge(
                     &r,
                     "producer_series_limit",
                     "The cap on per-producer label sets",
-                ),
+                )?,
                 series_evicted: counter(
                     &r,
                     "producer_series_evicted_total",
                     "Per-producer label sets removed to stay under the cap",
-                ),
+                )?,
                 touches: AtomicU64::new(0),
             },
             registry: r,
         };
         m.producers.series_limit.set(m.producers.cap as i64);
-        m
+        Ok(m)
     }
 
     pub fn api(&self, key: i16) -> &ApiHandles {
@@ -426,7 +440,7 @@ mod tests {
 
     #[test]
     fn names_follow_the_conventions() {
-        let m = Metrics::new(10);
+        let m = Metrics::new(10).unwrap();
         m.api(0).requests.inc();
         m.producers.admit("c", "");
         m.producers.batches.with_label_values(&["c", ""]).inc();
@@ -450,7 +464,7 @@ mod tests {
 
     #[test]
     fn producer_series_are_capped_with_eviction() {
-        let m = Metrics::new(3);
+        let m = Metrics::new(3).unwrap();
         for c in ["a", "b", "c", "d", "e"] {
             m.producers.admit(c, "tx");
             m.producers.batches.with_label_values(&[c, "tx"]).inc();

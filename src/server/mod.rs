@@ -71,10 +71,13 @@ impl Proxy {
         })?;
         let bootstrap_addr = bootstrap.local_addr()?;
         let (listener_tx, mut listener_rx) = mpsc::unbounded_channel();
-        let metrics = config
-            .metrics
-            .enabled
-            .then(|| Arc::new(Metrics::new(config.metrics.max_producer_series)));
+        let metrics = match config.metrics.enabled {
+            true => Some(Arc::new(
+                Metrics::new(config.metrics.max_producer_series)
+                    .map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?,
+            )),
+            false => None,
+        };
         let audit = AuditSink::start(&config.audit, hooks.on_audit.clone(), metrics.clone())
             .map_err(|e| anyhow::anyhow!("cannot open the audit file: {e}"))?;
         let guard = Arc::new(Guard::new(
