@@ -44,6 +44,8 @@ pub enum Kind {
     /// keeps five batches per producer and partition, so retries beyond that can no longer be
     /// deduplicated and ordering is not guaranteed.
     TooManyInFlight,
+    /// A request that breaks a configured policy (see `rule` and `check`): refused, upgraded or audited.
+    PolicyViolation,
 }
 
 /// Who noticed.
@@ -64,6 +66,8 @@ pub enum Action {
     Answered,
     /// Passed on to the cluster (audit mode, or nothing to do but report).
     Forwarded,
+    /// Made compliant by the proxy (a policy's `upgrade`) and passed on.
+    Upgraded,
     /// Reported as the broker returned it (or as the proxy's watchdog noticed it).
     Observed,
 }
@@ -89,6 +93,9 @@ pub struct AuditEvent {
     pub broker_node_id: Option<i32>,
     pub api_key: i16,
     pub detail: Option<String>,
+    /// The policy rule and check behind a `policy_violation`.
+    pub rule: Option<String>,
+    pub check: Option<&'static str>,
 }
 
 impl AuditEvent {
@@ -113,6 +120,8 @@ impl AuditEvent {
             broker_node_id: None,
             api_key: -1,
             detail: None,
+            rule: None,
+            check: None,
         }
     }
 }
@@ -312,6 +321,8 @@ mod tests {
             broker_node_id: Some(1),
             api_key: 0,
             detail: None,
+            rule: None,
+            check: None,
         }
     }
 

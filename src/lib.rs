@@ -23,6 +23,7 @@ pub mod eos;
 pub mod filters;
 pub mod guard;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod session;

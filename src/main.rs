@@ -27,6 +27,21 @@ enum Command {
     CheckConfig {
         /// The file to check.
         file: Option<PathBuf>,
+        /// Show how the policies resolve for this topic (with the client options below).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The client id to resolve policies for.
+        #[arg(long)]
+        client_id: Option<String>,
+        /// The client address to resolve policies for.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: std::net::IpAddr,
+        /// The SASL principal to resolve policies for (e.g. User:alice).
+        #[arg(long)]
+        principal: Option<String>,
+        /// A transactional id to check against owned prefixes.
+        #[arg(long)]
+        transactional_id: Option<String>,
     },
 }
 
@@ -35,12 +50,39 @@ const DEFAULT_CONFIG: &str = "/etc/kafka-eos-proxy/proxy.yaml";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig { file } => {
+        Command::CheckConfig {
+            file,
+            topic,
+            client_id,
+            address,
+            principal,
+            transactional_id,
+        } => {
             let path = file.or(cli.config).unwrap_or_else(|| DEFAULT_CONFIG.into());
             match Config::load(&path) {
                 Ok(config) => {
                     println!("{}: OK", path.display());
                     print!("{}", config.explain());
+                    if topic.is_some()
+                        || client_id.is_some()
+                        || principal.is_some()
+                        || transactional_id.is_some()
+                    {
+                        let facts = kafka_eos_proxy::policy::ClientFacts {
+                            client_id: client_id.as_deref(),
+                            address,
+                            principal: principal.as_deref(),
+                        };
+                        print!(
+                            "{}",
+                            kafka_eos_proxy::policy::explain::resolve(
+                                &config.policies,
+                                &facts,
+                                topic.as_deref(),
+                                transactional_id.as_deref()
+                            )
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(errors) => {
@@ -69,7 +111,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(kafka_eos_proxy::run(config, shutdown_signal())) {
+            match runtime.block_on(kafka_eos_proxy::run(config, Some(path), shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "proxy failed");

@@ -4,7 +4,7 @@
 //! while an operator fixing a config wants all of them at once (`limits.max_frame_bytes: must be ...`,
 //! `listen.broker_ports: unknown key 'rnage'`, ...).
 
-mod reader;
+pub(crate) mod reader;
 
 pub use crate::audit::{AuditConfig, KafkaAuditConfig};
 pub use crate::guard::{GuardConfig, Mode};
@@ -103,6 +103,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
     pub watchdog: WatchdogConfig,
+    pub policies: crate::policy::Policies,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +184,7 @@ impl Config {
             let audit = parse_audit(&root.section("audit", false), &upstream);
             let metrics = parse_metrics(&root.section("metrics", false));
             let watchdog = parse_watchdog(&root.section("transaction_watchdog", false));
+            let policies = crate::policy::parse::parse_policies(&root);
             root.finish(&[
                 "upstream",
                 "listen",
@@ -192,6 +194,7 @@ impl Config {
                 "audit",
                 "metrics",
                 "transaction_watchdog",
+                "policies",
             ]);
             Config {
                 upstream,
@@ -202,6 +205,7 @@ impl Config {
                 audit,
                 metrics,
                 watchdog,
+                policies,
             }
         };
         let mut problems = problems.into_inner();
@@ -248,6 +252,7 @@ impl Config {
             self.limits.max_connections,
             self.limits.max_in_flight_per_connection
         ));
+        out.push_str(&crate::policy::explain::explain(&self.policies));
         out
     }
 }

@@ -85,6 +85,56 @@ impl<'a> Section<'a> {
         Some(self.section(key, false))
     }
 
+    /// Records a problem with a path of the caller's choosing (cross-item checks).
+    pub fn problems_push(&self, p: Problem) {
+        self.problems.borrow_mut().push(p);
+    }
+
+    /// The key path of this section (`policies[2].match`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Whether the key is present (and not null).
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The raw value of a key, for shapes the typed getters do not cover.
+    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.get(key)
+    }
+
+    /// A list of mappings; each item becomes a section with path `key[i]`. Non-mapping items are
+    /// reported and skipped.
+    pub fn items(&self, key: &str) -> Vec<Section<'a>> {
+        let mut out = Vec::new();
+        match self.get(key) {
+            Some(Value::Sequence(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("{}[{i}]", self.key_path(key));
+                    match item {
+                        Value::Mapping(m) => out.push(Section {
+                            path,
+                            map: Some(m),
+                            problems: self.problems,
+                        }),
+                        other => self.problems.borrow_mut().push(Problem {
+                            path,
+                            message: format!("must be a mapping, got {}", describe(other)),
+                        }),
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                key,
+                &format!("must be a list of mappings, got {}", describe(other)),
+            ),
+            None => {}
+        }
+        out
+    }
+
     /// Reports every key of this section that is not in `known`.
     pub fn finish(&self, known: &[&str]) {
         let Some(map) = self.map else { return };
@@ -239,7 +289,7 @@ impl<'a> Section<'a> {
     }
 }
 
-fn describe(v: &Value) -> String {
+pub fn describe(v: &Value) -> String {
     match v {
         Value::String(s) => format!("'{s}'"),
         Value::Number(n) => n.to_string(),

@@ -54,6 +54,8 @@ pub struct FetchPartition<'a> {
     pub error_code: i16,
     pub high_watermark: i64,
     pub last_stable_offset: i64,
+    /// Entries in the partition's AbortedTransactions list (read_committed fetches only).
+    pub aborted_transactions: usize,
 }
 
 /// Fetch response, version >= 16 (topic ids, flexible).
@@ -115,7 +117,8 @@ pub fn fetch_walk<'a>(
             if version >= 5 {
                 r.skip(8)?; // log start offset
             }
-            for _a in 0..len(&mut r)? {
+            let aborted_transactions = len(&mut r)?;
+            for _a in 0..aborted_transactions {
                 r.skip(8 + 8)?;
                 if flexible {
                     r.skip_tagged_fields(u32::MAX)?;
@@ -136,6 +139,7 @@ pub fn fetch_walk<'a>(
                 error_code,
                 high_watermark,
                 last_stable_offset,
+                aborted_transactions,
             });
         }
         if flexible {

@@ -26,7 +26,9 @@ pub mod txn;
 use crate::audit::{Action, AuditEvent, AuditSink, Kind, Source};
 use crate::eos::{Acked, Batch, Verdict};
 use crate::metrics::Metrics;
-use crate::protocol::batch::validate_client_records;
+use crate::policy::report::Violation;
+use crate::policy::{codec_name, Action as PolicyAction, Check, TopicPolicy};
+use crate::protocol::batch::{validate_client_records, BatchInfo};
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::header::RequestHead;
 use crate::protocol::produce::{self, ProduceView};
@@ -51,6 +53,13 @@ pub mod codes {
     pub const UNKNOWN_PRODUCER_ID: i16 = 59;
     pub const PRODUCER_FENCED: i16 = 90;
     pub const TRANSACTION_ABORTABLE: i16 = 120;
+    pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const INVALID_REQUIRED_ACKS: i16 = 21;
+    pub const POLICY_VIOLATION: i16 = 44;
+    pub const INVALID_TRANSACTION_TIMEOUT: i16 = 50;
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+    pub const THROTTLING_QUOTA_EXCEEDED: i16 = 89;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,11 +347,13 @@ impl Guard {
     }
 
     /// Step 1: decide every partition of a Produce request (sync; batches to forward are tracked now).
+    /// `policy` gives what the policies demand of a topic (`None`: nothing).
     pub fn plan(
         &self,
         frame: &[u8],
         head: &RequestHead,
         conn: &ConnInfo,
+        policy: &mut dyn FnMut(&str) -> Option<Arc<TopicPolicy>>,
     ) -> Result<ProducePlan, String> {
         let body = head
             .body_offset
@@ -365,12 +376,18 @@ impl Guard {
         };
         for topic in &view.topics {
             let mut outcomes = Vec::with_capacity(topic.partitions.len());
+            let demands = policy(topic.name);
             for p in &topic.partitions {
                 outcomes.push(match p.records {
                     None => Outcome::Pass,
-                    Some(records) => {
-                        self.decide_partition(&view, topic.name, p.index, records, conn)
-                    }
+                    Some(records) => self.decide_partition(
+                        &view,
+                        topic.name,
+                        p.index,
+                        records,
+                        conn,
+                        demands.as_deref(),
+                    ),
                 });
             }
             plan.outcomes.push(outcomes);
@@ -385,6 +402,7 @@ impl Guard {
         partition: i32,
         records: &[u8],
         conn: &ConnInfo,
+        demands: Option<&TopicPolicy>,
     ) -> Outcome {
         let txn_id = view.transactional_id;
         let info = match validate_client_records(records, self.config.check_crc) {
@@ -412,7 +430,12 @@ impl Guard {
                 });
             }
         };
-        if !info.is_idempotent() {
+        if let Some(refused) =
+            demands.and_then(|d| self.check_policy(d, view, topic, partition, &info, conn))
+        {
+            return refused;
+        }
+        if !info.is_idempotent() || !self.config.enabled {
             return Outcome::Pass;
         }
         let client = conn.client_id.as_deref().unwrap_or("");
@@ -562,6 +585,131 @@ impl Guard {
                 }
             }
         }
+    }
+
+    /// The batch-level policy checks of one partition, in a fixed order; the first `reject` answers the
+    /// partition with the Kafka error that fits, `audit` only reports.
+    fn check_policy(
+        &self,
+        d: &TopicPolicy,
+        view: &ProduceView,
+        topic: &str,
+        partition: i32,
+        info: &BatchInfo,
+        conn: &ConnInfo,
+    ) -> Option<Outcome> {
+        // Each failed check as (rule, action, check, error, message).
+        let mut fails: Vec<(Arc<str>, PolicyAction, Check, i16, String)> = Vec::new();
+        if let Some(x) = &d.acks_all {
+            if view.acks == 1 {
+                fails.push((
+                    x.rule.clone(),
+                    x.action,
+                    Check::AcksAll,
+                    codes::INVALID_REQUIRED_ACKS,
+                    format!("topic {topic} requires acks=all, the request has acks=1"),
+                ));
+            }
+        }
+        if let Some(x) = &d.idempotence {
+            if !info.is_idempotent() {
+                fails.push((
+                    x.rule.clone(),
+                    x.action,
+                    Check::Idempotence,
+                    codes::POLICY_VIOLATION,
+                    format!(
+                        "topic {topic} requires an idempotent producer (enable.idempotence=true)"
+                    ),
+                ));
+            }
+        }
+        if let Some(x) = &d.transactions {
+            if !info.transactional {
+                fails.push((
+                    x.rule.clone(),
+                    x.action,
+                    Check::Transactions,
+                    codes::POLICY_VIOLATION,
+                    format!("topic {topic} requires transactional writes (transactional.id)"),
+                ));
+            }
+        }
+        if let Some(x) = &d.compression {
+            if x.value & (1u8 << info.compression.min(7)) == 0 {
+                let allowed: Vec<&str> = (0..crate::policy::CODECS.len() as u8)
+                    .filter(|c| x.value & (1 << c) != 0)
+                    .map(codec_name)
+                    .collect();
+                fails.push((
+                    x.rule.clone(),
+                    x.action,
+                    Check::Compression,
+                    codes::UNSUPPORTED_COMPRESSION_TYPE,
+                    format!(
+                        "topic {topic} allows compression {}, the batch uses {}",
+                        allowed.join(", "),
+                        codec_name(info.compression)
+                    ),
+                ));
+            }
+        }
+        if let Some(x) = &d.max_batch_bytes {
+            if info.bytes > x.value as usize {
+                fails.push((
+                    x.rule.clone(),
+                    x.action,
+                    Check::MaxBatchBytes,
+                    codes::MESSAGE_TOO_LARGE,
+                    format!(
+                        "batch of {} bytes exceeds {} bytes allowed on topic {topic}",
+                        info.bytes, x.value
+                    ),
+                ));
+            }
+        }
+        if let Some(x) = &d.max_batch_records {
+            if info.record_count > 0 && info.record_count as u32 > x.value {
+                fails.push((
+                    x.rule.clone(),
+                    x.action,
+                    Check::MaxBatchRecords,
+                    codes::POLICY_VIOLATION,
+                    format!(
+                        "batch of {} records exceeds {} records allowed on topic {topic}",
+                        info.record_count, x.value
+                    ),
+                ));
+            }
+        }
+        let producer = (info.producer_id, info.producer_epoch);
+        let mut refusal = None;
+        for (rule, action, check, code, msg) in fails {
+            let reject = action == PolicyAction::Reject && refusal.is_none();
+            crate::policy::report::report(
+                &self.audit,
+                self.metrics.as_deref(),
+                conn,
+                Violation {
+                    topic: Some(topic),
+                    partition: Some(partition),
+                    error_code: if reject { code } else { 0 },
+                    producer,
+                    transactional_id: view.transactional_id,
+                    ..Violation::new(&rule, check, action, ApiKey::Produce as i16, msg.clone())
+                },
+                true,
+            );
+            if reject {
+                refusal = Some(Outcome::Local(LocalAnswer {
+                    error_code: code,
+                    base_offset: -1,
+                    log_append_time: -1,
+                    message: Some(format!("kafka-eos-proxy policy '{rule}': {msg}")),
+                }));
+            }
+        }
+        refusal
     }
 
     /// A retry of an acknowledged batch: answered with the original offset and timestamp, if the original

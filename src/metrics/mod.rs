@@ -63,6 +63,13 @@ pub struct Metrics {
     pub hanging_transactions: IntGauge,
     pub stuck_partitions: IntGauge,
     pub read_committed_lag: IntGaugeVec,
+    /// Policy outcomes by rule, check and action (bounded: rules x checks x 3).
+    pub policy_actions: IntCounterVec,
+    /// Config reloads by result (applied, refused).
+    pub policy_reloads: IntCounterVec,
+    pub policy_rules: IntGauge,
+    /// 1 while the config file on disk is the one in force; 0 after a refused reload.
+    pub policy_config_valid: IntGauge,
     pub producers: ProducerMetrics,
 }
 
@@ -243,6 +250,24 @@ impl Metrics {
                 "read_committed_lag_records",
                 "High watermark minus last stable offset, as last seen in fetch responses",
                 &["topic", "partition"],
+            )?,
+            policy_actions: counter_vec(
+                &r,
+                "policy_actions_total",
+                "Requests that broke a policy, by rule, check and what the proxy did (rejected, upgraded, audited)",
+                &["rule", "check", "action"],
+            )?,
+            policy_reloads: counter_vec(
+                &r,
+                "policy_reloads_total",
+                "Config reloads (SIGHUP or file change), by result (applied, refused)",
+                &["result"],
+            )?,
+            policy_rules: gauge(&r, "policy_rules", "Policy rules in force")?,
+            policy_config_valid: gauge(
+                &r,
+                "policy_config_valid",
+                "1 if the last config load succeeded, 0 if the file on disk was refused (old rules stay)",
             )?,
             producers: ProducerMetrics {
                 batches: counter_vec(

@@ -6,6 +6,7 @@
 
 pub mod brokers;
 pub mod discovery;
+pub mod reload;
 
 use crate::audit::AuditSink;
 use crate::config::Config;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub metrics: Option<Arc<Metrics>>,
     pub lso: crate::metrics::lso::LsoTracker,
     pub hooks: Hooks,
+    /// The policies in force (swapped whole on reload).
+    pub policies: crate::policy::PolicyHolder,
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
     pub upstream_ready: AtomicBool,
@@ -101,6 +104,7 @@ impl Proxy {
                 config.watchdog.lso_stuck,
             ),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            policies: crate::policy::PolicyHolder::new(config.policies.clone()),
             config,
             hooks,
             shutdown: CancellationToken::new(),
@@ -177,6 +181,18 @@ impl Proxy {
         &self.shared
     }
 
+    /// Reloads the policies from `path` on SIGHUP and whenever the file changes (polled every `poll`).
+    pub fn watch_config(&self, path: std::path::PathBuf, poll: Duration) {
+        if let Some(m) = &self.shared.metrics {
+            m.policy_rules
+                .set(self.shared.config.policies.rules.len() as i64);
+            m.policy_config_valid.set(1);
+        }
+        self.shared
+            .tracker
+            .spawn(reload::watch(self.shared.clone(), path, poll));
+    }
+
     /// Stops accepting, closes connections, and waits (bounded) for tasks to end.
     pub async fn shutdown(self) {
         self.shared.shutdown.cancel();
@@ -191,11 +207,16 @@ impl Proxy {
 }
 
 /// Runs the proxy until `shutdown` completes.
+/// Runs the proxy until `shutdown` completes; `config_path` is watched for policy reloads.
 pub async fn run(
     config: Config,
+    config_path: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let proxy = Proxy::start(config, Hooks::default()).await?;
+    if let Some(path) = config_path {
+        proxy.watch_config(path, reload::POLL);
+    }
     shutdown.await;
     info!("shutting down");
     proxy.shutdown().await;

@@ -36,6 +36,10 @@ pub enum Close {
     UpstreamIo(std::io::Error),
     #[error("response side ended")]
     ResponseSideClosed,
+    /// An acks=0 produce request a policy refused, or an upgraded one the broker refused: there is no
+    /// response to carry the error, so (like the broker) the proxy closes the connection.
+    #[error("acks=0 produce refused: {0}")]
+    AcksZeroRefused(String),
 }
 
 impl Close {
@@ -56,6 +60,7 @@ impl Close {
             Close::ClientIo(_) => "client_io",
             Close::UpstreamIo(_) => "upstream_io",
             Close::ResponseSideClosed => "response_side_closed",
+            Close::AcksZeroRefused(_) => "acks0_refused",
         }
     }
 
@@ -71,6 +76,7 @@ impl Close {
                 | Close::UnsupportedVersion { .. }
                 | Close::CorrelationMismatch { .. }
                 | Close::UnexpectedResponse
+                | Close::AcksZeroRefused(_)
         )
     }
 }

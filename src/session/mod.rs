@@ -15,8 +15,10 @@
 //! The queue is bounded (`limits.max_in_flight_per_connection`): a client that pipelines more waits.
 
 mod close;
+mod policy;
 
 pub use close::Close;
+pub use policy::Identity;
 
 use crate::audit::{Action, AuditEvent, Kind, Source};
 use crate::filters::skim::{self, TopicRef};
@@ -36,8 +38,8 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::messages::{
-    AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, EndTxnResponse, InitProducerIdResponse,
-    TxnOffsetCommitResponse,
+    AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, EndTxnResponse, FetchResponse,
+    InitProducerIdResponse, ProduceResponse, TxnOffsetCommitResponse,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,6 +88,11 @@ enum Learn {
     Coordinator {
         transactional_id: Option<String>,
     },
+    /// A fetch the proxy upgraded to read_committed for a read_uncommitted client: remove aborted
+    /// batches from the answer (the client will not).
+    ForcedFetch,
+    /// A SaslAuthenticate exchange: its answer may confirm the principal.
+    Sasl,
 }
 
 struct InFlight {
@@ -98,6 +105,8 @@ struct InFlight {
     timing: Option<(Instant, Instant)>,
     /// Held while an idempotent produce request is in flight (counts them per connection).
     _producing: Option<InFlightToken>,
+    /// The client sent acks=0 and the proxy upgraded it: the answer is the proxy's, not the client's.
+    swallow: bool,
 }
 
 /// Counts idempotent produce requests in flight on a connection while it lives.
@@ -178,11 +187,11 @@ pub async fn run(
     let mut to_client = BufWriter::with_capacity(WRITE_BUFFER, client_write);
     let (tx, rx) = mpsc::channel(limits.max_in_flight_per_connection);
     // The client id, learned from the first request that names one (for audit lines).
-    let client_id = std::sync::OnceLock::new();
+    let identity = Identity::default();
 
     let close = tokio::select! {
-        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &client_id) => c,
-        c = response_pump(&conn, &mut responses, &mut to_client, rx, &client_id) => c,
+        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &identity) => c,
+        c = response_pump(&conn, &mut responses, &mut to_client, rx, &identity) => c,
         _ = shared.shutdown.cancelled() => Close::Shutdown,
     };
     let _ = to_client.flush().await;
@@ -234,8 +243,11 @@ async fn request_pump(
     requests: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     upstream: &mut BufWriter<OwnedWriteHalf>,
     tx: mpsc::Sender<Pending>,
-    client_id: &std::sync::OnceLock<String>,
+    identity: &Identity,
 ) -> Close {
+    let client_id = &identity.client_id;
+    let mut conn_policies = crate::policy::ConnPolicies::default();
+    let mut sasl_mechanism: Option<String> = None;
     let idle = conn.shared.config.limits.idle_timeout;
     let guard = &conn.shared.guard;
     let guarding = guard.config.enabled;
@@ -282,17 +294,48 @@ async fn request_pump(
             client_id: client_id.get().cloned(),
             ..conn.info.clone()
         };
+        let conn_info = info();
+        let facts = identity.facts(&conn_info);
+        conn_policies.refresh(&conn.shared.policies, identity.facts_version(), &facts);
+        let policies = conn_policies.policies().clone();
+        let mut ctx = policy::Ctx {
+            shared: conn.shared,
+            cp: &mut conn_policies,
+            facts,
+            info: &conn_info,
+        };
+        let mut frame = frame;
         let mut out = frame.clone();
         let mut learn = Learn::Nothing;
+        let mut swallow = false;
         let expects_response = match key {
             ApiKey::Produce => {
-                let acks = match produce_acks(&frame, &head) {
+                let mut acks = match produce_acks(&frame, &head) {
                     Ok(acks) => acks,
                     Err(e) => return Close::MalformedRequest(format!("produce: {e}")),
                 };
-                if guarding {
+                if policies.produce_checks {
+                    match policy::produce_acks(&mut ctx, &frame, &head, acks) {
+                        Ok((Some(upgraded), swallowed)) => {
+                            frame = upgraded;
+                            out = frame.clone();
+                            acks = -1;
+                            swallow = swallowed;
+                        }
+                        Ok((None, _)) => {}
+                        Err(close) => return close,
+                    }
+                }
+                if guarding || policies.produce_checks {
                     let info = info();
-                    let mut plan = match guard.plan(&frame, &head, &info) {
+                    let mut demands = |topic: &str| {
+                        policies
+                            .produce_checks
+                            .then(|| ctx.cp.topic(&ctx.facts, topic))
+                            .filter(|p| !p.is_empty())
+                    };
+                    let planned = guard.plan(&frame, &head, &info, &mut demands);
+                    let mut plan = match planned {
                         Ok(p) => p,
                         Err(e) => return Close::MalformedRequest(format!("produce: {e}")),
                     };
@@ -317,6 +360,17 @@ async fn request_pump(
                             if let Some(m) = metrics {
                                 m.api(head.api_key).requests.inc();
                             }
+                            if swallow {
+                                // Upgraded from acks=0: the client expects no answer; a refusal
+                                // closes the connection, as the broker does for acks=0.
+                                if let Some(e) = answer
+                                    .as_ref()
+                                    .and_then(|a| produce_refusal(a, head.api_version))
+                                {
+                                    return Close::AcksZeroRefused(e);
+                                }
+                                continue;
+                            }
                             if let Some(answer) = answer {
                                 if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
                                     return e;
@@ -329,9 +383,48 @@ async fn request_pump(
                 acks != 0
             }
             ApiKey::InitProducerId => {
+                if policies.producer_checks {
+                    match policy::init_producer_id(&mut ctx, &frame, &head) {
+                        Ok(policy::InitDecision::Forward(Some(patched))) => out = patched,
+                        Ok(policy::InitDecision::Forward(None)) => {}
+                        Ok(policy::InitDecision::Answer(answer)) => {
+                            if let Some(m) = metrics {
+                                m.api(head.api_key).requests.inc();
+                            }
+                            if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
+                                return e;
+                            }
+                            continue;
+                        }
+                        Err(close) => return close,
+                    }
+                }
                 learn = Learn::InitProducerId {
-                    transactional: init_producer_id_txn(&frame, &head),
+                    // From what is sent: a clamped timeout is the one the coordinator will apply.
+                    transactional: init_producer_id_txn(&out, &head),
                 };
+                true
+            }
+            ApiKey::Fetch | ApiKey::ListOffsets if policies.consume_checks => {
+                match policy::read_isolation(&mut ctx, key, &frame, &head) {
+                    Ok(Some(patched)) => {
+                        out = patched;
+                        if key == ApiKey::Fetch {
+                            learn = Learn::ForcedFetch;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(close) => return close,
+                }
+                true
+            }
+            ApiKey::SaslHandshake => {
+                sasl_mechanism = crate::policy::sasl::handshake_mechanism(&frame, &head);
+                true
+            }
+            ApiKey::SaslAuthenticate => {
+                identity.on_sasl_request(&frame, &head, sasl_mechanism.as_deref());
+                learn = Learn::Sasl;
                 true
             }
             ApiKey::EndTxn
@@ -415,6 +508,7 @@ async fn request_pump(
                 learn,
                 timing: received.map(|r| (r, Instant::now())),
                 _producing: token,
+                swallow,
             });
             if let Err(e) = queue(&tx, pending, upstream).await {
                 return e;
@@ -492,7 +586,7 @@ async fn response_pump(
     responses: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     client: &mut BufWriter<OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Pending>,
-    client_id: &std::sync::OnceLock<String>,
+    identity: &Identity,
 ) -> Close {
     let metrics = conn.shared.metrics.as_deref();
     loop {
@@ -539,7 +633,9 @@ async fn response_pump(
                     Instant::now()
                 });
                 let timing = inflight.timing;
-                match process_response(conn, frame, inflight, client_id).await {
+                let swallow = inflight.swallow;
+                let inflight_version = inflight.version;
+                match process_response(conn, frame, inflight, identity).await {
                     Ok(out) => {
                         if let (Some(m), Some((received, sent)), Some(answered)) =
                             (metrics, timing, answered)
@@ -550,6 +646,13 @@ async fn response_pump(
                             let inside =
                                 sent.saturating_duration_since(received) + answered.elapsed();
                             api.proxy_seconds.observe(inside.as_secs_f64());
+                        }
+                        if swallow {
+                            // The answer to an acks=0 request the proxy upgraded: not the client's.
+                            if let Some(e) = produce_refusal(&out, inflight_version) {
+                                return Close::AcksZeroRefused(e);
+                            }
+                            continue;
                         }
                         (api_key, out)
                     }
@@ -576,10 +679,11 @@ async fn response_pump(
 
 async fn process_response(
     conn: &Conn<'_>,
-    frame: Bytes,
+    mut frame: Bytes,
     inflight: InFlight,
-    client_id: &std::sync::OnceLock<String>,
+    identity: &Identity,
 ) -> Result<Bytes, Close> {
+    let client_id = &identity.client_id;
     match response_correlation_id(&frame) {
         Ok(id) if id == inflight.correlation_id => {}
         Ok(id) => {
@@ -609,6 +713,8 @@ async fn process_response(
                 .map_err(|e| Close::MalformedResponse(e.to_string()));
         }
         Learn::Produce(_) | Learn::Nothing => {}
+        Learn::ForcedFetch => frame = without_aborted_batches(frame, version)?,
+        Learn::Sasl => identity.on_sasl_response(&frame, version),
         learn => learn_from_coordinator(shared, &info, key, version, &frame, learn),
     }
     if key == ApiKey::Fetch && shared.metrics.is_some() {
@@ -805,4 +911,65 @@ fn learn_from_coordinator(
             ..AuditEvent::new(kind, Source::Broker, Action::Observed).from_conn(info)
         });
     }
+}
+
+/// The first partition error of a Produce response frame, as text (for acks=0 requests the proxy
+/// upgraded, whose answers the client never sees). An answer that cannot be read counts as a refusal.
+fn produce_refusal(frame: &Bytes, version: i16) -> Option<String> {
+    let resp = match decode_response::<ProduceResponse>(frame.clone(), ApiKey::Produce, version) {
+        Ok((_, resp)) => resp,
+        Err(e) => return Some(format!("unreadable produce answer: {e}")),
+    };
+    resp.responses.iter().find_map(|t| {
+        t.partition_responses
+            .iter()
+            .find(|p| p.error_code != 0)
+            .map(|p| {
+                format!(
+                    "{}-{}: error {}{}",
+                    t.name.0.as_str(),
+                    p.index,
+                    p.error_code,
+                    p.error_message
+                        .as_ref()
+                        .map(|m| format!(" ({})", m.as_str()))
+                        .unwrap_or_default()
+                )
+            })
+    })
+}
+
+/// Removes aborted transactional batches from a fetch answer the proxy upgraded to read_committed.
+/// Untouched (no copy) unless some partition lists aborted transactions.
+fn without_aborted_batches(frame: Bytes, version: i16) -> Result<Bytes, Close> {
+    let mut any = false;
+    skim::fetch_walk(&frame, version, |p| any |= p.aborted_transactions > 0)
+        .map_err(|e| Close::MalformedResponse(format!("fetch: {e}")))?;
+    if !any {
+        return Ok(frame);
+    }
+    let (header, mut resp) = decode_response::<FetchResponse>(frame, ApiKey::Fetch, version)
+        .map_err(|e| Close::MalformedResponse(e.to_string()))?;
+    let mut removed = 0usize;
+    for t in &mut resp.responses {
+        for p in &mut t.partitions {
+            let (Some(aborted), Some(records)) = (&p.aborted_transactions, &p.records) else {
+                continue;
+            };
+            let list: Vec<(i64, i64)> = aborted
+                .iter()
+                .map(|a| (a.producer_id.0, a.first_offset))
+                .collect();
+            if let Some(kept) = crate::policy::wire::without_aborted(records, &list) {
+                removed += records.len() - kept.len();
+                p.records = Some(kept);
+            }
+        }
+    }
+    debug!(
+        removed_bytes = removed,
+        "aborted batches removed from a forced read_committed fetch"
+    );
+    encode_response(&header, &resp, ApiKey::Fetch, version)
+        .map_err(|e| Close::MalformedResponse(e.to_string()))
 }

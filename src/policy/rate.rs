@@ -1,0 +1,127 @@
+//! New producer ids per client per minute (the producer-id explosion of KIP-936: a client that creates
+//! a producer per message fills the broker's producer-state maps until it runs out of memory).
+//!
+//! A sliding-window counter per client: the current minute's count plus the previous minute's, weighted
+//! by how much of it still lies inside the window. Constant memory per client (no timestamp list), and
+//! the number of clients tracked is bounded.
+
+use dashmap::DashMap;
+use std::time::{Duration, Instant};
+
+pub const MAX_CLIENTS: usize = 100_000;
+const WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    window_start: Instant,
+    current: u32,
+    previous: u32,
+}
+
+pub struct PerMinute {
+    clients: DashMap<String, Counter>,
+    max_clients: usize,
+}
+
+/// The outcome of asking for one more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Over the limit: how long until the window has room again (a hint for the client's back-off).
+    Over {
+        retry_after: Duration,
+        count: u32,
+    },
+}
+
+impl PerMinute {
+    pub fn new(max_clients: usize) -> Self {
+        PerMinute {
+            clients: DashMap::new(),
+            max_clients,
+        }
+    }
+
+    /// Counts one more for `client` if it stays within `limit` per minute.
+    pub fn admit(&self, client: &str, limit: u32, now: Instant) -> Admission {
+        if self.clients.len() >= self.max_clients && !self.clients.contains_key(client) {
+            // Forget clients idle for two windows; if none are, start over rather than grow.
+            self.clients
+                .retain(|_, c| now.duration_since(c.window_start) < 2 * WINDOW);
+            if self.clients.len() >= self.max_clients {
+                self.clients.clear();
+            }
+        }
+        let mut entry = self.clients.entry(client.to_string()).or_insert(Counter {
+            window_start: now,
+            current: 0,
+            previous: 0,
+        });
+        let c = entry.value_mut();
+        let mut elapsed = now.saturating_duration_since(c.window_start);
+        if elapsed >= WINDOW {
+            let windows = elapsed.as_secs() / WINDOW.as_secs();
+            c.previous = if windows == 1 { c.current } else { 0 };
+            c.current = 0;
+            c.window_start += WINDOW * windows as u32;
+            elapsed = now.saturating_duration_since(c.window_start);
+        }
+        let remaining = 1.0 - elapsed.as_secs_f64() / WINDOW.as_secs_f64();
+        let estimate = f64::from(c.previous) * remaining + f64::from(c.current);
+        if estimate + 1.0 > f64::from(limit) {
+            return Admission::Over {
+                retry_after: WINDOW.saturating_sub(elapsed),
+                count: estimate.round() as u32,
+            };
+        }
+        c.current += 1;
+        Admission::Admitted
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.clients.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_per_minute_then_room_again() {
+        let r = PerMinute::new(10);
+        let t0 = Instant::now();
+        for i in 0..5 {
+            assert_eq!(
+                r.admit("a", 5, t0 + Duration::from_millis(i)),
+                Admission::Admitted
+            );
+        }
+        assert!(matches!(
+            r.admit("a", 5, t0 + Duration::from_secs(1)),
+            Admission::Over { .. }
+        ));
+        // Another client has its own budget.
+        assert_eq!(r.admit("b", 5, t0), Admission::Admitted);
+        // Half-way through the next minute, half of the previous minute still counts (2.5 of 5).
+        let t = t0 + Duration::from_secs(90);
+        assert_eq!(r.admit("a", 5, t), Admission::Admitted);
+        assert_eq!(r.admit("a", 5, t), Admission::Admitted);
+        assert!(matches!(r.admit("a", 5, t), Admission::Over { .. }));
+        // Two idle minutes later the slate is clean.
+        let t = t0 + Duration::from_secs(200);
+        for _ in 0..5 {
+            assert_eq!(r.admit("a", 5, t), Admission::Admitted);
+        }
+    }
+
+    #[test]
+    fn client_count_is_bounded() {
+        let r = PerMinute::new(100);
+        let t0 = Instant::now();
+        for i in 0..1000 {
+            r.admit(&format!("c{i}"), 5, t0);
+        }
+        assert!(r.tracked() <= 100);
+    }
+}
