@@ -33,6 +33,8 @@ pub struct Hooks {
     /// Called with the api key and frame of every broker response before it goes to the client; `true`
     /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
     pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
+    /// Called with every request frame the proxy writes upstream (after any rewrite).
+    pub on_upstream_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
     /// Called with every audit event.
     pub on_audit: Option<Arc<dyn Fn(&crate::audit::AuditEvent) + Send + Sync>>,
 }

@@ -518,6 +518,9 @@ async fn request_pump(
             m.api(head.api_key).requests.inc();
             m.bytes_to_upstream.inc_by(out.len() as u64);
         }
+        if let Some(hook) = &conn.shared.hooks.on_upstream_frame {
+            hook(&out);
+        }
         if let Err(e) = upstream.write_all(&out).await {
             return Close::UpstreamIo(e);
         }

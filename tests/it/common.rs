@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+use bytes::Bytes;
 use kafka_eos_proxy::config::{BrokerPorts, Config};
 use kafka_eos_proxy::{Hooks, Proxy};
 use std::path::{Path, PathBuf};
@@ -139,6 +140,8 @@ pub struct TestProxy {
     pub proxy: Option<Proxy>,
     /// Every audit event the proxy emitted.
     pub audits: Arc<Mutex<Vec<kafka_eos_proxy::audit::AuditEvent>>>,
+    /// Every Produce request frame the proxy wrote upstream.
+    pub upstream_frames: Arc<Mutex<Vec<Bytes>>>,
     pub bootstrap: String,
     pub first_broker_port: u16,
     pub leaks: Arc<LeakDetector>,
@@ -181,7 +184,12 @@ impl TestProxy {
 }
 
 pub fn proxy_config(upstream: &str, bootstrap_port: u16, first_broker_port: u16) -> Config {
-    let yaml = format!(
+    Config::parse(&proxy_yaml(upstream, bootstrap_port, first_broker_port)).expect("test config")
+}
+
+/// The YAML of a test proxy's config (append `policies:` to it for policy tests).
+pub fn proxy_yaml(upstream: &str, bootstrap_port: u16, first_broker_port: u16) -> String {
+    format!(
         r#"
 upstream:
   bootstrap_servers: [{servers}]
@@ -205,8 +213,7 @@ audit:
             .map(|s| format!("\"{s}\""))
             .collect::<Vec<_>>()
             .join(", ")
-    );
-    Config::parse(&yaml).expect("test config")
+    )
 }
 
 /// Starts a proxy in front of `cluster`, on a fresh block of ports.
@@ -237,9 +244,20 @@ pub async fn start_proxy_full(
         let detector = leaks.clone();
         let audits: Arc<Mutex<Vec<kafka_eos_proxy::audit::AuditEvent>>> = Arc::default();
         let sink = audits.clone();
+        let upstream_frames: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+        let upstream_sink = upstream_frames.clone();
         let hooks = Hooks {
             on_client_frame: Some(Arc::new(move |f: &[u8]| detector.inspect(f))),
             drop_client_frame: drop_rule.clone(),
+            // Produce requests only (api key 0): what the broker was asked to write.
+            on_upstream_frame: Some(Arc::new(move |f: &[u8]| {
+                if f.len() > 6 && f[4..6] == [0, 0] {
+                    upstream_sink
+                        .lock()
+                        .unwrap()
+                        .push(Bytes::copy_from_slice(f));
+                }
+            })),
             on_audit: Some(Arc::new(move |e| sink.lock().unwrap().push(e.clone()))),
         };
         match Proxy::start(config, hooks).await {
@@ -249,6 +267,7 @@ pub async fn start_proxy_full(
                 return TestProxy {
                     proxy: Some(proxy),
                     audits,
+                    upstream_frames,
                     bootstrap,
                     first_broker_port,
                     leaks,

@@ -4,6 +4,7 @@
 mod brokers;
 mod common;
 mod java_client;
+mod policies;
 mod producer_state;
 mod rdkafka_clients;
 mod telemetry;

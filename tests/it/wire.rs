@@ -16,14 +16,21 @@ use tokio::net::TcpStream;
 pub struct Raw {
     pub stream: TcpStream,
     pub next_corr: i32,
+    pub client_id: String,
 }
 
 impl Raw {
     pub async fn connect(addr: &str) -> Raw {
+        Raw::connect_as(addr, "raw-test").await
+    }
+
+    /// A connection whose requests carry `client_id`.
+    pub async fn connect_as(addr: &str, client_id: &str) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect to proxy");
         Raw {
             stream,
             next_corr: 1,
+            client_id: client_id.to_string(),
         }
     }
 
@@ -38,7 +45,7 @@ impl Raw {
             .with_request_api_key(key as i16)
             .with_request_api_version(version)
             .with_correlation_id(corr)
-            .with_client_id(Some(StrBytes::from_static_str("raw-test")));
+            .with_client_id(Some(StrBytes::from_string(self.client_id.clone())));
         let mut buf = BytesMut::new();
         buf.put_i32(0);
         header
