@@ -162,3 +162,26 @@ async fn java_consumer_group_rebalance() {
     assert!(one(&r, "from_second_member") > 0);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_clients_under_policies() {
+    let text = format!(
+        "{}{}",
+        proxy_yaml("127.0.0.1:1", 1, 2),
+        r#"
+policies:
+  - name: java-eos
+    match: { topics: { prefix: ["java-policy-"] } }
+    produce: { idempotence: reject }
+    consume: { read_committed: upgrade }
+"#
+    );
+    let policies = kafka_eos_proxy::config::Config::parse(&text)
+        .expect("policies")
+        .policies;
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = policies.clone()).await;
+    let results = run_java("policy", &proxy).await;
+    assert_eq!(one(&results, "refused"), 10);
+    assert_eq!(one(&results, "consumed"), 25);
+    proxy.stop().await;
+}

@@ -8,8 +8,6 @@ use kafka_eos_proxy::audit::{Action, AuditEvent, Kind};
 use kafka_eos_proxy::config::Config;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{
     BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, ThreadedProducer,
@@ -150,22 +148,6 @@ policies:
         "rejections are counted"
     );
     proxy.stop().await;
-}
-
-async fn create_topic_with(bootstrap: &str, topic: &str, configs: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(bootstrap).create().expect("admin");
-    let mut t = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
-    for (k, v) in configs {
-        t = t.set(k, v);
-    }
-    for r in admin
-        .create_topics(&[t], &AdminOptions::new().operation_timeout(Some(T)))
-        .await
-        .expect("create_topics")
-    {
-        r.expect("topic created");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,9 @@
 //   txn          one committed and one aborted transaction, checked with read_committed
 //   ctp          consume-transform-produce with sendOffsetsToTransaction
 //   group        two consumers in a group, a rebalance, committed offsets
+//   policy       (through a proxy with the test's policy) a non-idempotent producer is refused with
+//                PolicyViolationException and writes nothing; a read_uncommitted consumer sees no
+//                aborted records
 import java.time.Duration;
 import java.util.*;
 import java.util.concurrent.TimeUnit;
@@ -34,6 +37,7 @@ public class EosClient {
             case "txn": txn(); break;
             case "ctp": ctp(); break;
             case "group": group(); break;
+            case "policy": policy(); break;
             default: throw new IllegalArgumentException("unknown scenario " + args[0]);
         }
         System.out.println("RESULT ok=true");
@@ -117,6 +121,42 @@ public class EosClient {
         Collections.sort(g);
         Collections.sort(w);
         check(g.equals(w), what + ": got " + g.size() + " records, expected " + w.size());
+    }
+
+    static void policy() throws Exception {
+        String topic = prefix + "-policy";
+        createTopic(topic, 2, 1);
+        Properties plain = new Properties();
+        plain.put("enable.idempotence", "false");
+        plain.put("acks", "1");
+        plain.put("retries", "0");
+        int refused = 0;
+        try (KafkaProducer<String, String> p = producer(plain)) {
+            for (String v : numbered("jp", 10)) {
+                try {
+                    p.send(new ProducerRecord<>(topic, v, v)).get(60, TimeUnit.SECONDS);
+                } catch (java.util.concurrent.ExecutionException e) {
+                    check(e.getCause() instanceof org.apache.kafka.common.errors.PolicyViolationException,
+                          "refused with PolicyViolationException, got " + e.getCause());
+                    check(e.getCause().getMessage().contains("kafka-eos-proxy policy"),
+                          "the error message names the policy: " + e.getCause().getMessage());
+                    refused++;
+                }
+            }
+        }
+        check(refused == 10, "every non-idempotent write refused, got " + refused);
+        try (KafkaProducer<String, String> p = txnProducer(prefix + "-policy-txn")) {
+            p.beginTransaction();
+            sendAll(p, topic, numbered("jc", 25));
+            p.commitTransaction();
+            p.beginTransaction();
+            sendAll(p, topic, numbered("ja", 10));
+            p.abortTransaction();
+        }
+        List<String> got = readAll(topic, "read_uncommitted", 25);
+        sameSet(got, numbered("jc", 25), "a read_uncommitted consumer forced to read_committed");
+        System.out.println("RESULT refused=" + refused);
+        System.out.println("RESULT consumed=" + got.size());
     }
 
     static void admin() throws Exception {
