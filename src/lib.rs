@@ -14,8 +14,9 @@
 //! Module map, in data-flow order: [`config`] (YAML, validation) → [`server`] (listeners, broker
 //! registry, discovery, watchdog, shutdown) → [`session`] (per-connection pumps) → [`protocol`] (framing,
 //! header peeks, batch headers, produce walker, version table, codecs) → [`filters`] (address rewrite,
-//! ApiVersions clamp, response skims) → [`guard`] (produce guard, transaction fence) → [`eos`] (pure
-//! producer-state rules) → [`audit`], [`metrics`] (what operators see).
+//! ApiVersions clamp, response skims) → [`policy`] (what each topic demands; reloadable) → [`guard`]
+//! (produce guard, transaction fence) → [`eos`] (pure producer-state rules) → [`audit`], [`metrics`]
+//! (what operators see).
 
 pub mod audit;
 pub mod config;
