@@ -680,3 +680,62 @@ async fn reload_on_sighup() {
     let _ = std::fs::remove_dir_all(&dir);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_match_the_sasl_principal_the_broker_accepted() {
+    let _ = kafka(Cluster::Single); // the broker's SASL_PLAINTEXT listener is 127.0.0.1:19096
+    let p = policies(
+        r#"
+policies:
+  - name: mallory-must-be-idempotent
+    match: { topics: { prefix: ["pol-sasl-"] }, principals: ["User:mallory"] }
+    produce: { idempotence: reject }
+"#,
+    );
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.upstream.bootstrap_servers = vec!["127.0.0.1:19096".into()];
+        c.policies = p.clone();
+    })
+    .await;
+    let sasl = |user: &str, password: &str| {
+        let mut cfg = client_config(proxy.bootstrap());
+        cfg.set("security.protocol", "SASL_PLAINTEXT")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", user)
+            .set("sasl.password", password)
+            .set("enable.idempotence", "false")
+            .set("message.timeout.ms", "10000");
+        cfg
+    };
+    let topic = unique_topic("pol-sasl");
+    create_topic(&direct(), &topic, 1, 1).await;
+    let alice: FutureProducer = sasl("alice", "alice-secret").create().expect("alice");
+    for r in send_all(&alice, &topic, "alice", 5).await {
+        r.expect("alice is not under the rule");
+    }
+    let mallory: FutureProducer = sasl("mallory", "mallory-secret").create().expect("mallory");
+    for r in send_all(&mallory, &topic, "mallory", 5).await {
+        let e = r.expect_err("mallory must be idempotent");
+        assert_eq!(code(&e), Some(RDKafkaErrorCode::PolicyViolation), "{e}");
+    }
+    // A wrong password never becomes a principal: the broker refuses the login, not the policy.
+    let liar: FutureProducer = sasl("mallory", "wrong")
+        .set("message.timeout.ms", "3000")
+        .create()
+        .expect("liar");
+    for r in send_all(&liar, &topic, "liar", 1).await {
+        let e = r.expect_err("authentication fails");
+        assert_ne!(code(&e), Some(RDKafkaErrorCode::PolicyViolation), "{e}");
+    }
+    let got = read_all(&direct(), &topic, "read_uncommitted", 5);
+    assert_eq!(got.len(), 5);
+    assert!(got.iter().all(|v| v.starts_with("alice-")));
+    let events = policy_events(&proxy, "idempotence");
+    assert!(
+        !events.is_empty()
+            && events
+                .iter()
+                .all(|e| e.rule.as_deref() == Some("mallory-must-be-idempotent"))
+    );
+    proxy.stop().await;
+}
