@@ -602,7 +602,11 @@ impl Guard {
         let mut fails: Vec<(Arc<str>, PolicyAction, Check, i16, String)> = Vec::new();
         // acks=1 under `reject` is refused here, per partition; `upgrade` already rewrote the request and
         // `audit` is reported by the session once per request (acks is a request-level field).
-        if let Some(x) = d.acks_all.as_ref().filter(|x| x.action == PolicyAction::Reject) {
+        if let Some(x) = d
+            .acks_all
+            .as_ref()
+            .filter(|x| x.action == PolicyAction::Reject)
+        {
             if view.acks == 1 {
                 fails.push((
                     x.rule.clone(),

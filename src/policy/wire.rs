@@ -237,7 +237,9 @@ pub fn without_aborted(records: &[u8], aborted: &[(i64, i64)]) -> Option<Bytes> 
             continue;
         };
         if h.is_transactional() {
-            let last = h.base_offset() + i64::from(h.last_offset_delta());
+            let last = h
+                .base_offset()
+                .saturating_add(i64::from(h.last_offset_delta()));
             while next < pending.len() && pending[next].1 <= last {
                 if !active.contains(&pending[next].0) {
                     active.push(pending[next].0);

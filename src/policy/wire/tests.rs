@@ -226,4 +226,7 @@ fn hostile_records_never_panic() {
     bad_marker.truncate(n - 6);
     bad_marker[8..12].copy_from_slice(&((n - 6 - 12) as i32).to_be_bytes());
     let _ = without_aborted(&bad_marker, &[(7, 0)]);
+    // Found by the fuzzer: a base offset near i64::MAX plus the offset delta must not overflow.
+    let edge = at(i64::MAX, 7, 0x10, 3, b"x");
+    assert!(without_aborted(&edge, &[(7, 0)]).is_some());
 }
