@@ -154,18 +154,27 @@ async fn run_connection(
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1);
         let f = frame(ApiKey::InitProducerId, INIT_VERSION, i as i32, &req);
-        if wr.write_all(&f).await.is_err() {
-            fail("write");
-        }
-        let r: InitProducerIdResponse = decode(
-            ApiKey::InitProducerId,
-            INIT_VERSION,
-            read_frame(&mut rd).await,
-        );
-        if r.error_code != 0 {
-            fail(&format!("InitProducerId error {}", r.error_code));
-        }
-        pids.push(r.producer_id.0);
+        let mut attempts = 0;
+        let pid = loop {
+            if wr.write_all(&f).await.is_err() {
+                fail("write");
+            }
+            let r: InitProducerIdResponse = decode(
+                ApiKey::InitProducerId,
+                INIT_VERSION,
+                read_frame(&mut rd).await,
+            );
+            match r.error_code {
+                0 => break r.producer_id.0,
+                // Coordinator loading / not available (a broker that just started): retry.
+                14 | 15 if attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                e => fail(&format!("InitProducerId error {e}")),
+            }
+        };
+        pids.push(pid);
     }
     let window = Arc::new(Semaphore::new(IN_FLIGHT));
     let total = producers * partitions as usize * batches as usize;
