@@ -31,7 +31,9 @@ fn main() {
     for pid in 0..producers {
         let topic = format!("topic-{}", pid % 20);
         for partition in 0..10 {
-            let key = store.key(pid, &topic, partition);
+            let Some(key) = store.key(pid, &topic, partition) else {
+                continue;
+            };
             for b in 0..5 {
                 let batch = Batch {
                     epoch: 0,

@@ -59,18 +59,34 @@ pub struct Acked {
     pub acks_all: bool,
 }
 
-/// An acknowledged batch as stored: 24 bytes (the acks flag lives in a bitmask beside the window).
+/// One acknowledged batch as stored, 12 bytes. Its first sequence is not stored: the window is contiguous
+/// (see [`PartitionState::acknowledge`]), so it follows the previous batch's last sequence. Offset and
+/// timestamp are stored as differences from the previous batch (the oldest's are in the state itself),
+/// which keeps them exact: a difference that does not fit restarts the window instead (see `push`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stored {
-    first_seq: i32,
+struct Slot {
     last_seq: i32,
-    first_offset: i64,
-    timestamp: i64,
+    /// first offset minus the previous batch's first offset (0 for the oldest).
+    offset_step: u32,
+    /// timestamp minus the previous batch's timestamp (0 for the oldest).
+    timestamp_step: i32,
 }
 
-/// The broker's view of one producer on one partition.
+const EMPTY: Slot = Slot {
+    last_seq: 0,
+    offset_step: 0,
+    timestamp_step: 0,
+};
+
+/// The broker's view of one producer on one partition: 88 bytes, most of the memory the proxy spends
+/// per tracked producer-partition (issue #6 target: 200 bytes all in).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionState {
+    /// First offset and timestamp of the oldest batch in the window.
+    base_offset: i64,
+    base_timestamp: i64,
+    /// First sequence of the oldest batch in the window.
+    base_seq: i32,
     pub epoch: i16,
     /// Batches acknowledged since this state was created, capped at WINDOW. Until it reaches WINDOW the
     /// broker may remember older batches of this epoch that the proxy never saw (the producer was new
@@ -78,29 +94,23 @@ pub struct PartitionState {
     /// not called out of order: it may be a retry the broker will answer itself.
     learned: u8,
     len: u8,
-    /// Ring buffer, oldest first starting at `head`.
-    head: u8,
-    /// Bit i: slot i was acknowledged with acks=all.
+    /// Bit i: the i-th batch, oldest first, was acknowledged with acks=all.
     acks_all: u8,
-    window: [Stored; WINDOW],
+    /// Oldest first.
+    slots: [Slot; WINDOW],
 }
-
-const EMPTY: Stored = Stored {
-    first_seq: 0,
-    last_seq: 0,
-    first_offset: 0,
-    timestamp: 0,
-};
 
 impl PartitionState {
     pub fn new(epoch: i16) -> Self {
         PartitionState {
+            base_offset: 0,
+            base_timestamp: 0,
+            base_seq: 0,
             epoch,
             learned: 0,
             len: 0,
-            head: 0,
             acks_all: 0,
-            window: [EMPTY; WINDOW],
+            slots: [EMPTY; WINDOW],
         }
     }
 
@@ -112,26 +122,39 @@ impl PartitionState {
         s
     }
 
-    fn slot(&self, i: usize) -> Acked {
-        let w = &self.window[i];
-        Acked {
-            first_seq: w.first_seq,
-            last_seq: w.last_seq,
-            first_offset: w.first_offset,
-            timestamp: w.timestamp,
-            acks_all: self.acks_all & (1 << i) != 0,
-        }
-    }
-
     /// Acknowledged batches of the current epoch, oldest first.
     pub fn window(&self) -> impl Iterator<Item = Acked> + '_ {
-        (0..self.len as usize).map(move |i| self.slot((self.head as usize + i) % WINDOW))
+        let mut prev: Option<Acked> = None;
+        self.slots[..self.len as usize]
+            .iter()
+            .enumerate()
+            .map(move |(i, slot)| {
+                let acked = match prev {
+                    None => Acked {
+                        first_seq: self.base_seq,
+                        last_seq: slot.last_seq,
+                        first_offset: self.base_offset,
+                        timestamp: self.base_timestamp,
+                        acks_all: false,
+                    },
+                    Some(p) => Acked {
+                        first_seq: next_seq(p.last_seq),
+                        last_seq: slot.last_seq,
+                        first_offset: p.first_offset.wrapping_add(i64::from(slot.offset_step)),
+                        timestamp: p.timestamp.wrapping_add(i64::from(slot.timestamp_step)),
+                        acks_all: false,
+                    },
+                };
+                prev = Some(acked);
+                Acked {
+                    acks_all: self.acks_all & (1 << i) != 0,
+                    ..acked
+                }
+            })
     }
 
     pub fn last(&self) -> Option<Acked> {
-        self.len
-            .checked_sub(1)
-            .map(|i| self.slot((self.head as usize + i as usize) % WINDOW))
+        self.window().last()
     }
 
     /// Whether the window holds everything the broker's does (see `learned`).
@@ -141,7 +164,7 @@ impl PartitionState {
 
     /// Records a batch the broker accepted. An epoch change clears the window, as on the broker. A batch
     /// behind the last known one (the broker answered a retry of an old batch as a duplicate) teaches
-    /// nothing new and is not recorded, so the window stays in sequence order.
+    /// nothing new and is not recorded, so the window stays in sequence order and contiguous.
     pub fn acknowledge(&mut self, epoch: i16, acked: Acked) {
         if epoch != self.epoch {
             let learned = self.learned;
@@ -159,30 +182,72 @@ impl PartitionState {
             if acked.first_seq != next_seq(last.last_seq) {
                 // A jump: the broker acknowledged batches in between that the proxy never saw (its state
                 // was lost). Keep only what is contiguous, as the broker's window would.
-                let epoch = self.epoch;
-                *self = PartitionState::new(epoch);
+                self.restart();
+            } else if !self.push(acked, last) {
+                // Offset or timestamp too far from the previous batch to store as a difference (more
+                // than 2^32 records written in between, or client timestamps ~25 days apart): start the
+                // window again from this batch. Knowing less than the broker only means more batches
+                // are left for the broker to judge, never a wrong answer.
+                self.restart();
+            } else {
+                self.learned = self.learned.saturating_add(1).min(WINDOW as u8);
+                return;
             }
         }
         self.learned = self.learned.saturating_add(1).min(WINDOW as u8);
-        let slot = if self.len as usize == WINDOW {
-            let slot = self.head as usize;
-            self.head = ((self.head as usize + 1) % WINDOW) as u8;
-            slot
-        } else {
-            self.len += 1;
-            (self.head as usize + self.len as usize - 1) % WINDOW
-        };
-        self.window[slot] = Stored {
-            first_seq: acked.first_seq,
+        self.len = 1;
+        self.base_seq = acked.first_seq;
+        self.base_offset = acked.first_offset;
+        self.base_timestamp = acked.timestamp;
+        self.slots[0] = Slot {
             last_seq: acked.last_seq,
-            first_offset: acked.first_offset,
-            timestamp: acked.timestamp,
+            offset_step: 0,
+            timestamp_step: 0,
+        };
+        self.acks_all = u8::from(acked.acks_all);
+    }
+
+    /// An empty window at the same epoch that knows nothing the broker knows.
+    fn restart(&mut self) {
+        let epoch = self.epoch;
+        *self = PartitionState::new(epoch);
+    }
+
+    /// Appends `acked`, which follows `last`, dropping the oldest batch when the window is full.
+    /// False (and nothing changed) if its offset or timestamp cannot be stored as a difference.
+    fn push(&mut self, acked: Acked, last: Acked) -> bool {
+        let offset_step =
+            u32::try_from(i128::from(acked.first_offset) - i128::from(last.first_offset));
+        let timestamp_step =
+            i32::try_from(i128::from(acked.timestamp) - i128::from(last.timestamp));
+        let (Ok(offset_step), Ok(timestamp_step)) = (offset_step, timestamp_step) else {
+            return false;
+        };
+        if self.len as usize == WINDOW {
+            // The second oldest becomes the oldest: its absolute values move into the base.
+            let second = self.slots[1];
+            self.base_seq = next_seq(self.slots[0].last_seq);
+            self.base_offset = self.base_offset.wrapping_add(i64::from(second.offset_step));
+            self.base_timestamp = self
+                .base_timestamp
+                .wrapping_add(i64::from(second.timestamp_step));
+            self.slots.copy_within(1.., 0);
+            self.slots[0].offset_step = 0;
+            self.slots[0].timestamp_step = 0;
+            self.acks_all >>= 1;
+            self.len -= 1;
+        }
+        let i = self.len as usize;
+        self.slots[i] = Slot {
+            last_seq: acked.last_seq,
+            offset_step,
+            timestamp_step,
         };
         if acked.acks_all {
-            self.acks_all |= 1 << slot;
-        } else {
-            self.acks_all &= !(1 << slot);
+            self.acks_all |= 1 << i;
         }
+        self.len += 1;
+        true
     }
 }
 
@@ -429,6 +494,53 @@ mod tests {
         let mut s = PartitionState::new(0);
         s.acknowledge(1, acked(0, 4, 500));
         assert!(s.is_complete());
+    }
+
+    #[test]
+    fn the_compact_window_is_exact_and_small() {
+        assert_eq!(std::mem::size_of::<PartitionState>(), 88);
+        // Offsets and timestamps far apart but within what a difference can hold come back exact,
+        // also across the oldest batch dropping out of a full window.
+        let mut s = PartitionState::new(0);
+        let mut want = Vec::new();
+        for i in 0..9i32 {
+            let a = Acked {
+                first_seq: i * 10,
+                last_seq: i * 10 + 9,
+                first_offset: (1 << 40) + i64::from(i) * i64::from(u32::MAX),
+                timestamp: 1_700_000_000_000 + i64::from(i % 2) * i64::from(i32::MAX),
+                acks_all: i % 3 != 0,
+            };
+            s.acknowledge(0, a);
+            want.push(a);
+        }
+        assert_eq!(s.window().collect::<Vec<_>>(), want[4..].to_vec());
+        assert!(s.is_complete());
+    }
+
+    #[test]
+    fn a_difference_too_large_to_store_restarts_the_window() {
+        let mut s = state(0, &[(0, 9), (10, 19)]);
+        assert!(s.is_complete());
+        // 2^32 records by other producers between two batches of this one
+        let far = Acked {
+            first_offset: 100 + (1 << 32),
+            ..acked(20, 29, 0)
+        };
+        s.acknowledge(0, far);
+        assert_eq!(s.window().collect::<Vec<_>>(), vec![far]);
+        assert!(!s.is_complete(), "knows less than the broker now");
+        // a retry of the batch before it is left for the broker to answer
+        assert_eq!(check(Some(&s), &[], b(0, 10, 19)), Verdict::Unknown);
+        assert_eq!(check(Some(&s), &[], b(0, 20, 29)), Verdict::Duplicate(far));
+        // a timestamp more than i32::MAX ms later
+        let late = Acked {
+            timestamp: far.timestamp + i64::from(i32::MAX) + 1,
+            first_offset: far.first_offset + 10,
+            ..acked(30, 39, 0)
+        };
+        s.acknowledge(0, late);
+        assert_eq!(s.window().collect::<Vec<_>>(), vec![late]);
     }
 
     #[test]

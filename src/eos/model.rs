@@ -78,6 +78,9 @@ enum Op {
     Zombie(i32),
     /// The proxy lost its state (eviction, idle expiry, restart); the broker did not.
     Forget,
+    /// Other producers write `n` records to the partition (moves offsets, and timestamps with them,
+    /// sometimes further than the compact window can store as a difference).
+    Traffic(i64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -88,6 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..3i16).prop_map(Op::Bump),
         1 => (1..5i32).prop_map(Op::Zombie),
         1 => Just(Op::Forget),
+        1 => prop_oneof![1..1_000i64, (1i64 << 28)..(1i64 << 34)].prop_map(Op::Traffic),
     ]
 }
 
@@ -122,6 +126,10 @@ proptest! {
                     Batch { epoch, first_seq: 0, last_seq: 0 }
                 }
                 Op::Zombie(n) => Batch { epoch: epoch - 1, first_seq: next, last_seq: seq_add(next, n - 1) },
+                Op::Traffic(n) => {
+                    offset += n;
+                    continue;
+                }
                 Op::Forget => {
                     // Only the proxy forgets; the broker keeps its state.
                     state = None;

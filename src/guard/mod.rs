@@ -500,7 +500,10 @@ impl Guard {
                 );
             }
         }
-        let key = self.store.key(info.producer_id, topic, partition);
+        let Some(key) = self.store.key(info.producer_id, topic, partition) else {
+            // No room to name another topic (see ProducerStore::key): pass it on, untracked.
+            return Outcome::Pass;
+        };
         let verdict = self.store.check_and_track(&key, batch, self.now());
         if let (true, Some(t), true) = (info.transactional, txn_id, verdict.forwards()) {
             // A transactional write going to the cluster: the transaction is open from here.
@@ -835,7 +838,7 @@ impl Guard {
                         tracked.push(Tracked {
                             topic,
                             partition,
-                            key: key.clone(),
+                            key: *key,
                             batch: *batch,
                             max_timestamp: *max_timestamp,
                             already_audited: matches!(o, Outcome::Watch { .. }),

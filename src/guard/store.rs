@@ -6,34 +6,232 @@
 //! dropped by [`ProducerStore::expire_idle`]. After eviction the proxy simply does not know the producer:
 //! [`crate::eos::check`] then answers `Unknown` and the batch is passed on (never refused for lack of state).
 //!
+//! Memory per entry is what issue #6 budgets (200 bytes): entries sit densely in a per-shard `Vec` (the
+//! slab) of 120-byte slots: a 16-byte key (the topic interned as a number), the 88-byte window, the
+//! in-flight list behind a pointer that is null while nothing is in flight (most of the time) and the
+//! last-use time. The hash index holds 4-byte slab positions, so its slack (a hash table runs 44% to 88%
+//! full) costs a few bytes per entry rather than a whole entry's worth, and the slab's unused capacity is
+//! never touched, so never resident. `examples/state_memory` measures it.
+//!
 //! Time is passed in by the caller (milliseconds on a monotonic clock), so this module reads no clock.
 
 use crate::eos::{self, Acked, Batch, PartitionState, Verdict};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use hashbrown::HashTable;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// At most this many batches per producer and partition are tracked as in flight (a well-behaved
 /// producer has at most 5); beyond that the oldest is forgotten, which only weakens retry detection.
 const MAX_IN_FLIGHT: usize = 8;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A topic name as a number, handed out by [`ProducerStore::key`]. Numbers are never reused, so a key
+/// held across a reclaim of unused names can never come to mean another topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopicId(u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     pub producer_id: i64,
-    pub topic: Arc<str>,
+    pub topic: TopicId,
     pub partition: i32,
 }
 
+/// Batches forwarded and not answered yet, oldest first.
+#[derive(Debug)]
+struct InFlight {
+    len: u8,
+    batches: [Batch; MAX_IN_FLIGHT],
+}
+
+impl InFlight {
+    fn one(batch: Batch) -> Box<InFlight> {
+        Box::new(InFlight {
+            len: 1,
+            batches: [batch; MAX_IN_FLIGHT],
+        })
+    }
+
+    fn as_slice(&self) -> &[Batch] {
+        &self.batches[..self.len as usize]
+    }
+
+    fn push(&mut self, batch: Batch) {
+        if self.len as usize == MAX_IN_FLIGHT {
+            self.batches.copy_within(1.., 0);
+            self.len -= 1;
+        }
+        self.batches[self.len as usize] = batch;
+        self.len += 1;
+    }
+
+    fn remove(&mut self, batch: Batch) {
+        if let Some(i) = self.as_slice().iter().position(|b| *b == batch) {
+            self.batches.copy_within(i + 1..self.len as usize, i);
+            self.len -= 1;
+        }
+    }
+}
+
+/// Bit 63 of `Entry::stamp`: the entry holds an acknowledged state. (Kept in the time stamp rather than as
+/// an `Option<PartitionState>`, which would cost 8 bytes per entry; milliseconds never reach 2^63.)
+const HAS_STATE: u64 = 1 << 63;
+
 #[derive(Debug)]
 struct Entry {
-    state: Option<PartitionState>,
-    in_flight: Vec<Batch>,
-    last_used_ms: u64,
+    state: PartitionState,
+    in_flight: Option<Box<InFlight>>,
+    /// Last use in milliseconds, and [`HAS_STATE`].
+    stamp: u64,
+}
+
+impl Entry {
+    fn new(now_ms: u64) -> Self {
+        Entry {
+            state: PartitionState::new(0),
+            in_flight: None,
+            stamp: now_ms & !HAS_STATE,
+        }
+    }
+
+    fn state(&self) -> Option<&PartitionState> {
+        (self.stamp & HAS_STATE != 0).then_some(&self.state)
+    }
+
+    fn last_used_ms(&self) -> u64 {
+        self.stamp & !HAS_STATE
+    }
+
+    fn touch(&mut self, now_ms: u64) {
+        self.stamp = (self.stamp & HAS_STATE) | (now_ms & !HAS_STATE);
+    }
+
+    fn in_flight(&self) -> &[Batch] {
+        self.in_flight.as_deref().map_or(&[], InFlight::as_slice)
+    }
+
+    fn track(&mut self, batch: Batch) {
+        match &mut self.in_flight {
+            Some(list) => list.push(batch),
+            None => self.in_flight = Some(InFlight::one(batch)),
+        }
+    }
+
+    /// Takes `batch` out of flight, and frees the list once it is empty (most of the time nothing is in
+    /// flight, and a million idle entries should not each keep a heap allocation).
+    fn untrack(&mut self, batch: Batch) {
+        if let Some(list) = &mut self.in_flight {
+            list.remove(batch);
+            if list.len == 0 {
+                self.in_flight = None;
+            }
+        }
+    }
+}
+
+/// Topic names and their numbers. Bounded: when full, names no entry uses any more are dropped.
+struct Topics {
+    ids: DashMap<Box<str>, TopicId>,
+    names: DashMap<TopicId, Arc<str>>,
+    next: AtomicU32,
+    max: usize,
+    /// New names refused while full.
+    refused: AtomicU64,
+}
+
+/// One lock's worth of entries.
+#[derive(Default)]
+struct Shard {
+    /// Positions in `slots` of the live entries, by the key's hash.
+    index: HashTable<u32>,
+    slots: Vec<(Key, Entry)>,
+    /// Positions in `slots` that are free for reuse.
+    free: Vec<u32>,
+}
+
+impl Shard {
+    fn find(&self, hash: u64, key: &Key) -> Option<usize> {
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&i| slots[i as usize].0 == *key)
+            .map(|&i| i as usize)
+    }
+
+    /// The entry for `key`, inserted by `make` if missing. Returns its position and whether it is new.
+    fn find_or_insert(
+        &mut self,
+        hash: u64,
+        key: &Key,
+        hasher: &RandomState,
+        make: impl FnOnce() -> Entry,
+    ) -> (usize, bool) {
+        if let Some(i) = self.find(hash, key) {
+            return (i, false);
+        }
+        let entry = (*key, make());
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = entry;
+                i
+            }
+            None => {
+                self.slots.push(entry);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.index
+            .insert_unique(hash, i, |&j| hasher.hash_one(slots[j as usize].0));
+        (i as usize, true)
+    }
+
+    fn remove(&mut self, hash: u64, key: &Key) -> bool {
+        let slots = &self.slots;
+        let Ok(found) = self
+            .index
+            .find_entry(hash, |&i| slots[i as usize].0 == *key)
+        else {
+            return false;
+        };
+        let (i, _) = found.remove();
+        self.vacate(i);
+        true
+    }
+
+    /// Frees slot `i` (already out of the index).
+    fn vacate(&mut self, i: u32) {
+        self.slots[i as usize].1.in_flight = None;
+        self.free.push(i);
+    }
+
+    /// Keeps the entries `keep` says yes to; returns how many went.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) -> usize {
+        let mut gone = Vec::new();
+        let slots = &self.slots;
+        self.index.retain(|&mut i| {
+            let k = keep(&slots[i as usize].1);
+            if !k {
+                gone.push(i);
+            }
+            k
+        });
+        for &i in &gone {
+            self.vacate(i);
+        }
+        gone.len()
+    }
+
+    fn live(&self) -> impl Iterator<Item = &(Key, Entry)> + '_ {
+        self.index.iter().map(|&i| &self.slots[i as usize])
+    }
 }
 
 pub struct ProducerStore {
-    map: DashMap<Key, Entry>,
-    topics: DashMap<Box<str>, Arc<str>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    len: AtomicUsize,
+    topics: Topics,
     /// producer id -> epoch handed out by an InitProducerId answer seen through this proxy: a state created
     /// for that producer at that epoch from sequence 0 is complete from the start.
     issued: DashMap<i64, i16>,
@@ -47,6 +245,8 @@ pub struct ProducerStore {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub key: Key,
+    /// The topic's name (empty if the name was dropped while the entry lived on; see [`Topics`]).
+    pub topic: Arc<str>,
     pub state: Option<PartitionState>,
     pub in_flight: Vec<Batch>,
     /// Milliseconds since the entry was last used.
@@ -58,40 +258,109 @@ type Owner = (Option<Arc<str>>, Option<Arc<str>>);
 
 impl ProducerStore {
     pub fn new(max_tracked: usize, idle_expiry_ms: u64) -> Self {
+        let max_tracked = max_tracked.max(1);
+        // As DashMap does: a few shards per core keep lock contention negligible.
+        let shards = std::thread::available_parallelism()
+            .map_or(4, usize::from)
+            .saturating_mul(4)
+            .next_power_of_two();
         ProducerStore {
-            map: DashMap::new(),
-            topics: DashMap::new(),
+            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+            len: AtomicUsize::new(0),
+            topics: Topics {
+                ids: DashMap::new(),
+                names: DashMap::new(),
+                next: AtomicU32::new(0),
+                // As many topics as entries can use, and not fewer than a large cluster has.
+                max: max_tracked.clamp(10_000, 1 << 22),
+                refused: AtomicU64::new(0),
+            },
             issued: DashMap::new(),
             owners: DashMap::new(),
-            max_tracked: max_tracked.max(1),
+            max_tracked,
             idle_expiry_ms,
             evictions: AtomicU64::new(0),
         }
     }
 
-    /// The key for a topic name, sharing one allocation per topic.
-    pub fn key(&self, producer_id: i64, topic: &str, partition: i32) -> Key {
-        let topic = match self.topics.get(topic) {
-            Some(t) => t.clone(),
-            None => self
-                .topics
-                .entry(topic.into())
-                .or_insert_with(|| Arc::from(topic))
-                .clone(),
+    /// The key for a producer on a topic partition. `None` only if the table of topic names is full of
+    /// names in use (more distinct topics than `max_tracked`, or 2^32 names over the process's life): the
+    /// batch is then passed on untracked.
+    pub fn key(&self, producer_id: i64, topic: &str, partition: i32) -> Option<Key> {
+        let topic = match self.topics.ids.get(topic) {
+            Some(id) => *id,
+            None => self.intern(topic)?,
         };
-        Key {
+        Some(Key {
             producer_id,
             topic,
             partition,
+        })
+    }
+
+    fn intern(&self, topic: &str) -> Option<TopicId> {
+        if self.topics.ids.len() >= self.topics.max {
+            // A scan of every entry: done at most once per max/8 refused names, so a client sending
+            // endless new names cannot make every request pay for it.
+            let refused = self.topics.refused.fetch_add(1, Ordering::Relaxed);
+            if refused % (self.topics.max as u64 / 8).max(1) != 0 {
+                return None;
+            }
+            self.reclaim_topic_names();
+            if self.topics.ids.len() >= self.topics.max {
+                tracing::warn!(
+                    topics = self.topics.max,
+                    "producer state: too many distinct topic names in use; batches for new topics pass untracked"
+                );
+                return None;
+            }
         }
+        let entry = self.topics.ids.entry(topic.into()).or_try_insert_with(|| {
+            // Numbers are never reused: past 2^32 names, stop naming new topics.
+            let n = self
+                .topics
+                .next
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
+                .map_err(|_| ())?;
+            let id = TopicId(n);
+            self.topics.names.insert(id, Arc::from(topic));
+            Ok::<TopicId, ()>(id)
+        });
+        entry.ok().map(|e| *e)
+    }
+
+    /// Drops the names no entry refers to.
+    fn reclaim_topic_names(&self) {
+        let mut used = std::collections::HashSet::new();
+        for shard in self.shards.iter() {
+            used.extend(lock(shard).live().map(|(k, _)| k.topic));
+        }
+        self.topics.ids.retain(|_, id| used.contains(id));
+        self.topics.names.retain(|id, _| used.contains(id));
+    }
+
+    /// The name behind a topic number (empty if dropped).
+    pub fn topic_name(&self, topic: TopicId) -> Arc<str> {
+        self.topics
+            .names
+            .get(&topic)
+            .map_or_else(|| Arc::from(""), |n| n.clone())
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+
+    /// The key's hash and its shard (the shard from hash bits the index does not lean on).
+    fn locate(&self, key: &Key) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let shard = ((hash >> 40) as usize) & (self.shards.len() - 1);
+        (hash, lock(&self.shards[shard]))
     }
 
     pub fn evictions(&self) -> u64 {
@@ -139,41 +408,48 @@ impl ProducerStore {
 
     /// Decides on a batch and, if it is to be forwarded, records it as in flight.
     pub fn check_and_track(&self, key: &Key, batch: Batch, now_ms: u64) -> Verdict {
-        if let Some(mut e) = self.map.get_mut(key) {
-            e.last_used_ms = now_ms;
-            let verdict = eos::check(e.state.as_ref(), &e.in_flight, batch);
-            if verdict.forwards() {
-                if e.in_flight.len() >= MAX_IN_FLIGHT {
-                    e.in_flight.remove(0);
+        {
+            let (hash, mut shard) = self.locate(key);
+            if let Some(i) = shard.find(hash, key) {
+                let e = &mut shard.slots[i].1;
+                e.touch(now_ms);
+                let verdict = eos::check(e.state(), e.in_flight(), batch);
+                if verdict.forwards() {
+                    e.track(batch);
                 }
-                e.in_flight.push(batch);
+                return verdict;
             }
-            return verdict;
         }
         self.make_room();
-        self.map.insert(
-            key.clone(),
-            Entry {
-                state: None,
-                in_flight: vec![batch],
-                last_used_ms: now_ms,
-            },
-        );
-        Verdict::Unknown
+        let (hash, mut shard) = self.locate(key);
+        let (i, new) = shard.find_or_insert(hash, key, &self.hasher, || Entry::new(now_ms));
+        if new {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+        let e = &mut shard.slots[i].1;
+        e.touch(now_ms);
+        // Another connection may have inserted it in between: decide against what is there.
+        let verdict = eos::check(e.state(), e.in_flight(), batch);
+        if verdict.forwards() {
+            e.track(batch);
+        }
+        verdict
     }
 
     /// The batch is no longer in flight (answered, failed, or its connection is gone).
     pub fn settle(&self, key: &Key, batch: Batch) {
-        if let Some(mut e) = self.map.get_mut(key) {
-            remove_in_flight(&mut e.in_flight, batch);
+        let (hash, mut shard) = self.locate(key);
+        if let Some(i) = shard.find(hash, key) {
+            shard.slots[i].1.untrack(batch);
         }
     }
 
     /// Whether `batch` is still in flight.
     pub fn in_flight(&self, key: &Key, batch: Batch) -> bool {
-        self.map
-            .get(key)
-            .is_some_and(|e| e.in_flight.contains(&batch))
+        let (hash, shard) = self.locate(key);
+        shard
+            .find(hash, key)
+            .is_some_and(|i| shard.slots[i].1.in_flight().contains(&batch))
     }
 
     /// The broker accepted `batch`: learn it (and settle it). Returns true if it moved the producer to a
@@ -183,79 +459,95 @@ impl ProducerStore {
             .issued
             .get(&key.producer_id)
             .is_some_and(|e| *e == batch.epoch);
-        let mut e = self.map.entry(key.clone()).or_insert_with(|| Entry {
-            state: None,
-            in_flight: Vec::new(),
-            last_used_ms: now_ms,
-        });
-        e.last_used_ms = now_ms;
-        remove_in_flight(&mut e.in_flight, batch);
-        let bumped = e.state.as_ref().is_some_and(|s| s.epoch < batch.epoch);
-        let state = e.state.get_or_insert_with(|| {
-            if fresh && batch.first_seq == 0 {
+        let (hash, mut shard) = self.locate(key);
+        let (i, new) = shard.find_or_insert(hash, key, &self.hasher, || Entry::new(now_ms));
+        if new {
+            // Evicted while in flight: learning it again is worth more than the bound's last entry.
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+        let e = &mut shard.slots[i].1;
+        e.touch(now_ms);
+        e.untrack(batch);
+        let bumped = e.state().is_some_and(|s| s.epoch < batch.epoch);
+        if e.state().is_none() {
+            e.state = if fresh && batch.first_seq == 0 {
                 PartitionState::new_complete(batch.epoch)
             } else {
                 PartitionState::new(batch.epoch)
-            }
-        });
-        state.acknowledge(batch.epoch, acked);
+            };
+            e.stamp |= HAS_STATE;
+        }
+        e.state.acknowledge(batch.epoch, acked);
         bumped
     }
 
     /// Drops entries idle for longer than the idle expiry; returns how many.
     pub fn expire_idle(&self, now_ms: u64) -> usize {
-        let before = self.map.len();
         let limit = self.idle_expiry_ms;
-        self.map.retain(|_, e| {
-            !e.in_flight.is_empty() || now_ms.saturating_sub(e.last_used_ms) < limit
-        });
-        before - self.map.len()
+        let mut gone = 0;
+        for shard in self.shards.iter() {
+            gone += lock(shard).retain(|e| {
+                e.in_flight.is_some() || now_ms.saturating_sub(e.last_used_ms()) < limit
+            });
+        }
+        self.len.fetch_sub(gone, Ordering::Relaxed);
+        gone
     }
 
+    /// At the bound, evicts the least recently used eighth.
     fn make_room(&self) {
-        if self.map.len() < self.max_tracked {
+        if self.len() < self.max_tracked {
             return;
         }
-        let mut ages: Vec<(u64, Key)> = self
-            .map
-            .iter()
-            .map(|e| (e.last_used_ms, e.key().clone()))
-            .collect();
+        let mut ages: Vec<(u64, Key)> = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            ages.extend(lock(shard).live().map(|(k, e)| (e.last_used_ms(), *k)));
+        }
         ages.sort_unstable_by_key(|(t, _)| *t);
         let n = (self.max_tracked / 8).max(1).min(ages.len());
+        let mut gone = 0;
         for (_, key) in ages.into_iter().take(n) {
-            self.map.remove(&key);
+            let (hash, mut shard) = self.locate(&key);
+            if shard.remove(hash, &key) {
+                gone += 1;
+            }
         }
-        self.evictions.fetch_add(n as u64, Ordering::Relaxed);
+        self.len.fetch_sub(gone, Ordering::Relaxed);
+        self.evictions.fetch_add(gone as u64, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self, now_ms: u64) -> Vec<Snapshot> {
-        self.map
-            .iter()
-            .map(|e| Snapshot {
-                key: e.key().clone(),
-                state: e.state.clone(),
-                in_flight: e.in_flight.clone(),
-                idle_ms: now_ms.saturating_sub(e.last_used_ms),
-            })
-            .collect()
+        let mut out = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            out.extend(shard.live().map(|(key, e)| Snapshot {
+                key: *key,
+                topic: self.topic_name(key.topic),
+                state: e.state().cloned(),
+                in_flight: e.in_flight().to_vec(),
+                idle_ms: now_ms.saturating_sub(e.last_used_ms()),
+            }));
+        }
+        out
     }
 }
 
-/// Removes `batch` from an in-flight list, and frees the list's memory once it is empty (most of the
-/// time nothing is in flight, and a million idle entries should not each keep a heap allocation).
-fn remove_in_flight(list: &mut Vec<Batch>, batch: Batch) {
-    if let Some(i) = list.iter().position(|b| *b == batch) {
-        list.remove(i);
-    }
-    if list.is_empty() && list.capacity() > 0 {
-        *list = Vec::new();
-    }
+/// A shard's lock. A panic while holding it cannot leave an entry half-written in a way that matters
+/// more than losing the process would (every update is a few plain stores), so poisoning is ignored.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl ProducerStore {
+        fn key_for(&self, producer_id: i64, topic: &str, partition: i32) -> Key {
+            self.key(producer_id, topic, partition)
+                .expect("room for the topic name")
+        }
+    }
 
     fn b(first: i32, last: i32) -> Batch {
         Batch {
@@ -278,7 +570,7 @@ mod tests {
     #[test]
     fn tracks_in_flight_and_learns_from_acks() {
         let s = ProducerStore::new(100, 1000);
-        let k = s.key(7, "t", 0);
+        let k = s.key_for(7, "t", 0);
         assert_eq!(s.check_and_track(&k, b(0, 4), 0), Verdict::Unknown);
         assert_eq!(
             s.check_and_track(&k, b(0, 4), 1),
@@ -299,7 +591,7 @@ mod tests {
     fn issued_producers_start_complete() {
         let s = ProducerStore::new(100, 1000);
         s.issued(9, 0);
-        let k = s.key(9, "t", 0);
+        let k = s.key_for(9, "t", 0);
         s.check_and_track(&k, b(0, 0), 0);
         s.acknowledge(&k, b(0, 0), acked(0, 0, 0), 0);
         // A gap right after: decided at the proxy, since the window is known to be complete.
@@ -311,7 +603,7 @@ mod tests {
             }
         );
         // Not issued through this proxy: the broker may know more, so it decides.
-        let k2 = s.key(10, "t", 0);
+        let k2 = s.key_for(10, "t", 0);
         s.check_and_track(&k2, b(0, 0), 0);
         s.acknowledge(&k2, b(0, 0), acked(0, 0, 0), 0);
         assert_eq!(s.check_and_track(&k2, b(5, 5), 1), Verdict::Unknown);
@@ -321,7 +613,7 @@ mod tests {
     fn bounded_with_lru_eviction_and_idle_expiry() {
         let s = ProducerStore::new(16, 1000);
         for pid in 0..40 {
-            let k = s.key(pid, "t", 0);
+            let k = s.key_for(pid, "t", 0);
             s.check_and_track(&k, b(0, 0), pid as u64);
             s.settle(&k, b(0, 0));
         }
@@ -337,5 +629,33 @@ mod tests {
             "all but the newest are idle"
         );
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn topic_names_are_bounded_and_numbers_never_reused() {
+        // 16 entries at most, so at most 10,000 names (the floor) before unused ones are dropped.
+        let s = ProducerStore::new(16, 1000);
+        let first = s.key_for(1, "t-0", 0);
+        for i in 0..10_000 {
+            let k = s.key_for(1, &format!("t-{i}"), 0);
+            s.check_and_track(&k, b(0, 0), i);
+        }
+        assert_eq!(s.topics.ids.len(), 10_000);
+        // Full: a new name drops the names no entry uses, and gets a number never used before.
+        let new = s.key_for(1, "new", 0);
+        assert!(s.topics.ids.len() <= 17, "{}", s.topics.ids.len());
+        assert_eq!(new.topic, TopicId(10_000));
+        // A key held from before the drop still means its topic or nothing, never another one.
+        assert_eq!(&*s.topic_name(first.topic), "");
+        assert_ne!(s.key_for(1, "t-0", 0).topic, first.topic);
+
+        // Every name in use: new names are refused (batches pass untracked), nothing else breaks.
+        let s = ProducerStore::new(10_000, 1000);
+        for i in 0..10_000 {
+            let k = s.key_for(1, &format!("t-{i}"), 0);
+            s.check_and_track(&k, b(0, 0), 0);
+        }
+        assert_eq!(s.key(1, "one-too-many", 0), None);
+        assert!(s.key(1, "t-5", 0).is_some());
     }
 }

@@ -173,7 +173,7 @@ fn producers_json(shared: &Shared) -> String {
         let epoch = e.state.as_ref().map(|s| s.epoch);
         p.epoch = p.epoch.max(epoch);
         p.partitions.push(PartitionJson {
-            topic: e.key.topic.to_string(),
+            topic: e.topic.to_string(),
             partition: e.key.partition,
             epoch,
             last_sequence: last.map(|a| a.last_seq),
