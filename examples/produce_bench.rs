@@ -90,11 +90,12 @@ fn main() {
             .unwrap_or(0)
     };
     println!(
-        "{{\"label\":\"{label}\",\"records\":{ok},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{:.0},\"mb_per_sec\":{:.2},\"p50_ms\":{:.2},\"p99_ms\":{:.2}}}",
+        "{{\"label\":\"{label}\",\"records\":{ok},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{:.0},\"mb_per_sec\":{:.2},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"p999_ms\":{:.2}}}",
         ok as f64 / secs,
         ok as f64 * size as f64 / secs / 1e6,
         f64::from(pct(0.50)) / 1000.0,
         f64::from(pct(0.99)) / 1000.0,
+        f64::from(pct(0.999)) / 1000.0,
     );
     if failed > 0 {
         std::process::exit(1);
