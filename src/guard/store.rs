@@ -658,4 +658,105 @@ mod tests {
         assert_eq!(s.key(1, "one-too-many", 0), None);
         assert!(s.key(1, "t-5", 0).is_some());
     }
+
+    /// The slab, free list and index against a plain HashMap doing the same work: every verdict, every
+    /// surviving entry's state and in-flight list, and the count agree, through evictions (max 8 entries),
+    /// idle expiry and slots reused after both.
+    mod against_a_map {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Check(i64, u8, i32, i32),
+            Settle(i64, u8, i32, i32),
+            Ack(i64, u8, i32, i32),
+            Expire,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let k = (0..12i64, 0..3u8, 0..2i32, 0..6i32);
+            prop_oneof![
+                4 => k.clone().prop_map(|(p, t, q, s)| Op::Check(p, t, q, s)),
+                2 => k.clone().prop_map(|(p, t, q, s)| Op::Settle(p, t, q, s)),
+                3 => k.prop_map(|(p, t, q, s)| Op::Ack(p, t, q, s)),
+                1 => Just(Op::Expire),
+            ]
+        }
+
+        type Model = HashMap<Key, (Option<PartitionState>, Vec<Batch>)>;
+
+        fn sync(store: &ProducerStore, model: &mut Model) {
+            // Evictions and expiry are the store's to decide: follow them, then compare what is left.
+            let snap = store.snapshot(0);
+            let live: HashMap<Key, &Snapshot> = snap.iter().map(|e| (e.key, e)).collect();
+            assert_eq!(live.len(), snap.len(), "a key listed twice");
+            assert_eq!(store.len(), snap.len());
+            model.retain(|k, _| live.contains_key(k));
+            for (k, e) in &live {
+                let (state, in_flight) = model.get(k).expect("an entry the model never made");
+                assert_eq!(&e.state, state, "{k:?}");
+                assert_eq!(&e.in_flight, in_flight, "{k:?}");
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            #[test]
+            fn slab_store_matches_a_map(ops in proptest::collection::vec(op(), 1..200)) {
+                let store = ProducerStore::new(8, 50);
+                let mut model: Model = HashMap::new();
+                for (now, op) in ops.into_iter().enumerate() {
+                    let now = now as u64;
+                    let key = |p: i64, t: u8, q: i32| store.key_for(p, &format!("t{t}"), q);
+                    let batch = |s: i32| Batch { epoch: 0, first_seq: s * 10, last_seq: s * 10 + 9 };
+                    match op {
+                        Op::Check(p, t, q, s) => {
+                            let k = key(p, t, q);
+                            let got = store.check_and_track(&k, batch(s), now);
+                            let m = model.entry(k).or_default();
+                            let want = eos::check(m.0.as_ref(), &m.1, batch(s));
+                            prop_assert_eq!(got, want);
+                            if want.forwards() {
+                                if m.1.len() == MAX_IN_FLIGHT {
+                                    m.1.remove(0);
+                                }
+                                m.1.push(batch(s));
+                            }
+                        }
+                        Op::Settle(p, t, q, s) => {
+                            let k = key(p, t, q);
+                            store.settle(&k, batch(s));
+                            if let Some(m) = model.get_mut(&k) {
+                                if let Some(i) = m.1.iter().position(|b| *b == batch(s)) {
+                                    m.1.remove(i);
+                                }
+                            }
+                        }
+                        Op::Ack(p, t, q, s) => {
+                            let k = key(p, t, q);
+                            let acked = Acked {
+                                first_seq: s * 10,
+                                last_seq: s * 10 + 9,
+                                first_offset: i64::from(s) * 100,
+                                timestamp: now as i64,
+                                acks_all: true,
+                            };
+                            store.acknowledge(&k, batch(s), acked, now);
+                            let m = model.entry(k).or_default();
+                            if let Some(i) = m.1.iter().position(|b| *b == batch(s)) {
+                                m.1.remove(i);
+                            }
+                            m.0.get_or_insert_with(|| PartitionState::new(0)).acknowledge(0, acked);
+                        }
+                        Op::Expire => {
+                            store.expire_idle(now);
+                        }
+                    }
+                    sync(&store, &mut model);
+                }
+            }
+        }
+    }
 }
