@@ -101,10 +101,11 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::init_logging(&config.log);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.runtime.worker_threads {
+                builder.worker_threads(n);
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

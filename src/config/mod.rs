@@ -88,6 +88,13 @@ pub struct LimitsConfig {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeConfig {
+    /// Threads running connections; `None`: one per core. Fewer than cores leaves CPU to a broker or
+    /// clients on the same host and saves cross-thread wakeups (see README, Performance).
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
@@ -98,6 +105,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub listen: ListenConfig,
     pub limits: LimitsConfig,
+    pub runtime: RuntimeConfig,
     pub log: LogConfig,
     pub producer_state: GuardConfig,
     pub audit: AuditConfig,
@@ -179,6 +187,7 @@ impl Config {
             let upstream = parse_upstream(&root.section("upstream", true));
             let listen = parse_listen(&root.section("listen", true));
             let limits = parse_limits(&root.section("limits", false));
+            let runtime = parse_runtime(&root.section("runtime", false));
             let log = parse_log(&root.section("log", false));
             let producer_state = parse_producer_state(&root.section("producer_state", false));
             let audit = parse_audit(&root.section("audit", false), &upstream);
@@ -189,6 +198,7 @@ impl Config {
                 "upstream",
                 "listen",
                 "limits",
+                "runtime",
                 "log",
                 "producer_state",
                 "audit",
@@ -200,6 +210,7 @@ impl Config {
                 upstream,
                 listen,
                 limits,
+                runtime,
                 log,
                 producer_state,
                 audit,
@@ -252,6 +263,10 @@ impl Config {
             self.limits.max_connections,
             self.limits.max_in_flight_per_connection
         ));
+        out.push_str(&match self.runtime.worker_threads {
+            Some(n) => format!("runtime: {n} worker threads\n"),
+            None => "runtime: one worker thread per core\n".to_string(),
+        });
         out.push_str(&crate::policy::explain::explain(&self.policies));
         out
     }
@@ -346,6 +361,15 @@ fn parse_limits(s: &Section) -> LimitsConfig {
         idle_timeout,
         max_connections,
         max_in_flight_per_connection,
+    }
+}
+
+fn parse_runtime(s: &Section) -> RuntimeConfig {
+    // 0 (the default): one per core.
+    let worker_threads = s.int("worker_threads", Some(0), 0, 1024) as usize;
+    s.finish(&["worker_threads"]);
+    RuntimeConfig {
+        worker_threads: (worker_threads > 0).then_some(worker_threads),
     }
 }
 

@@ -12,6 +12,12 @@ fn example_config_is_valid() {
     assert_eq!(c.listen.broker_ports.port_for(100), None);
     assert_eq!(c.listen.broker_ports.port_for(-1), None);
     assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(c.runtime.worker_threads, None, "0 means one per core");
+    let two = GOOD.replace("worker_threads: 0", "worker_threads: 2");
+    assert_eq!(
+        Config::parse(&two).map(|c| c.runtime.worker_threads),
+        Ok(Some(2))
+    );
 }
 
 #[test]
@@ -29,6 +35,8 @@ listen:
     map: { 1: 9000, x: 2 }
 limits:
   max_frame_bytes: "big"
+runtime:
+  worker_threads: 5000
 log:
   format: xml
 extra: {}
@@ -48,6 +56,7 @@ extra: {}
         "listen.broker_ports.map.'x'",
         "listen.broker_ports",
         "limits.max_frame_bytes",
+        "runtime.worker_threads",
         "log.format",
         "extra",
     ] {
