@@ -111,6 +111,16 @@ impl Entry {
         self.in_flight.as_deref().map_or(&[], InFlight::as_slice)
     }
 
+    /// The verdict on `batch`, tracking it as in flight if it is to be forwarded.
+    fn decide(&mut self, batch: Batch, now_ms: u64) -> Verdict {
+        self.touch(now_ms);
+        let verdict = eos::check(self.state(), self.in_flight(), batch);
+        if verdict.forwards() {
+            self.track(batch);
+        }
+        verdict
+    }
+
     fn track(&mut self, batch: Batch) {
         match &mut self.in_flight {
             Some(list) => list.push(batch),
@@ -411,29 +421,23 @@ impl ProducerStore {
         {
             let (hash, mut shard) = self.locate(key);
             if let Some(i) = shard.find(hash, key) {
-                let e = &mut shard.slots[i].1;
-                e.touch(now_ms);
-                let verdict = eos::check(e.state(), e.in_flight(), batch);
-                if verdict.forwards() {
-                    e.track(batch);
-                }
-                return verdict;
+                return shard.slots[i].1.decide(batch, now_ms);
             }
         }
         self.make_room();
+        // Another connection may have inserted it in between: then this decides against what is there.
+        let (mut shard, i) = self.upsert(key, now_ms);
+        shard.slots[i].1.decide(batch, now_ms)
+    }
+
+    /// The entry for `key`, inserted if missing, under its shard's lock.
+    fn upsert(&self, key: &Key, now_ms: u64) -> (MutexGuard<'_, Shard>, usize) {
         let (hash, mut shard) = self.locate(key);
         let (i, new) = shard.find_or_insert(hash, key, &self.hasher, || Entry::new(now_ms));
         if new {
             self.len.fetch_add(1, Ordering::Relaxed);
         }
-        let e = &mut shard.slots[i].1;
-        e.touch(now_ms);
-        // Another connection may have inserted it in between: decide against what is there.
-        let verdict = eos::check(e.state(), e.in_flight(), batch);
-        if verdict.forwards() {
-            e.track(batch);
-        }
-        verdict
+        (shard, i)
     }
 
     /// The batch is no longer in flight (answered, failed, or its connection is gone).
@@ -459,12 +463,9 @@ impl ProducerStore {
             .issued
             .get(&key.producer_id)
             .is_some_and(|e| *e == batch.epoch);
-        let (hash, mut shard) = self.locate(key);
-        let (i, new) = shard.find_or_insert(hash, key, &self.hasher, || Entry::new(now_ms));
-        if new {
-            // Evicted while in flight: learning it again is worth more than the bound's last entry.
-            self.len.fetch_add(1, Ordering::Relaxed);
-        }
+        // Inserted without making room: an entry evicted while its batch was in flight is worth
+        // learning again, and the bound is back in force at the next new entry.
+        let (mut shard, i) = self.upsert(key, now_ms);
         let e = &mut shard.slots[i].1;
         e.touch(now_ms);
         e.untrack(batch);

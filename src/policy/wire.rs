@@ -111,17 +111,28 @@ pub fn fetch_request<'a>(
             + if v >= 12 { 4 } else { 0 }
             + if v >= 5 { 8 } else { 0 }
             + 4;
-        for _ in 0..array_len(&mut r, flexible)? {
-            r.skip(per_partition)?;
-            if flexible {
-                r.skip_tagged_fields(u32::MAX)?;
-            }
-        }
+        skip_partitions_and_topic_end(&mut r, per_partition, flexible)?;
+    }
+    Ok(ReadRequest { isolation, topics })
+}
+
+/// Skips a topic's partitions, each `per_partition` fixed bytes (plus tagged fields when flexible), and
+/// the topic's own tagged fields.
+fn skip_partitions_and_topic_end(
+    r: &mut Reader<'_>,
+    per_partition: usize,
+    flexible: bool,
+) -> Result<(), WireError> {
+    for _ in 0..array_len(r, flexible)? {
+        r.skip(per_partition)?;
         if flexible {
             r.skip_tagged_fields(u32::MAX)?;
         }
     }
-    Ok(ReadRequest { isolation, topics })
+    if flexible {
+        r.skip_tagged_fields(u32::MAX)?;
+    }
+    Ok(())
 }
 
 /// Walks a ListOffsets request for its isolation level (v2+) and topics.
@@ -144,15 +155,7 @@ pub fn list_offsets_request<'a>(
     for _ in 0..n {
         topics.push(TopicRef::Name(topic_name(&mut r, flexible)?));
         let per_partition = 4 + if v >= 4 { 4 } else { 0 } + 8 + if v == 0 { 4 } else { 0 };
-        for _ in 0..array_len(&mut r, flexible)? {
-            r.skip(per_partition)?;
-            if flexible {
-                r.skip_tagged_fields(u32::MAX)?;
-            }
-        }
-        if flexible {
-            r.skip_tagged_fields(u32::MAX)?;
-        }
+        skip_partitions_and_topic_end(&mut r, per_partition, flexible)?;
     }
     Ok(ReadRequest { isolation, topics })
 }
