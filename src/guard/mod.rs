@@ -500,15 +500,19 @@ impl Guard {
                 );
             }
         }
-        let Some(key) = self.store.key(info.producer_id, topic, partition) else {
-            // No room to name another topic (see ProducerStore::key): pass it on, untracked.
-            return Outcome::Pass;
+        // No room to name another topic (see ProducerStore::key): pass it on, untracked.
+        let key = self.store.key(info.producer_id, topic, partition);
+        let verdict = match &key {
+            Some(key) => self.store.check_and_track(key, batch, self.now()),
+            None => Verdict::Unknown,
         };
-        let verdict = self.store.check_and_track(&key, batch, self.now());
         if let (true, Some(t), true) = (info.transactional, txn_id, verdict.forwards()) {
             // A transactional write going to the cluster: the transaction is open from here.
             self.begin_transaction(t, client);
         }
+        let Some(key) = key else {
+            return Outcome::Pass;
+        };
         match verdict {
             Verdict::Unknown | Verdict::InOrder => Outcome::Track {
                 key,
