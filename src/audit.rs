@@ -44,6 +44,10 @@ pub enum Kind {
     /// keeps five batches per producer and partition, so retries beyond that can no longer be
     /// deduplicated and ordering is not guaranteed.
     TooManyInFlight,
+    /// A Produce request that names one topic partition more than once. The broker keeps only the last
+    /// of them and answers once, so the proxy cannot tie that answer to one batch: it steps aside for
+    /// those partitions (no dedup, no sequence verdicts) and forgets what it knew of their producers.
+    DuplicatePartition,
     /// A request that breaks a configured policy (see `rule` and `check`): refused, upgraded or audited.
     PolicyViolation,
 }

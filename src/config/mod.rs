@@ -83,6 +83,9 @@ pub struct ListenConfig {
 pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     pub idle_timeout: Duration,
+    /// How long a peer (client or broker) may leave bytes the proxy wrote unread before its connection
+    /// is closed.
+    pub write_timeout: Duration,
     pub max_connections: usize,
     pub max_in_flight_per_connection: usize,
 }
@@ -257,9 +260,10 @@ impl Config {
             }
         }
         out.push_str(&format!(
-            "limits: max frame {} bytes, idle timeout {:?}, max {} connections, {} requests in flight per connection\n",
+            "limits: max frame {} bytes, idle timeout {:?}, write timeout {:?}, max {} connections, {} requests in flight per connection\n",
             self.limits.max_frame_bytes,
             self.limits.idle_timeout,
+            self.limits.write_timeout,
             self.limits.max_connections,
             self.limits.max_in_flight_per_connection
         ));
@@ -347,18 +351,21 @@ fn parse_listen(s: &Section) -> ListenConfig {
 fn parse_limits(s: &Section) -> LimitsConfig {
     let max_frame_bytes = s.int("max_frame_bytes", Some(100 * 1024 * 1024), 1024, 1 << 30) as usize;
     let idle_timeout = s.millis("idle_timeout_ms", 600_000, 1_000, 86_400_000);
+    let write_timeout = s.millis("write_timeout_ms", 30_000, 100, 3_600_000);
     let max_connections = s.int("max_connections", Some(10_000), 1, 1_000_000) as usize;
     let max_in_flight_per_connection =
         s.int("max_in_flight_per_connection", Some(1_000), 1, 100_000) as usize;
     s.finish(&[
         "max_frame_bytes",
         "idle_timeout_ms",
+        "write_timeout_ms",
         "max_connections",
         "max_in_flight_per_connection",
     ]);
     LimitsConfig {
         max_frame_bytes,
         idle_timeout,
+        write_timeout,
         max_connections,
         max_in_flight_per_connection,
     }

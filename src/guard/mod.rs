@@ -304,7 +304,12 @@ impl Guard {
         }
     }
 
-    /// Every tracked producer-partition, for `/producers`.
+    /// A bounded page of tracked producers, for `/producers` (see [`ProducerStore::page`]).
+    pub fn page(&self, after: i64, producers: usize, per_producer: usize) -> store::Page {
+        self.store.page(after, producers, per_producer, self.now())
+    }
+
+    /// Every tracked producer-partition (tests and tools; unbounded).
     pub fn snapshot(&self) -> Vec<store::Snapshot> {
         self.store.snapshot(self.now())
     }
@@ -374,16 +379,20 @@ impl Guard {
             version: head.api_version,
             correlation_id: head.correlation_id,
         };
+        let repeated = repeated_partitions(&view);
+        if !repeated.is_empty() {
+            self.audit_repeated(&view, &repeated, conn);
+        }
         for topic in &view.topics {
             let mut outcomes = Vec::with_capacity(topic.partitions.len());
             let demands = policy(topic.name);
             for p in &topic.partitions {
+                let alone = !repeated.contains(&(topic.name, p.index));
                 outcomes.push(match p.records {
                     None => Outcome::Pass,
                     Some(records) => self.decide_partition(
                         &view,
-                        topic.name,
-                        p.index,
+                        (topic.name, p.index, alone),
                         records,
                         conn,
                         demands.as_deref(),
@@ -395,11 +404,33 @@ impl Guard {
         Ok(plan)
     }
 
+    fn audit_repeated(&self, view: &ProduceView, repeated: &[(&str, i32)], conn: &ConnInfo) {
+        let names: Vec<String> = repeated
+            .iter()
+            .take(8)
+            .map(|(t, p)| format!("{t:.255}-{p}"))
+            .collect();
+        self.audit.emit(AuditEvent {
+            api_key: ApiKey::Produce as i16,
+            transactional_id: view.transactional_id.map(str::to_string),
+            topic: repeated.first().map(|(t, _)| t.to_string()),
+            partition: repeated.first().map(|(_, p)| *p),
+            detail: Some(format!(
+                "produce request names {} more than once ({} partition(s)); the broker writes only the \
+                 last batch of each and answers once, so the proxy does not track them",
+                names.join(", "),
+                repeated.len()
+            )),
+            ..AuditEvent::new(Kind::DuplicatePartition, Source::Proxy, Action::Forwarded)
+                .from_conn(conn)
+        });
+    }
+
+    /// `alone`: this is the only entry for the partition in the request (see [`repeated_partitions`]).
     fn decide_partition(
         &self,
         view: &ProduceView,
-        topic: &str,
-        partition: i32,
+        (topic, partition, alone): (&str, i32, bool),
         records: &[u8],
         conn: &ConnInfo,
         demands: Option<&TopicPolicy>,
@@ -502,6 +533,14 @@ impl Guard {
         }
         // No room to name another topic (see ProducerStore::key): pass it on, untracked.
         let key = self.store.key(info.producer_id, topic, partition);
+        if !alone {
+            // The broker keeps one of the repeated entries: whatever the proxy knew of this producer
+            // here no longer holds, and the answer cannot be credited to one batch.
+            if let Some(key) = &key {
+                self.store.forget(key);
+            }
+            return Outcome::Pass;
+        }
         let verdict = match &key {
             Some(key) => self.store.check_and_track(key, batch, self.now()),
             None => Verdict::Unknown,
@@ -972,6 +1011,32 @@ impl Guard {
     pub fn needs_response(tracking: &ProduceTracking) -> bool {
         !tracking.tracked.is_empty() || !tracking.local.is_empty()
     }
+}
+
+/// The topic partitions a Produce request names more than once (sorted, each once).
+///
+/// What the broker does with them (Kafka 4.3/4.4 `KafkaApis.handleProduceRequest`): it walks the topics
+/// and partitions in request order into a map keyed by topic partition, so a later entry replaces an
+/// earlier one. Only the last entry's records are validated and appended, and the answer has one entry
+/// per topic partition. No client library sends this; a proxy that credited that one answer to the first
+/// batch would later answer a retry of a batch that was never written.
+fn repeated_partitions<'a>(view: &ProduceView<'a>) -> Vec<(&'a str, i32)> {
+    let mut all: Vec<(&str, i32)> = view
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p.index)))
+        .collect();
+    if all.len() < 2 {
+        return Vec::new();
+    }
+    all.sort_unstable();
+    let mut repeated: Vec<(&str, i32)> = all
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    repeated.dedup();
+    repeated
 }
 
 /// Kafka error codes that are exactly-once anomalies, and how they are audited.

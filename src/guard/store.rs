@@ -263,6 +263,15 @@ pub struct Snapshot {
     pub idle_ms: u64,
 }
 
+/// A bounded page of the store (see [`ProducerStore::page`]): producer id -> (partitions tracked, the
+/// first of them), in producer-id order.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub producers: std::collections::BTreeMap<i64, (usize, Vec<Snapshot>)>,
+    /// More producers follow the last one in the page.
+    pub more: bool,
+}
+
 /// Who a producer id belongs to: client id and transactional id, as last seen in its requests.
 type Owner = (Option<Arc<str>>, Option<Arc<str>>);
 
@@ -448,6 +457,15 @@ impl ProducerStore {
         }
     }
 
+    /// Drops what is known of `key`: the broker's state for it moved in a way the proxy could not follow
+    /// (see [`crate::audit::Kind::DuplicatePartition`]), so the next verdicts come from the broker.
+    pub fn forget(&self, key: &Key) {
+        let (hash, mut shard) = self.locate(key);
+        if shard.remove(hash, key) {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Whether `batch` is still in flight.
     pub fn in_flight(&self, key: &Key, batch: Batch) -> bool {
         let (hash, shard) = self.locate(key);
@@ -517,6 +535,44 @@ impl ProducerStore {
         self.evictions.fetch_add(gone as u64, Ordering::Relaxed);
     }
 
+    /// One page of entries for inspection, bounded whatever the store holds: the `producers` lowest
+    /// producer ids above `after`, with at most `per_producer` partitions each (and how many there
+    /// are), plus whether more producers follow. Memory is bounded by the page, not by the store.
+    pub fn page(&self, after: i64, producers: usize, per_producer: usize, now_ms: u64) -> Page {
+        let mut page = Page::default();
+        let producers = producers.max(1);
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (key, e) in shard.live() {
+                let pid = key.producer_id;
+                if pid <= after {
+                    continue;
+                }
+                if page.producers.len() >= producers && !page.producers.contains_key(&pid) {
+                    page.more = true;
+                    match page.producers.last_key_value() {
+                        Some((&highest, _)) if pid < highest => {
+                            page.producers.pop_last();
+                        }
+                        _ => continue,
+                    }
+                }
+                let (count, list) = page.producers.entry(pid).or_default();
+                *count += 1;
+                if list.len() < per_producer {
+                    list.push(Snapshot {
+                        key: *key,
+                        topic: self.topic_name(key.topic),
+                        state: e.state().cloned(),
+                        in_flight: e.in_flight().to_vec(),
+                        idle_ms: now_ms.saturating_sub(e.last_used_ms()),
+                    });
+                }
+            }
+        }
+        page
+    }
+
     pub fn snapshot(&self, now_ms: u64) -> Vec<Snapshot> {
         let mut out = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
@@ -566,6 +622,31 @@ mod tests {
             timestamp: -1,
             acks_all: true,
         }
+    }
+
+    #[test]
+    fn pages_are_bounded_and_in_producer_order() {
+        let store = ProducerStore::new(1000, 60_000);
+        for pid in (1..=50).rev() {
+            for p in 0..(pid % 4 + 1) as i32 {
+                let key = store.key_for(pid, "t", p);
+                store.check_and_track(&key, b(0, 0), 0);
+            }
+        }
+        let first = store.page(-1, 10, 2, 0);
+        assert!(first.more);
+        assert_eq!(
+            first.producers.keys().copied().collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
+        let (count, listed) = &first.producers[&7];
+        assert_eq!((*count, listed.len()), (4, 2), "counts all, lists two");
+        let last = store.page(40, 10, 2, 0);
+        assert!(!last.more);
+        assert_eq!(
+            last.producers.keys().copied().collect::<Vec<_>>(),
+            (41..=50).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The operator's HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process runs),
 //! `/readyz` (the upstream cluster answered the last metadata refresh), `/producers` (tracked producer
-//! state as JSON).
+//! state as JSON, a bounded page at a time: `?limit=N&after=PRODUCER_ID`).
 //!
-//! Deliberately tiny: GET only, one request per connection, a bounded request head, a read timeout. It
-//! serves a scraper and an operator's curl, not the internet.
+//! Deliberately tiny: GET only, one request per connection, a bounded request head, a read timeout, a
+//! write timeout, at most [`MAX_CONNECTIONS`] connections at once (more are closed at once) and answers
+//! bounded in size. It serves a scraper and an operator's curl, not the internet: a client that never
+//! reads its answer is let go after [`WRITE_TIMEOUT`] and holds at most one page meanwhile.
 
 use crate::server::Shared;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,20 +17,37 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 const MAX_HEAD: usize = 8 * 1024;
+/// Connections served at once; one more is closed without an answer.
+pub const MAX_CONNECTIONS: usize = 16;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read its whole answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/producers` page size: the default and the most one request may ask for.
+const PRODUCERS_DEFAULT: usize = 100;
+const PRODUCERS_MAX: usize = 1_000;
+/// Partitions listed per producer (all are counted in `partitions_tracked`).
+const PARTITIONS_LISTED: usize = 100;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((socket, _)) => {
+            Ok((socket, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    debug!(%peer, "http connection refused: {MAX_CONNECTIONS} already open");
+                    drop(socket);
+                    continue;
+                };
                 let s = shared.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(socket, &s).await {
                         debug!(error = %e, "http request failed");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -53,23 +71,32 @@ async fn handle(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
         Ok::<_, std::io::Error>(())
     };
-    if tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(READ_TIMEOUT, read).await.is_err() {
         return Ok(());
     }
     let line =
         String::from_utf8_lossy(head.split(|b| *b == b'\n').next().unwrap_or_default()).to_string();
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let (status, content_type, body) = if method != "GET" {
         (
             "405 Method Not Allowed",
             "text/plain",
             "GET only\n".to_string(),
         )
+    } else if path == "/producers" {
+        match ProducersQuery::parse(query) {
+            Ok(q) => {
+                let guard = shared.guard.clone();
+                // A scan of the whole store: off the runtime workers that carry client traffic.
+                let body = tokio::task::spawn_blocking(move || producers_json(&guard, q))
+                    .await
+                    .unwrap_or_else(|_| "{}".into());
+                ("200 OK", "application/json", body)
+            }
+            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
+        }
     } else {
         route(path, shared)
     };
@@ -77,9 +104,18 @@ async fn handle(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    socket.write_all(response.as_bytes()).await?;
-    socket.write_all(body.as_bytes()).await?;
-    socket.shutdown().await
+    let write = async {
+        socket.write_all(response.as_bytes()).await?;
+        socket.write_all(body.as_bytes()).await?;
+        socket.shutdown().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(done) => done,
+        Err(_) => {
+            debug!("http client did not read its answer within {WRITE_TIMEOUT:?}; closed");
+            Ok(())
+        }
+    }
 }
 
 fn route(path: &str, shared: &Shared) -> (&'static str, &'static str, String) {
@@ -107,7 +143,6 @@ fn route(path: &str, shared: &Shared) -> (&'static str, &'static str, String) {
                 )
             }
         }
-        "/producers" => ("200 OK", "application/json", producers_json(shared)),
         _ => (
             "404 Not Found",
             "text/plain",
@@ -134,6 +169,42 @@ fn refresh_gauges(shared: &Shared) {
     }
 }
 
+/// `/producers?limit=N&after=PRODUCER_ID`: at most N producers (default 100, at most 1000), those with
+/// ids above `after` (the `next_after` of the previous page).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProducersQuery {
+    limit: usize,
+    after: i64,
+}
+
+impl ProducersQuery {
+    fn parse(query: &str) -> Result<ProducersQuery, String> {
+        let mut q = ProducersQuery {
+            limit: PRODUCERS_DEFAULT,
+            after: -1,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "limit" => {
+                    q.limit = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=PRODUCERS_MAX).contains(n))
+                        .ok_or(format!("limit must be 1 to {PRODUCERS_MAX}"))?
+                }
+                "after" => {
+                    q.after = v
+                        .parse()
+                        .map_err(|_| "after must be a producer id".to_string())?
+                }
+                _ => return Err(format!("unknown parameter {k:.32} (limit, after)")),
+            }
+        }
+        Ok(q)
+    }
+}
+
 #[derive(Serialize)]
 struct PartitionJson {
     topic: String,
@@ -152,37 +223,83 @@ struct ProducerJson {
     client_id: Option<String>,
     transactional_id: Option<String>,
     epoch: Option<i16>,
+    /// Every partition the proxy tracks for this producer; at most 100 are listed.
+    partitions_tracked: usize,
     partitions: Vec<PartitionJson>,
 }
 
-fn producers_json(shared: &Shared) -> String {
-    let store = &shared.guard.store;
-    let mut by_producer: BTreeMap<i64, ProducerJson> = BTreeMap::new();
-    for e in shared.guard.snapshot() {
-        let (client_id, transactional_id) = store.owner(e.key.producer_id).unwrap_or_default();
-        let p = by_producer
-            .entry(e.key.producer_id)
-            .or_insert_with(|| ProducerJson {
-                producer_id: e.key.producer_id,
+#[derive(Serialize)]
+struct ProducersPage {
+    producers: Vec<ProducerJson>,
+    /// Pass as `after` for the next page; null on the last page.
+    next_after: Option<i64>,
+}
+
+fn producers_json(guard: &crate::guard::Guard, q: ProducersQuery) -> String {
+    let store = &guard.store;
+    let page = guard.page(q.after, q.limit, PARTITIONS_LISTED);
+    let last = page.producers.keys().next_back().copied();
+    let producers = page
+        .producers
+        .into_iter()
+        .map(|(producer_id, (tracked, entries))| {
+            let (client_id, transactional_id) = store.owner(producer_id).unwrap_or_default();
+            let partitions: Vec<PartitionJson> = entries
+                .iter()
+                .map(|e| {
+                    let last = e.state.as_ref().and_then(|s| s.last());
+                    PartitionJson {
+                        topic: e.topic.to_string(),
+                        partition: e.key.partition,
+                        epoch: e.state.as_ref().map(|s| s.epoch),
+                        last_sequence: last.map(|a| a.last_seq),
+                        last_offset: last.map(|a| a.first_offset),
+                        batches_in_window: e.state.as_ref().map_or(0, |s| s.window().count()),
+                        in_flight: e.in_flight.len(),
+                        last_seen_ms_ago: e.idle_ms,
+                    }
+                })
+                .collect();
+            ProducerJson {
+                producer_id,
                 client_id,
                 transactional_id,
-                epoch: None,
-                partitions: Vec::new(),
-            });
-        let last = e.state.as_ref().and_then(|s| s.last());
-        let epoch = e.state.as_ref().map(|s| s.epoch);
-        p.epoch = p.epoch.max(epoch);
-        p.partitions.push(PartitionJson {
-            topic: e.topic.to_string(),
-            partition: e.key.partition,
-            epoch,
-            last_sequence: last.map(|a| a.last_seq),
-            last_offset: last.map(|a| a.first_offset),
-            batches_in_window: e.state.as_ref().map_or(0, |s| s.window().count()),
-            in_flight: e.in_flight.len(),
-            last_seen_ms_ago: e.idle_ms,
-        });
+                epoch: partitions.iter().filter_map(|p| p.epoch).max(),
+                partitions_tracked: tracked,
+                partitions,
+            }
+        })
+        .collect();
+    let body = ProducersPage {
+        producers,
+        next_after: last.filter(|_| page.more),
+    };
+    serde_json::to_string(&body).unwrap_or_else(|_| "{}".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producers_query_is_bounded() {
+        assert_eq!(
+            ProducersQuery::parse(""),
+            Ok(ProducersQuery {
+                limit: 100,
+                after: -1
+            })
+        );
+        assert_eq!(
+            ProducersQuery::parse("limit=5&after=42"),
+            Ok(ProducersQuery {
+                limit: 5,
+                after: 42
+            })
+        );
+        assert!(ProducersQuery::parse("limit=1001").is_err());
+        assert!(ProducersQuery::parse("limit=0").is_err());
+        assert!(ProducersQuery::parse("after=x").is_err());
+        assert!(ProducersQuery::parse("what=1").is_err());
     }
-    let list: Vec<ProducerJson> = by_producer.into_values().collect();
-    serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
 }

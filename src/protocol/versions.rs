@@ -65,12 +65,11 @@ pub fn offered(api_key: i16, broker_min: i16, broker_max: i16) -> Option<(i16, i
     (min <= max).then_some((min, max))
 }
 
-/// Whether the proxy can handle a request of this key and version (ApiVersions is always accepted: a
-/// broker answers an unknown ApiVersions version with a v0 body, which we can read).
+/// Whether the proxy can handle a request of this key and version. A key whose answers the proxy decodes
+/// is accepted only in the versions it decodes: a newer one is never forwarded, since its answer could not
+/// be read safely (the session answers a newer ApiVersions itself, as a broker would; see
+/// [`crate::filters::api_versions::unsupported_version_answer`]).
 pub fn accepts(key: ApiKey, version: i16) -> bool {
-    if key == ApiKey::ApiVersions {
-        return version >= 0;
-    }
     match inspection(key) {
         Inspection::PassThrough => version >= 0,
         Inspection::Decoded { max } => version >= key.valid_versions().min && version <= max,
@@ -127,7 +126,8 @@ mod tests {
     fn accepts_only_decodable_versions_of_inspected_keys() {
         assert!(accepts(ApiKey::Produce, 12));
         assert!(!accepts(ApiKey::Produce, 13));
-        assert!(accepts(ApiKey::ApiVersions, 9));
+        assert!(accepts(ApiKey::ApiVersions, 4));
+        assert!(!accepts(ApiKey::ApiVersions, 5));
         assert!(accepts(ApiKey::OffsetCommit, 42));
         assert!(!accepts(ApiKey::Metadata, -1));
     }

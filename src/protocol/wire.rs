@@ -17,6 +17,11 @@ pub enum WireError {
     Invalid { what: &'static str, offset: usize },
 }
 
+/// Kafka's own caps (4.4's generated readers): more array elements or tagged fields than these are
+/// refused whatever the frame size.
+pub const MAX_ARRAY_ELEMENTS: usize = 1_000_000;
+pub const MAX_TAGGED_FIELDS: u32 = 10_000;
+
 /// A cursor over a byte slice. Reads advance the position; nothing is copied.
 #[derive(Debug, Clone)]
 pub struct Reader<'a> {
@@ -135,9 +140,10 @@ impl<'a> Reader<'a> {
 
     /// Length of a COMPACT_ARRAY (uvarint N+1); `None` for a null array.
     pub fn compact_array_len(&mut self) -> Result<Option<usize>, WireError> {
+        let start = self.pos;
         match self.uvarint()? {
             0 => Ok(None),
-            n => Ok(Some((n - 1) as usize)),
+            n => self.bounded_count((n - 1) as usize, start).map(Some),
         }
     }
 
@@ -150,13 +156,32 @@ impl<'a> Reader<'a> {
                 what: "array length",
                 offset: start,
             }),
-            n => Ok(Some(n as usize)),
+            n => self.bounded_count(n as usize, start).map(Some),
         }
+    }
+
+    /// An element count is refused before anyone loops or allocates on it when it is above Kafka's own
+    /// cap or above the bytes left (every element takes at least one byte on the wire).
+    fn bounded_count(&self, n: usize, start: usize) -> Result<usize, WireError> {
+        if n > MAX_ARRAY_ELEMENTS || n > self.remaining() {
+            return Err(WireError::Invalid {
+                what: "array length",
+                offset: start,
+            });
+        }
+        Ok(n)
     }
 
     /// Skips a tagged-field section and reports whether `tag` was among the fields.
     pub fn skip_tagged_fields(&mut self, tag: u32) -> Result<bool, WireError> {
+        let start = self.pos;
         let count = self.uvarint()?;
+        if count > MAX_TAGGED_FIELDS {
+            return Err(WireError::Invalid {
+                what: "tagged field count",
+                offset: start,
+            });
+        }
         let mut seen = false;
         for _ in 0..count {
             let t = self.uvarint()?;

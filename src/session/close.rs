@@ -12,7 +12,7 @@ pub enum Close {
     UpstreamClosed,
     #[error("proxy shutting down")]
     Shutdown,
-    #[error("no request for {0:?}")]
+    #[error("nothing moved in either direction for {0:?}")]
     Idle(Duration),
     #[error("bad frame from client: {0}")]
     ClientFrame(FrameError),
@@ -34,6 +34,9 @@ pub enum Close {
     ClientIo(std::io::Error),
     #[error("upstream i/o: {0}")]
     UpstreamIo(std::io::Error),
+    /// The peer left what the proxy wrote unread for longer than `limits.write_timeout_ms`.
+    #[error("{peer} read nothing the proxy wrote for {after:?}")]
+    WriteTimeout { peer: &'static str, after: Duration },
     #[error("response side ended")]
     ResponseSideClosed,
     /// An acks=0 produce request a policy refused, or an upgraded one the broker refused: there is no
@@ -43,6 +46,23 @@ pub enum Close {
 }
 
 impl Close {
+    /// A read error from the client: an I/O failure (a reset, say) is the client's connection going
+    /// away, not a bad frame.
+    pub fn client_read(e: FrameError) -> Close {
+        match e {
+            FrameError::Io(io) => Close::ClientIo(io),
+            e => Close::ClientFrame(e),
+        }
+    }
+
+    /// A read error from the broker, likewise.
+    pub fn upstream_read(e: FrameError) -> Close {
+        match e {
+            FrameError::Io(io) => Close::UpstreamIo(io),
+            e => Close::UpstreamFrame(e),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Close::ClientClosed => "client_closed",
@@ -59,6 +79,7 @@ impl Close {
             Close::UnexpectedResponse => "unexpected_response",
             Close::ClientIo(_) => "client_io",
             Close::UpstreamIo(_) => "upstream_io",
+            Close::WriteTimeout { .. } => "write_timeout",
             Close::ResponseSideClosed => "response_side_closed",
             Close::AcksZeroRefused(_) => "acks0_refused",
         }
@@ -78,5 +99,22 @@ impl Close {
                 | Close::UnexpectedResponse
                 | Close::AcksZeroRefused(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_is_io_not_a_bad_frame() {
+        let reset = || FrameError::Io(std::io::ErrorKind::ConnectionReset.into());
+        assert_eq!(Close::client_read(reset()).kind(), "client_io");
+        assert_eq!(Close::upstream_read(reset()).kind(), "upstream_io");
+        assert_eq!(
+            Close::client_read(FrameError::Negative(-5)).kind(),
+            "bad_frame"
+        );
+        assert!(!Close::client_read(reset()).is_protocol_violation());
     }
 }

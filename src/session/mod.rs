@@ -15,6 +15,7 @@
 //! The queue is bounded (`limits.max_in_flight_per_connection`): a client that pipelines more waits.
 
 mod close;
+mod link;
 mod policy;
 
 pub use close::Close;
@@ -41,12 +42,12 @@ use kafka_protocol::messages::{
     AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, EndTxnResponse, FetchResponse,
     InitProducerIdResponse, ProduceResponse, TxnOffsetCommitResponse,
 };
+use link::{Activity, Side, Writer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
@@ -183,17 +184,20 @@ pub async fn run(
         FrameCodec::new(limits.max_frame_bytes, MIN_RESPONSE),
         WRITE_BUFFER,
     );
-    let mut to_upstream = BufWriter::with_capacity(WRITE_BUFFER, upstream_write);
-    let mut to_client = BufWriter::with_capacity(WRITE_BUFFER, client_write);
+    let activity = Activity::new();
+    let wt = limits.write_timeout;
+    let mut to_upstream = Writer::new(upstream_write, WRITE_BUFFER, wt, Side::Upstream, &activity);
+    let mut to_client = Writer::new(client_write, WRITE_BUFFER, wt, Side::Client, &activity);
     let (tx, rx) = mpsc::channel(limits.max_in_flight_per_connection);
     // The client id, learned from the first request that names one (for audit lines).
     let identity = Identity::default();
 
     let close = tokio::select! {
-        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &identity) => c,
-        c = response_pump(&conn, &mut responses, &mut to_client, rx, &identity) => c,
+        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &identity, &activity) => c,
+        c = response_pump(&conn, &mut responses, &mut to_client, rx, &identity, &activity) => c,
         _ = shared.shutdown.cancelled() => Close::Shutdown,
     };
+    // Bounded like every write: a client that stopped reading does not hold the slot any longer.
     let _ = to_client.flush().await;
     if let Some(m) = &shared.metrics {
         m.connections_active.dec();
@@ -241,9 +245,10 @@ fn holds_complete_frame(buf: &BytesMut) -> bool {
 async fn request_pump(
     conn: &Conn<'_>,
     requests: &mut FramedRead<OwnedReadHalf, FrameCodec>,
-    upstream: &mut BufWriter<OwnedWriteHalf>,
+    upstream: &mut Writer<'_>,
     tx: mpsc::Sender<Pending>,
     identity: &Identity,
+    activity: &Activity,
 ) -> Close {
     let client_id = &identity.client_id;
     let mut conn_policies = crate::policy::ConnPolicies::default();
@@ -258,16 +263,21 @@ async fn request_pump(
         // Flush before any wait, so requests never sit in our buffer while we block.
         if !holds_complete_frame(requests.read_buffer()) {
             if let Err(e) = upstream.flush().await {
-                return Close::UpstreamIo(e);
+                return e;
             }
         }
-        let frame = match tokio::time::timeout(idle, requests.next()).await {
-            Err(_) if tx.capacity() == tx.max_capacity() => return Close::Idle(idle),
-            Err(_) => continue, // responses still pending: not idle
+        // Idle is measured from the last byte moved either way (answers still flowing keep it open).
+        let wait = idle
+            .saturating_sub(activity.idle_for())
+            .max(Duration::from_millis(10));
+        let frame = match tokio::time::timeout(wait, requests.next()).await {
+            Err(_) if activity.idle_for() >= idle => return Close::Idle(idle),
+            Err(_) => continue,
             Ok(None) => return Close::ClientClosed,
-            Ok(Some(Err(e))) => return Close::ClientFrame(e),
+            Ok(Some(Err(e))) => return Close::client_read(e),
             Ok(Some(Ok(frame))) => frame.freeze(),
         };
+        activity.touch();
         let received = metrics.map(|m| {
             m.bytes_from_client.inc_by(frame.len() as u64);
             Instant::now()
@@ -280,6 +290,19 @@ async fn request_pump(
             return Close::UnknownApiKey(head.api_key);
         };
         if !versions::accepts(key, head.api_version) {
+            if key == ApiKey::ApiVersions && head.api_version > 0 {
+                let answer = match api_versions::unsupported_version_answer(head.correlation_id) {
+                    Ok(a) => a,
+                    Err(e) => return Close::MalformedRequest(e.to_string()),
+                };
+                if let Some(m) = metrics {
+                    m.api(head.api_key).requests.inc();
+                }
+                if let Err(e) = queue(&tx, Pending::Local(answer), upstream).await {
+                    return e;
+                }
+                continue;
+            }
             return Close::UnsupportedVersion {
                 key,
                 version: head.api_version,
@@ -342,7 +365,7 @@ async fn request_pump(
                     if plan.has_waits() {
                         // The originals may still sit in our buffer: send them before waiting on them.
                         if let Err(e) = upstream.flush().await {
-                            return Close::UpstreamIo(e);
+                            return e;
                         }
                         guard.resolve_waits(&mut plan, &info).await;
                     }
@@ -522,7 +545,7 @@ async fn request_pump(
             hook(&out);
         }
         if let Err(e) = upstream.write_all(&out).await {
-            return Close::UpstreamIo(e);
+            return e;
         }
     }
 }
@@ -556,13 +579,13 @@ fn audit_fenced(
 async fn queue(
     tx: &mpsc::Sender<Pending>,
     pending: Pending,
-    upstream: &mut BufWriter<OwnedWriteHalf>,
+    upstream: &mut Writer<'_>,
 ) -> Result<(), Close> {
     match tx.try_send(pending) {
         Ok(()) => Ok(()),
         Err(TrySendError::Closed(_)) => Err(Close::ResponseSideClosed),
         Err(TrySendError::Full(pending)) => {
-            upstream.flush().await.map_err(Close::UpstreamIo)?;
+            upstream.flush().await?;
             tx.send(pending)
                 .await
                 .map_err(|_| Close::ResponseSideClosed)
@@ -587,9 +610,10 @@ fn response_action(key: ApiKey) -> ResponseAction {
 async fn response_pump(
     conn: &Conn<'_>,
     responses: &mut FramedRead<OwnedReadHalf, FrameCodec>,
-    client: &mut BufWriter<OwnedWriteHalf>,
+    client: &mut Writer<'_>,
     mut rx: mpsc::Receiver<Pending>,
     identity: &Identity,
+    activity: &Activity,
 ) -> Close {
     let metrics = conn.shared.metrics.as_deref();
     loop {
@@ -598,7 +622,7 @@ async fn response_pump(
             Err(TryRecvError::Disconnected) => return Close::ClientClosed,
             Err(TryRecvError::Empty) => {
                 if let Err(e) = client.flush().await {
-                    return Close::ClientIo(e);
+                    return e;
                 }
                 // Nothing expected: wait for the next request, but notice an upstream that closes (or
                 // speaks out of turn) meanwhile. `biased`: the queue is always checked first, and an entry
@@ -611,7 +635,7 @@ async fn response_pump(
                     },
                     f = responses.next() => return match f {
                         None => Close::UpstreamClosed,
-                        Some(Err(e)) => Close::UpstreamFrame(e),
+                        Some(Err(e)) => Close::upstream_read(e),
                         Some(Ok(_)) => Close::UnexpectedResponse,
                     },
                 }
@@ -623,14 +647,15 @@ async fn response_pump(
                 let api_key = inflight.key as i16;
                 if !holds_complete_frame(responses.read_buffer()) {
                     if let Err(e) = client.flush().await {
-                        return Close::ClientIo(e);
+                        return e;
                     }
                 }
                 let frame = match responses.next().await {
                     None => return Close::UpstreamClosed,
-                    Some(Err(e)) => return Close::UpstreamFrame(e),
+                    Some(Err(e)) => return Close::upstream_read(e),
                     Some(Ok(f)) => f.freeze(),
                 };
+                activity.touch();
                 let answered = metrics.map(|m| {
                     m.bytes_from_upstream.inc_by(frame.len() as u64);
                     Instant::now()
@@ -675,7 +700,7 @@ async fn response_pump(
             m.bytes_to_client.inc_by(out.len() as u64);
         }
         if let Err(e) = client.write_all(&out).await {
-            return Close::ClientIo(e);
+            return e;
         }
     }
 }

@@ -573,3 +573,50 @@ async fn more_than_five_idempotent_requests_in_flight_are_audited() {
         .contains("in flight"));
     proxy.stop().await;
 }
+
+/// A Produce request naming one partition twice (batch A at sequence 0, batch B at sequence 1), then a
+/// retry of A alone. The broker keeps only the last entry of a repeated partition and answers once; a
+/// proxy that credited that answer to A answered the retry of A as a duplicate (error 0, B's offset)
+/// and A was never written. Through the proxy, both answers must be what the broker gives directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_named_twice_gets_what_the_broker_gives() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let direct = kafka(Cluster::Single);
+    let mut seen = Vec::new();
+    for (path, addr) in [
+        ("direct", direct.split(',').next().unwrap().to_string()),
+        ("proxy", format!("{PROXY_HOST}:{}", proxy.broker_port(1))),
+    ] {
+        let topic = unique_topic("repeated-partition");
+        create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+        let mut raw = Raw::connect(&addr).await;
+        let (pid, epoch) = init_producer_id(&mut raw, None).await;
+        let a = batch(pid, epoch, 0, 1, false, "a");
+        let b = batch(pid, epoch, 1, 1, false, "b");
+        let both = send_produce(
+            &mut raw,
+            &produce(&topic, None, vec![(0, a.clone()), (0, b)]),
+        )
+        .await;
+        let retry = send_produce(&mut raw, &produce(&topic, None, vec![(0, a)])).await;
+        let codes = |r: &[(i32, i16, i64, Option<String>)]| {
+            r.iter()
+                .map(|(p, code, _, _)| (*p, *code))
+                .collect::<Vec<_>>()
+        };
+        seen.push((path, codes(&both), codes(&retry)));
+    }
+    assert_eq!(
+        (&seen[0].1, &seen[0].2),
+        (&seen[1].1, &seen[1].2),
+        "proxy answers differ from the broker's: {seen:?}"
+    );
+    assert_ne!(
+        seen[1].2[0].1, 0,
+        "the retry of A was answered as written: {seen:?}"
+    );
+    let flagged = events(&proxy, Kind::DuplicatePartition);
+    assert_eq!(flagged.len(), 1, "{flagged:?}");
+    assert_eq!(flagged[0].partition, Some(0));
+    proxy.stop().await;
+}

@@ -283,8 +283,9 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     // /producers shows the idempotent producer with its partition.
     let (status, producers) = http_get(http, "/producers").await;
     assert_eq!(status, 200);
-    let list: serde_json::Value = serde_json::from_str(&producers).unwrap();
-    let p = list
+    let page: serde_json::Value = serde_json::from_str(&producers).unwrap();
+    assert!(page["next_after"].is_null(), "one page holds them all");
+    let p = page["producers"]
         .as_array()
         .unwrap()
         .iter()
@@ -293,6 +294,13 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     assert_eq!(p["client_id"], "raw-test");
     assert_eq!(p["epoch"], e + 1);
     assert_eq!(p["partitions"][0]["topic"], topic.as_str());
+    assert_eq!(p["partitions_tracked"], 1);
+    // Pages: a limit of one producer, then the next page after it.
+    let (_, first) = http_get(http, "/producers?limit=1").await;
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["producers"].as_array().unwrap().len(), 1);
+    let (status, _) = http_get(http, "/producers?limit=100000").await;
+    assert_eq!(status, 400, "a page larger than 1000 producers is refused");
     assert_eq!(
         p["partitions"][0]["last_offset"], 4,
         "the bump batch landed at offset 4"

@@ -172,17 +172,39 @@ async fn api_versions_are_capped_and_unknown_keys_hidden() {
             );
         }
     }
-    // A client asking for an ApiVersions version nobody knows gets the broker's v0 fallback, clamped.
-    let (corr, req) = raw.encode_claiming(ApiKey::ApiVersions, 4, 99, &api_versions_request());
-    raw.send_bytes(&req).await;
-    let frame = raw.recv_frame().await.expect("answered");
-    let (h, v0): (_, ApiVersionsResponse) = decode_response(frame, ApiKey::ApiVersions, 0).unwrap();
-    assert_eq!(h.correlation_id, corr);
-    assert_eq!(v0.error_code, 35);
-    assert!(v0
-        .api_keys
-        .iter()
-        .all(|k| k.api_key != ApiKey::Produce as i16 || k.max_version == 12));
+    // ApiVersions newer than the proxy reads (kafka-clients 4.4 and franz-go open with v5, which Kafka
+    // 4.4 answers in a form the proxy cannot read) is answered by the proxy as a broker answers a
+    // version it does not know: UNSUPPORTED_VERSION in a v0 body naming the ApiVersions range it reads.
+    // The connection stays open and the client's retry at that version gets the clamped answer.
+    let max = ApiKey::ApiVersions.valid_versions().max;
+    for claimed in [max + 1, 99] {
+        let (corr, req) =
+            raw.encode_claiming(ApiKey::ApiVersions, 3, claimed, &api_versions_request());
+        raw.send_bytes(&req).await;
+        let frame = raw.recv_frame().await.expect("answered");
+        let (h, v0): (_, ApiVersionsResponse) =
+            decode_response(frame, ApiKey::ApiVersions, 0).unwrap();
+        assert_eq!(h.correlation_id, corr);
+        assert_eq!(v0.error_code, 35, "v{claimed}");
+        let listed: Vec<_> = v0
+            .api_keys
+            .iter()
+            .map(|k| (k.api_key, k.min_version, k.max_version))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(ApiKey::ApiVersions as i16, 0, max)],
+            "v{claimed}"
+        );
+        let retried: ApiVersionsResponse = raw
+            .call(ApiKey::ApiVersions, max, &api_versions_request())
+            .await;
+        assert_eq!(retried.error_code, 0);
+        assert!(retried
+            .api_keys
+            .iter()
+            .any(|k| k.api_key == ApiKey::Produce as i16 && k.max_version == 12));
+    }
     proxy.stop().await;
 }
 
@@ -469,6 +491,92 @@ async fn limits_frame_size_idle_and_connections() {
     over.expect_closed("connection over the limit").await;
     for c in held.iter_mut() {
         healthy(c).await;
+    }
+    proxy.stop().await;
+}
+
+/// Clients that pipeline requests and never read their answers held every connection slot until they
+/// left (observed: 22 such clients locked out every new client for over 65 s with a 20 s idle timeout).
+/// A write the client does not take within `limits.write_timeout_ms` now closes its connection and
+/// frees its slot, long before the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_let_go() {
+    let proxy = start_proxy_with(Cluster::Single, |c| {
+        c.limits.idle_timeout = Duration::from_secs(60);
+        c.limits.write_timeout = Duration::from_secs(1);
+        c.limits.max_connections = 3;
+    })
+    .await;
+    let addr: std::net::SocketAddr = proxy.bootstrap().parse().unwrap();
+    let mut request = Raw {
+        stream: TcpStream::connect(addr).await.unwrap(),
+        next_corr: 1,
+        client_id: "never-reads".into(),
+    };
+    let mut pipelined = Vec::new();
+    for _ in 0..20_000 {
+        let (_, bytes) = request.encode(ApiKey::ApiVersions, 3, &api_versions_request());
+        pipelined.extend_from_slice(&bytes);
+    }
+    drop(request);
+    let pipelined = Bytes::from(pipelined);
+    let mut writers = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        let bytes = pipelined.clone();
+        // Writes until the proxy stops reading, and never reads a byte.
+        writers.push(tokio::spawn(async move {
+            let _ = stream.write_all(&bytes).await;
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            drop(stream);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = Raw::connect(proxy.bootstrap()).await;
+    over.expect_closed("all three slots held").await;
+    let started = std::time::Instant::now();
+    eventually(
+        "a slot to free up for a client that reads",
+        Duration::from_secs(15),
+        || async {
+            let Ok(stream) = TcpStream::connect(addr).await else {
+                return false;
+            };
+            let mut c = Raw {
+                stream,
+                next_corr: 1,
+                client_id: "reads".into(),
+            };
+            let corr = c
+                .send(ApiKey::ApiVersions, 3, &api_versions_request())
+                .await;
+            let mut size = [0u8; 4];
+            let read = tokio::time::timeout(Duration::from_secs(1), c.stream.read_exact(&mut size));
+            let answered = matches!(read.await, Ok(Ok(_)));
+            answered && corr == 1
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "freed by the write timeout, not the 60 s idle timeout"
+    );
+    let metrics = proxy
+        .proxy
+        .as_ref()
+        .unwrap()
+        .shared()
+        .metrics
+        .clone()
+        .unwrap();
+    assert!(
+        metrics.render().contains("reason=\"write_timeout\""),
+        "closes counted as write_timeout"
+    );
+    for w in writers {
+        w.abort();
     }
     proxy.stop().await;
 }
