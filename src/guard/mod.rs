@@ -25,7 +25,7 @@ pub mod txn;
 
 use crate::audit::{Action, AuditEvent, AuditSink, Kind, Source};
 use crate::eos::{Acked, Batch, Verdict};
-use crate::metrics::Metrics;
+use crate::metrics::{producer_labels, Metrics};
 use crate::policy::report::Violation;
 use crate::policy::{codec_name, Action as PolicyAction, Check, TopicPolicy};
 use crate::protocol::batch::{validate_client_records, BatchInfo};
@@ -45,6 +45,7 @@ use txn::TxnTracker;
 
 pub mod codes {
     pub const NONE: i16 = 0;
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
@@ -169,6 +170,8 @@ pub struct ProducePlan {
     transactional_id: Option<String>,
     version: i16,
     correlation_id: i32,
+    /// Some transactional batch goes to the broker: the transaction opens when the broker accepts one.
+    opens_txn: bool,
 }
 
 impl ProducePlan {
@@ -209,6 +212,8 @@ pub struct ProduceTracking {
     local: Vec<(String, i32, LocalAnswer)>,
     acks_all: bool,
     transactional_id: Option<String>,
+    /// A transactional batch was forwarded: a broker success opens the transaction at the proxy.
+    opens_txn: bool,
     settled: bool,
 }
 
@@ -247,14 +252,25 @@ impl Guard {
 
     /// A transactional write or registration: the transaction is open from now (if it was not).
     pub fn begin_transaction(&self, txn_id: &str, client: &str) {
-        if self.txns.begin(txn_id, client, Instant::now()) {
-            if let Some(m) = &self.metrics {
-                m.producers.admit(client, txn_id);
-                m.producers
-                    .open_transactions
-                    .with_label_values(&[client, txn_id])
-                    .inc();
+        let begun = self.txns.begin(txn_id, client, Instant::now());
+        let Some(m) = &self.metrics else { return };
+        if let Some((id, evicted)) = &begun.evicted {
+            let labels = producer_labels(&evicted.client_id, id);
+            m.producers
+                .open_transactions
+                .with_label_values(&labels)
+                .dec();
+            if evicted.hanging {
+                m.hanging_transactions.dec();
             }
+        }
+        if begun.opened {
+            let labels = producer_labels(client, txn_id);
+            m.producers.admit(labels[0], labels[1]);
+            m.producers
+                .open_transactions
+                .with_label_values(&labels)
+                .inc();
         }
     }
 
@@ -265,7 +281,7 @@ impl Guard {
             return;
         };
         if let Some(m) = &self.metrics {
-            let labels = [ended.client_id.as_str(), txn_id];
+            let labels = producer_labels(&ended.client_id, txn_id);
             m.producers
                 .open_transactions
                 .with_label_values(&labels)
@@ -378,6 +394,7 @@ impl Guard {
             transactional_id: view.transactional_id.map(str::to_string),
             version: head.api_version,
             correlation_id: head.correlation_id,
+            opens_txn: false,
         };
         let repeated = repeated_partitions(&view);
         if !repeated.is_empty() {
@@ -385,6 +402,22 @@ impl Guard {
         }
         for topic in &view.topics {
             let mut outcomes = Vec::with_capacity(topic.partitions.len());
+            if topic.name.len() > MAX_TOPIC_NAME_BYTES {
+                // The broker knows no such topic and answers UNKNOWN_TOPIC_OR_PARTITION; the proxy does
+                // the same before it keeps anything (a name, a policy lookup) for it.
+                outcomes.extend(topic.partitions.iter().map(|_| {
+                    Outcome::Local(LocalAnswer {
+                        error_code: codes::UNKNOWN_TOPIC_OR_PARTITION,
+                        base_offset: -1,
+                        log_append_time: -1,
+                        message: Some(format!(
+                            "kafka-eos-proxy: topic names are at most {MAX_TOPIC_NAME_BYTES} bytes"
+                        )),
+                    })
+                }));
+                plan.outcomes.push(outcomes);
+                continue;
+            }
             let demands = policy(topic.name);
             for p in &topic.partitions {
                 let alone = !repeated.contains(&(topic.name, p.index));
@@ -396,6 +429,7 @@ impl Guard {
                         records,
                         conn,
                         demands.as_deref(),
+                        &mut plan.opens_txn,
                     ),
                 });
             }
@@ -434,6 +468,7 @@ impl Guard {
         records: &[u8],
         conn: &ConnInfo,
         demands: Option<&TopicPolicy>,
+        opens_txn: &mut bool,
     ) -> Outcome {
         let txn_id = view.transactional_id;
         let info = match validate_client_records(records, self.config.check_crc) {
@@ -473,7 +508,7 @@ impl Guard {
         self.store
             .set_owner(info.producer_id, conn.client_id.as_deref(), txn_id);
         if let Some(m) = &self.metrics {
-            let labels = [client, txn_id.unwrap_or("")];
+            let labels = producer_labels(client, txn_id.unwrap_or(""));
             m.producers.admit(labels[0], labels[1]);
             m.producers.batches.with_label_values(&labels).inc();
             m.producers
@@ -533,7 +568,9 @@ impl Guard {
         }
         // No room to name another topic (see ProducerStore::key): pass it on, untracked.
         let key = self.store.key(info.producer_id, topic, partition);
+        let transactional = info.transactional && txn_id.is_some();
         if !alone {
+            *opens_txn |= transactional;
             // The broker keeps one of the repeated entries: whatever the proxy knew of this producer
             // here no longer holds, and the answer cannot be credited to one batch.
             if let Some(key) = &key {
@@ -545,10 +582,9 @@ impl Guard {
             Some(key) => self.store.check_and_track(key, batch, self.now()),
             None => Verdict::Unknown,
         };
-        if let (true, Some(t), true) = (info.transactional, txn_id, verdict.forwards()) {
-            // A transactional write going to the cluster: the transaction is open from here.
-            self.begin_transaction(t, client);
-        }
+        // A transactional write going to the cluster: the transaction is open once the broker accepts it
+        // (see on_produce_response), never on the request alone.
+        *opens_txn |= transactional && verdict.forwards();
         let Some(key) = key else {
             return Outcome::Pass;
         };
@@ -897,10 +933,11 @@ impl Guard {
             local,
             acks_all: plan.acks == -1,
             transactional_id: plan.transactional_id.clone(),
+            opens_txn: plan.opens_txn && plan.acks != 0,
             settled: false,
         };
         if forwarded == total {
-            let needed = !tracking.tracked.is_empty();
+            let needed = !tracking.tracked.is_empty() || tracking.opens_txn;
             return ProduceAction::Forward(needed.then_some(tracking));
         }
         if forwarded == 0 {
@@ -938,6 +975,14 @@ impl Guard {
             decode_response::<ProduceResponse>(frame, ApiKey::Produce, version)
                 .map_err(|e| e.to_string())?;
         let now = self.now();
+        let accepted = resp
+            .responses
+            .iter()
+            .flat_map(|t| t.partition_responses.iter())
+            .any(|p| p.error_code == codes::NONE);
+        if let (true, true, Some(t)) = (tracking.opens_txn, accepted, &tracking.transactional_id) {
+            self.begin_transaction(t, conn.client_id.as_deref().unwrap_or(""));
+        }
         for topic in &resp.responses {
             for p in &topic.partition_responses {
                 let name = topic.name.0.as_str();
@@ -969,10 +1014,10 @@ impl Guard {
                     };
                     if self.store.acknowledge(&key, batch, acked, now) {
                         if let Some(m) = &self.metrics {
-                            let labels = [
+                            let labels = producer_labels(
                                 conn.client_id.as_deref().unwrap_or(""),
                                 tracking.transactional_id.as_deref().unwrap_or(""),
-                            ];
+                            );
                             m.producers.admit(labels[0], labels[1]);
                             m.producers.epoch_bumps.with_label_values(&labels).inc();
                         }
@@ -1009,9 +1054,12 @@ impl Guard {
 
     /// Whether a response needs the guard (tracked batches or local answers to merge).
     pub fn needs_response(tracking: &ProduceTracking) -> bool {
-        !tracking.tracked.is_empty() || !tracking.local.is_empty()
+        !tracking.tracked.is_empty() || !tracking.local.is_empty() || tracking.opens_txn
     }
 }
+
+/// Kafka's longest topic name (longer ones can never be created).
+pub const MAX_TOPIC_NAME_BYTES: usize = 249;
 
 /// The topic partitions a Produce request names more than once (sorted, each once).
 ///

@@ -401,6 +401,10 @@ impl ProducerStore {
         client_id: Option<&str>,
         transactional_id: Option<&str>,
     ) {
+        // Kept for display only, so cut to a label's length: bytes per producer stay bounded whatever
+        // the client calls itself.
+        let client_id = client_id.map(crate::metrics::bounded_label);
+        let transactional_id = transactional_id.map(crate::metrics::bounded_label);
         let same = self
             .owners
             .get(&producer_id)

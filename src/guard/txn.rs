@@ -3,6 +3,7 @@
 //! producer id when the epoch runs out).
 
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A transaction in progress, from its first write (or partition/offset registration) to its EndTxn.
@@ -25,48 +26,115 @@ pub struct EndedTxn {
 /// Java's default transaction.timeout.ms, for transactions whose InitProducerId the proxy did not see.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Transactional ids longer than this are not tracked (the broker still fences them): the tracker's
+/// memory is bounded by entries times this, whatever clients send.
+pub const MAX_TRANSACTIONAL_ID_BYTES: usize = 1024;
+
+/// What the proxy knows of one transactional id.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    producer_id: i64,
+    epoch: i16,
+    timeout: Option<Duration>,
+    last_used: Instant,
+}
+
+/// Three bounded tables: transactional id -> (producer id, epoch, timeout) and the open transactions.
+/// Each holds at most `max` entries; past that the least recently used eighth of the known ids, or the
+/// oldest open transaction, goes, and the eviction is counted ([`TxnTracker::evictions`]).
 pub struct TxnTracker {
-    map: DashMap<Box<str>, (i64, i16)>,
-    timeouts: DashMap<Box<str>, Duration>,
+    known: DashMap<Box<str>, Known>,
     open: DashMap<Box<str>, OpenTxn>,
     max: usize,
+    evictions: AtomicU64,
+}
+
+/// The outcome of [`TxnTracker::begin`].
+#[derive(Debug)]
+pub struct Begun {
+    /// A new transaction was opened (false: it was open already, or its id is not tracked).
+    pub opened: bool,
+    /// The oldest open transaction, evicted to make room: (transactional id, what it was).
+    pub evicted: Option<(String, OpenTxn)>,
 }
 
 impl TxnTracker {
     pub fn new(max: usize) -> Self {
         TxnTracker {
-            map: DashMap::new(),
-            timeouts: DashMap::new(),
+            known: DashMap::new(),
             open: DashMap::new(),
             max: max.max(1),
+            evictions: AtomicU64::new(0),
         }
     }
 
-    /// Records what the coordinator answered for `txn_id`. A different producer id replaces the old one
-    /// (a new id after epoch exhaustion); for the same id the epoch only moves forward.
+    fn trackable(txn_id: &str) -> bool {
+        !txn_id.is_empty() && txn_id.len() <= MAX_TRANSACTIONAL_ID_BYTES
+    }
+
+    /// Entries evicted from either table since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// At the bound, drops the least recently used eighth of the known ids.
+    fn make_room(&self) {
+        if self.known.len() < self.max {
+            return;
+        }
+        let mut ages: Vec<Instant> = self.known.iter().map(|e| e.last_used).collect();
+        let cut = (ages.len() / 8).max(1);
+        let (_, nth, _) = ages.select_nth_unstable(cut - 1);
+        let cutoff = *nth;
+        let before = self.known.len();
+        self.known.retain(|_, k| k.last_used > cutoff);
+        let gone = before.saturating_sub(self.known.len());
+        self.evictions.fetch_add(gone as u64, Ordering::Relaxed);
+    }
+
+    fn upsert(&self, txn_id: &str, update: impl FnOnce(&mut Known)) {
+        if !Self::trackable(txn_id) {
+            return;
+        }
+        if let Some(mut k) = self.known.get_mut(txn_id) {
+            k.last_used = Instant::now();
+            update(&mut k);
+            return;
+        }
+        self.make_room();
+        let mut k = Known {
+            producer_id: -1,
+            epoch: -1,
+            timeout: None,
+            last_used: Instant::now(),
+        };
+        update(&mut k);
+        self.known.insert(txn_id.into(), k);
+    }
+
+    /// The coordinator handed `txn_id` this producer id and epoch. An older epoch of the same producer
+    /// id (a late answer) does not move it back.
     pub fn learn(&self, txn_id: &str, producer_id: i64, epoch: i16) {
         if producer_id < 0 {
             return;
         }
-        if let Some(mut e) = self.map.get_mut(txn_id) {
-            if e.0 != producer_id || epoch >= e.1 {
-                *e = (producer_id, epoch);
+        self.upsert(txn_id, |k| {
+            if k.producer_id != producer_id || epoch >= k.epoch {
+                k.producer_id = producer_id;
+                k.epoch = epoch;
             }
-            return;
-        }
-        if self.map.len() >= self.max {
-            // Coarse but bounded: forgetting only means a zombie is left for the broker to fence.
-            self.map.clear();
-        }
-        self.map.insert(txn_id.into(), (producer_id, epoch));
+        });
     }
 
     pub fn current(&self, txn_id: &str) -> Option<(i64, i16)> {
-        self.map.get(txn_id).map(|e| *e)
+        self.known
+            .get(txn_id)
+            .filter(|k| k.producer_id >= 0)
+            .map(|k| (k.producer_id, k.epoch))
     }
 
-    /// The current epoch if (`producer_id`, `epoch`) is older than what the coordinator handed out for
-    /// `txn_id` by more than `tolerance` (EndTxn v5 retries may carry the previous epoch: tolerance 1).
+    /// `Some(current epoch)` if (producer id, epoch) is older than what the coordinator handed out last
+    /// for this transactional id, by more than `tolerance` epochs.
     pub fn stale(&self, txn_id: &str, producer_id: i64, epoch: i16, tolerance: i16) -> Option<i16> {
         let (pid, current) = self.current(txn_id)?;
         (pid == producer_id && i32::from(epoch) < i32::from(current) - i32::from(tolerance))
@@ -74,42 +142,53 @@ impl TxnTracker {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.known.len()
     }
 
-    /// The transaction timeout the producer asked for in InitProducerId.
+    /// The transaction timeout the coordinator applies to this transactional id.
     pub fn set_timeout(&self, txn_id: &str, timeout: Duration) {
-        if self.timeouts.len() >= self.max {
-            self.timeouts.clear();
-        }
-        self.timeouts.insert(txn_id.into(), timeout);
+        self.upsert(txn_id, |k| k.timeout = Some(timeout));
     }
 
     pub fn timeout(&self, txn_id: &str) -> Duration {
-        self.timeouts.get(txn_id).map_or(DEFAULT_TIMEOUT, |t| *t)
+        self.known
+            .get(txn_id)
+            .and_then(|k| k.timeout)
+            .unwrap_or(DEFAULT_TIMEOUT)
     }
 
-    /// A transaction write or registration: opens the transaction if it is not open. Returns true if it
-    /// was opened now.
-    pub fn begin(&self, txn_id: &str, client_id: &str, now: Instant) -> bool {
-        if self.open.contains_key(txn_id) {
-            return false;
+    /// Opens a transaction the broker confirmed (a write or registration it accepted). At the bound the
+    /// oldest open transaction is evicted (and returned, so its gauges can follow).
+    pub fn begin(&self, txn_id: &str, client_id: &str, now: Instant) -> Begun {
+        let mut begun = Begun {
+            opened: false,
+            evicted: None,
+        };
+        if !Self::trackable(txn_id) || self.open.contains_key(txn_id) {
+            return begun;
         }
         if self.open.len() >= self.max {
-            return false;
+            let oldest = self
+                .open
+                .iter()
+                .min_by_key(|e| e.started)
+                .map(|e| e.key().clone());
+            if let Some((id, txn)) = oldest.and_then(|k| self.open.remove(&k)) {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                begun.evicted = Some((id.into(), txn));
+            }
         }
         self.open.insert(
             txn_id.into(),
             OpenTxn {
                 started: now,
-                client_id: client_id.to_string(),
+                client_id: crate::metrics::bounded_label(client_id).to_string(),
                 hanging: false,
             },
         );
-        true
+        begun.opened = true;
+        begun
     }
-
-    /// EndTxn answered (or a new InitProducerId aborted it): closes the transaction if it was open.
     pub fn end(&self, txn_id: &str, now: Instant) -> Option<EndedTxn> {
         self.open.remove(txn_id).map(|(_, o)| EndedTxn {
             duration: now.saturating_duration_since(o.started),
@@ -137,7 +216,7 @@ impl TxnTracker {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.known.is_empty()
     }
 }
 
@@ -150,9 +229,9 @@ mod tests {
         let t = TxnTracker::new(10);
         let t0 = Instant::now();
         t.set_timeout("a", Duration::from_secs(10));
-        assert!(t.begin("a", "c1", t0));
-        assert!(!t.begin("a", "c1", t0), "already open");
-        assert!(t.begin("b", "c2", t0));
+        assert!(t.begin("a", "c1", t0).opened);
+        assert!(!t.begin("a", "c1", t0).opened, "already open");
+        assert!(t.begin("b", "c2", t0).opened);
         let later = t0 + Duration::from_secs(15);
         // a: 15 s > 10 s + 2 s margin; b: default 60 s timeout, not yet
         let hanging = t.newly_hanging(Duration::from_secs(2), later);
@@ -190,5 +269,33 @@ mod tests {
         t.learn("tx", 8, 0);
         assert_eq!(t.current("tx"), Some((8, 0)));
         assert_eq!(t.stale("other", 5, 0, 0), None);
+    }
+
+    /// Past the bound, the oldest open transaction and the least recently used ids go, counted; a new
+    /// transaction is always tracked (20,000 refused or abandoned ones must not blind the tracker).
+    #[test]
+    fn tables_are_bounded_and_evictions_counted() {
+        let t = TxnTracker::new(16);
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let id = format!("fake-{i}");
+            t.learn(&id, i, 0);
+            let begun = t.begin(&id, "c", t0 + Duration::from_millis(i as u64));
+            assert!(begun.opened);
+            if i >= 16 {
+                let (gone, _) = begun.evicted.expect("oldest evicted");
+                assert_eq!(gone, format!("fake-{}", i - 16));
+            }
+        }
+        assert!(t.len() <= 16);
+        assert_eq!(t.open_count(), 16);
+        assert!(t.evictions() >= 84 + 84, "{}", t.evictions());
+        assert!(t.begin("real", "c", t0 + Duration::from_secs(1)).opened);
+        assert!(t.end("real", t0 + Duration::from_secs(2)).is_some());
+        // ids too long to be worth their bytes are not tracked
+        let long = "x".repeat(MAX_TRANSACTIONAL_ID_BYTES + 1);
+        t.learn(&long, 1, 1);
+        assert_eq!(t.current(&long), None);
+        assert!(!t.begin(&long, "c", t0).opened);
     }
 }

@@ -40,6 +40,32 @@ pub struct ApiHandles {
     pub upstream_seconds: Histogram,
 }
 
+/// Label values (client ids, transactional ids, topics) are cut to this many bytes, so a series costs
+/// bounded memory whatever a client names itself (the series count is bounded separately).
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// `s` cut to at most [`MAX_LABEL_BYTES`], on a character boundary.
+pub fn bounded_label(s: &str) -> &str {
+    cut_to(s, MAX_LABEL_BYTES)
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn cut_to(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The (client id, transactional id) labels of the per-producer series, bounded.
+pub fn producer_labels<'a>(client: &'a str, txn: &'a str) -> [&'a str; 2] {
+    [bounded_label(client), bounded_label(txn)]
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub connections_active: IntGauge,
@@ -500,5 +526,19 @@ mod tests {
         assert!(!text.contains("client_id=\"a\""), "{text}");
         assert!(text.contains("client_id=\"e\""));
         assert!(text.contains("kafka_eos_proxy_producer_series_limit 3"));
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_cut_on_character_boundaries() {
+        assert_eq!(bounded_label("short"), "short");
+        let long = "é".repeat(100); // 200 bytes, two per character
+        let cut = bounded_label(&long);
+        assert_eq!(cut.len(), 128);
+        assert_eq!(cut_to("aé", 2), "a", "never inside a character");
     }
 }

@@ -602,6 +602,17 @@ impl ConnPolicies {
         &self.policies
     }
 
+    /// The first rule that applies to this connection and upgrades read_uncommitted reads of some topic.
+    /// For a topic named only by an id the proxy cannot name, the read is upgraded if any such rule
+    /// exists (conservative: it may upgrade a topic no rule names, never miss one a rule does).
+    pub fn any_read_committed_upgrade(&self) -> Option<Arc<str>> {
+        self.applicable
+            .iter()
+            .map(|i| &self.policies.rules[*i])
+            .find(|r| r.read_committed == Some(Action::Upgrade))
+            .map(|r| r.name.clone())
+    }
+
     pub fn topic(&mut self, client: &ClientFacts, topic: &str) -> Arc<TopicPolicy> {
         if let Some(p) = self.topics.get(topic) {
             return p.clone();
@@ -611,10 +622,13 @@ impl ConnPolicies {
             self.policies
                 .topic_policy_among(rules, client, topic, false),
         );
-        if self.topics.len() >= MAX_CACHED_TOPICS {
-            self.topics.clear();
+        // A name longer than any topic can have is answered but not kept (it costs its length each time).
+        if topic.len() <= crate::guard::MAX_TOPIC_NAME_BYTES {
+            if self.topics.len() >= MAX_CACHED_TOPICS {
+                self.topics.clear();
+            }
+            self.topics.insert(topic.to_string(), p.clone());
         }
-        self.topics.insert(topic.to_string(), p.clone());
         p
     }
 
@@ -623,6 +637,7 @@ impl ConnPolicies {
         if self.reported.len() >= MAX_CACHED_TOPICS {
             self.reported.clear();
         }
+        let topic = crate::metrics::cut_to(topic, crate::guard::MAX_TOPIC_NAME_BYTES);
         self.reported.insert((check, topic.to_string()))
     }
 }

@@ -18,6 +18,25 @@ struct Counter {
     previous: u32,
 }
 
+impl Counter {
+    /// Moves the window up to `now`; returns the sliding estimate and how far into its minute `now` is.
+    fn roll(&mut self, now: Instant) -> (f64, Duration) {
+        let mut elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= WINDOW {
+            let windows = elapsed.as_secs() / WINDOW.as_secs();
+            self.previous = if windows == 1 { self.current } else { 0 };
+            self.current = 0;
+            self.window_start += WINDOW * windows as u32;
+            elapsed = now.saturating_duration_since(self.window_start);
+        }
+        let remaining = 1.0 - elapsed.as_secs_f64() / WINDOW.as_secs_f64();
+        (
+            f64::from(self.previous) * remaining + f64::from(self.current),
+            elapsed,
+        )
+    }
+}
+
 pub struct PerMinute {
     clients: DashMap<String, Counter>,
     max_clients: usize,
@@ -43,7 +62,30 @@ impl PerMinute {
     }
 
     /// Counts one more for `client` if it stays within `limit` per minute.
-    pub fn admit(&self, client: &str, limit: u32, now: Instant) -> Admission {
+    /// Whether one more would be within `limit` for `client`; counts nothing (see [`PerMinute::count`]).
+    pub fn check(&self, client: &str, limit: u32, now: Instant) -> Admission {
+        let Some(mut c) = self.clients.get_mut(client) else {
+            return if limit >= 1 {
+                Admission::Admitted
+            } else {
+                Admission::Over {
+                    retry_after: WINDOW,
+                    count: 0,
+                }
+            };
+        };
+        let (estimate, elapsed) = c.roll(now);
+        if estimate + 1.0 > f64::from(limit) {
+            return Admission::Over {
+                retry_after: WINDOW.saturating_sub(elapsed),
+                count: estimate.round() as u32,
+            };
+        }
+        Admission::Admitted
+    }
+
+    /// Counts one for `client` (a producer id the broker handed out).
+    pub fn count(&self, client: &str, now: Instant) {
         if self.clients.len() >= self.max_clients && !self.clients.contains_key(client) {
             // Forget clients idle for two windows; if none are, start over rather than grow.
             self.clients
@@ -57,25 +99,17 @@ impl PerMinute {
             current: 0,
             previous: 0,
         });
-        let c = entry.value_mut();
-        let mut elapsed = now.saturating_duration_since(c.window_start);
-        if elapsed >= WINDOW {
-            let windows = elapsed.as_secs() / WINDOW.as_secs();
-            c.previous = if windows == 1 { c.current } else { 0 };
-            c.current = 0;
-            c.window_start += WINDOW * windows as u32;
-            elapsed = now.saturating_duration_since(c.window_start);
+        entry.value_mut().roll(now);
+        entry.value_mut().current += 1;
+    }
+
+    /// [`check`](Self::check) then [`count`](Self::count), for callers that count at admission.
+    pub fn admit(&self, client: &str, limit: u32, now: Instant) -> Admission {
+        let admission = self.check(client, limit, now);
+        if admission == Admission::Admitted {
+            self.count(client, now);
         }
-        let remaining = 1.0 - elapsed.as_secs_f64() / WINDOW.as_secs_f64();
-        let estimate = f64::from(c.previous) * remaining + f64::from(c.current);
-        if estimate + 1.0 > f64::from(limit) {
-            return Admission::Over {
-                retry_after: WINDOW.saturating_sub(elapsed),
-                count: estimate.round() as u32,
-            };
-        }
-        c.current += 1;
-        Admission::Admitted
+        admission
     }
 
     pub fn tracked(&self) -> usize {

@@ -280,6 +280,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, target: Target)
             drop(socket);
             continue;
         };
+        if let Some(m) = &shared.metrics {
+            match target {
+                Target::Bootstrap => m.connections_accepted_bootstrap.inc(),
+                Target::Node(_) => m.connections_accepted_broker.inc(),
+            }
+        }
         let _ = socket.set_nodelay(true);
         shared
             .tracker

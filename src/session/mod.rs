@@ -28,6 +28,7 @@ use crate::guard::coordinator::{self, CoordinatorRequest};
 use crate::guard::{
     codes, eos_error_kind, init_producer_id_txn, ConnInfo, Guard, ProduceAction, ProduceTracking,
 };
+use crate::metrics::bounded_label;
 use crate::metrics::lso::LsoChange;
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
@@ -80,6 +81,8 @@ enum Learn {
     Produce(ProduceTracking),
     InitProducerId {
         transactional: Option<(String, i32)>,
+        /// The producer-id rate buckets to charge if the answer hands out a new producer id.
+        charge: Option<policy::NewIdCharge>,
     },
     EndTxn {
         transactional_id: String,
@@ -88,6 +91,8 @@ enum Learn {
     /// AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit: audit the errors the coordinator returns.
     Coordinator {
         transactional_id: Option<String>,
+        /// AddPartitionsToTxn / AddOffsetsToTxn: a success opens the transaction at the proxy.
+        opens: bool,
     },
     /// A fetch the proxy upgraded to read_committed for a read_uncommitted client: remove aborted
     /// batches from the answer (the client will not).
@@ -314,7 +319,8 @@ async fn request_pump(
             }
         }
         let info = || ConnInfo {
-            client_id: client_id.get().cloned(),
+            // Bounded: a 30 KB client id is not copied into every audit line and producer record.
+            client_id: client_id.get().map(|c| bounded_label(c).to_string()),
             ..conn.info.clone()
         };
         let conn_info = info();
@@ -406,10 +412,18 @@ async fn request_pump(
                 acks != 0
             }
             ApiKey::InitProducerId => {
+                let mut rate_charge = None;
                 if policies.producer_checks {
                     match policy::init_producer_id(&mut ctx, &frame, &head) {
-                        Ok(policy::InitDecision::Forward(Some(patched))) => out = patched,
-                        Ok(policy::InitDecision::Forward(None)) => {}
+                        Ok(policy::InitDecision::Forward {
+                            patched,
+                            count_new_ids,
+                        }) => {
+                            if let Some(patched) = patched {
+                                out = patched;
+                            }
+                            rate_charge = count_new_ids;
+                        }
                         Ok(policy::InitDecision::Answer(answer)) => {
                             if let Some(m) = metrics {
                                 m.api(head.api_key).requests.inc();
@@ -425,6 +439,7 @@ async fn request_pump(
                 learn = Learn::InitProducerId {
                     // From what is sent: a clamped timeout is the one the coordinator will apply.
                     transactional: init_producer_id_txn(&out, &head),
+                    charge: rate_charge,
                 };
                 true
             }
@@ -483,18 +498,17 @@ async fn request_pump(
                         transactional_id: r.transactional_id,
                         committed: r.committed,
                     },
+                    // Registering partitions or offsets opens the transaction (transactions v1), once
+                    // the coordinator accepts it: a refused request leaves nothing behind.
                     (ApiKey::AddPartitionsToTxn | ApiKey::AddOffsetsToTxn, Some(r)) => {
-                        // Registering partitions or offsets opens the transaction (transactions v1).
-                        guard.begin_transaction(
-                            &r.transactional_id,
-                            client_id.get().map_or("", String::as_str),
-                        );
                         Learn::Coordinator {
                             transactional_id: Some(r.transactional_id),
+                            opens: true,
                         }
                     }
                     (_, r) => Learn::Coordinator {
                         transactional_id: r.map(|r| r.transactional_id),
+                        opens: false,
                     },
                 };
                 true
@@ -723,7 +737,8 @@ async fn process_response(
         Err(e) => return Err(Close::MalformedResponse(e.to_string())),
     }
     let info = ConnInfo {
-        client_id: client_id.get().cloned(),
+        // Bounded: a 30 KB client id is not copied into every audit line and producer record.
+        client_id: client_id.get().map(|c| bounded_label(c).to_string()),
         ..conn.info.clone()
     };
     let shared = conn.shared;
@@ -842,12 +857,14 @@ fn learn_from_coordinator(
     type Found = (i16, Option<(String, i32)>, (i64, i16));
     let mut errors: Vec<Found> = Vec::new();
     let (txn, timeout_ms, committed) = match &learn {
-        Learn::InitProducerId { transactional } => (
+        Learn::InitProducerId { transactional, .. } => (
             transactional.as_ref().map(|t| t.0.clone()),
             transactional.as_ref().map(|t| t.1),
             None,
         ),
-        Learn::Coordinator { transactional_id } => (transactional_id.clone(), None, None),
+        Learn::Coordinator {
+            transactional_id, ..
+        } => (transactional_id.clone(), None, None),
         Learn::EndTxn {
             transactional_id,
             committed,
@@ -858,6 +875,18 @@ fn learn_from_coordinator(
         ApiKey::InitProducerId => {
             decode_response::<InitProducerIdResponse>(frame.clone(), key, version).map(|(_, r)| {
                 if r.error_code == codes::NONE {
+                    if let Learn::InitProducerId {
+                        charge: Some(charge),
+                        ..
+                    } = &learn
+                    {
+                        if r.producer_id.0 != charge.sent_producer_id {
+                            let now = Instant::now();
+                            for bucket in &charge.buckets {
+                                shared.policies.new_pids.count(bucket, now);
+                            }
+                        }
+                    }
                     guard.store.issued(r.producer_id.0, r.producer_epoch);
                     if let Some(t) = &txn {
                         guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
@@ -923,6 +952,11 @@ fn learn_from_coordinator(
     if let Err(e) = decoded {
         debug!(error = %e, ?key, "coordinator answer not inspected");
         return;
+    }
+    if let (Learn::Coordinator { opens: true, .. }, Some(t)) = (&learn, &txn) {
+        if !errors.is_empty() && errors.iter().all(|e| e.0 == codes::NONE) {
+            guard.begin_transaction(t, info.client_id.as_deref().unwrap_or(""));
+        }
     }
     for (code, tp, producer) in errors {
         let Some(kind) = eos_error_kind(code) else {

@@ -183,7 +183,33 @@ pub fn read_isolation(
             TopicRef::Name(n) => std::sync::Arc::from(*n),
             TopicRef::Id(id) => match ctx.shared.brokers.topic_name(id) {
                 Some(n) => n,
-                None => continue,
+                None => {
+                    // An id no Metadata answer through this proxy has named yet (a fresh start, or
+                    // learned through DescribeTopicPartitions): upgraded if any rule could demand it.
+                    if let Some(rule) = ctx.cp.any_read_committed_upgrade() {
+                        upgrade = true;
+                        let id = uuid::Uuid::from_bytes(*id).to_string();
+                        let event = ctx.cp.first_report(Check::ReadCommitted, &id);
+                        let detail = format!(
+                            "{key:?} of topic id {id}, which the proxy cannot name, with \
+                             read_uncommitted; sent as read_committed (conservative)"
+                        );
+                        ctx.report(
+                            Violation {
+                                topic: Some(&id),
+                                ..Violation::new(
+                                    &rule,
+                                    Check::ReadCommitted,
+                                    Action::Upgrade,
+                                    key as i16,
+                                    detail,
+                                )
+                            },
+                            event,
+                        );
+                    }
+                    continue;
+                }
             },
         };
         let tp = ctx.cp.topic(&ctx.facts, &name);
@@ -217,10 +243,34 @@ pub fn read_isolation(
 
 /// What to do with an InitProducerId request.
 pub enum InitDecision {
-    /// Forward (the frame patched if the timeout was clamped).
-    Forward(Option<Bytes>),
+    /// Forward (the frame patched if the timeout was clamped). `count_new_ids`: the rate buckets to
+    /// charge if the broker answers with a producer id the client did not already hold.
+    Forward {
+        patched: Option<Bytes>,
+        count_new_ids: Option<NewIdCharge>,
+    },
     /// Answer at the proxy with this error response.
     Answer(Bytes),
+}
+
+/// What a forwarded InitProducerId is charged if the broker hands out a new producer id.
+pub struct NewIdCharge {
+    /// The rate buckets: the client id and the client address (see [`new_id_buckets`]).
+    pub buckets: [String; 2],
+    /// The producer id the request carried (-1: none).
+    pub sent_producer_id: i64,
+}
+
+/// The buckets a new producer id is counted in: the client id (cut to a label's length) and the
+/// client's address, so that a client that takes a new client id per connection is limited too.
+pub fn new_id_buckets(facts: &crate::policy::ClientFacts) -> [String; 2] {
+    [
+        format!(
+            "client:{}",
+            crate::metrics::bounded_label(facts.client_id.unwrap_or(""))
+        ),
+        format!("address:{}", facts.address),
+    ]
 }
 
 /// InitProducerId checks: transactional-id ownership, transaction timeout bounds, new producer ids
@@ -310,48 +360,54 @@ pub fn init_producer_id(
             }
         }
     }
+    let mut count_new_ids = None;
     if let Some(d) = &pp.new_producer_ids_per_minute {
-        if req.existing_producer_id.is_none() {
-            let who = ctx
-                .facts
-                .client_id
-                .map(str::to_string)
-                .unwrap_or_else(|| ctx.facts.address.to_string());
-            let admission = ctx
-                .shared
-                .policies
-                .new_pids
-                .admit(&who, d.value, Instant::now());
-            if let crate::policy::rate::Admission::Over { retry_after, count } = admission {
-                let reject = d.action == Action::Reject;
-                ctx.report(
-                    Violation {
-                        transactional_id: req.transactional_id,
-                        error_code: if reject {
-                            codes::THROTTLING_QUOTA_EXCEEDED
-                        } else {
-                            0
-                        },
-                        ..Violation::new(
-                            &d.rule,
-                            Check::NewProducerIdsPerMinute,
-                            d.action,
-                            key,
-                            format!(
-                                "client {who} asked for a new producer id with {count} in the last \
-                                 minute (limit {})",
-                                d.value
-                            ),
-                        )
+        // Checked for every InitProducerId (a bump with a producer id the client never held still gets a
+        // new one from the broker); counted only when the broker hands out an id the client did not
+        // hold (see the session's InitProducerId answer).
+        let buckets = new_id_buckets(&ctx.facts);
+        let now = Instant::now();
+        let rate = &ctx.shared.policies.new_pids;
+        let over = buckets
+            .iter()
+            .map(|b| (b, rate.check(b, d.value, now)))
+            .find(|(_, a)| *a != crate::policy::rate::Admission::Admitted);
+        count_new_ids = Some(NewIdCharge {
+            sent_producer_id: req.existing_producer_id.unwrap_or(-1),
+            buckets: buckets.clone(),
+        });
+        if let Some((who, crate::policy::rate::Admission::Over { retry_after, count })) = over {
+            let reject = d.action == Action::Reject;
+            ctx.report(
+                Violation {
+                    transactional_id: req.transactional_id,
+                    error_code: if reject {
+                        codes::THROTTLING_QUOTA_EXCEEDED
+                    } else {
+                        0
                     },
-                    true,
-                );
-                if reject {
-                    let ms = i32::try_from(retry_after.as_millis()).unwrap_or(i32::MAX);
-                    return answer(codes::THROTTLING_QUOTA_EXCEEDED, ms);
-                }
+                    ..Violation::new(
+                        &d.rule,
+                        Check::NewProducerIdsPerMinute,
+                        d.action,
+                        key,
+                        format!(
+                            "{who} asked for a new producer id with {count} in the last \
+                                 minute (limit {})",
+                            d.value
+                        ),
+                    )
+                },
+                true,
+            );
+            if reject {
+                let ms = i32::try_from(retry_after.as_millis()).unwrap_or(i32::MAX);
+                return answer(codes::THROTTLING_QUOTA_EXCEEDED, ms);
             }
         }
     }
-    Ok(InitDecision::Forward(out))
+    Ok(InitDecision::Forward {
+        patched: out,
+        count_new_ids,
+    })
 }

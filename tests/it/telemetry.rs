@@ -279,6 +279,9 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     assert!(m("kafka_eos_proxy_request_upstream_seconds_count{api=\"Metadata\"}") >= 1.0);
     assert!(m("kafka_eos_proxy_tracked_producer_partitions") >= 1.0);
     assert!(m("kafka_eos_proxy_connections_closed_total{reason=\"client_closed\"}") >= 1.0);
+    // Every connection the proxy took is counted where it arrived (this counter was once never moved).
+    assert!(m("kafka_eos_proxy_connections_accepted_total{listener=\"bootstrap\"}") >= 1.0);
+    assert!(m("kafka_eos_proxy_connections_accepted_total{listener=\"broker\"}") >= 1.0);
 
     // /producers shows the idempotent producer with its partition.
     let (status, producers) = http_get(http, "/producers").await;
