@@ -17,6 +17,9 @@ use tokio::sync::mpsc;
 pub enum Kind {
     /// A batch whose sequence does not follow (a gap or a reorder), or a higher epoch not at sequence 0.
     OutOfOrderSequence,
+    /// The broker's 45 for a batch pipelined behind one it refused (an echo of that first failure, not
+    /// a gap of its own): one event per failure, whatever the number of echoes.
+    OutOfOrderCascade,
     /// A batch or coordinator request from an epoch older than the known one (a zombie).
     FencedEpoch,
     /// A retry of a batch already written, answered by the proxy with the original offset.

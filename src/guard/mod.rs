@@ -20,6 +20,7 @@
 //! error the broker returns becomes an audit event.
 
 pub mod coordinator;
+pub mod failures;
 pub mod store;
 pub mod txn;
 
@@ -119,6 +120,8 @@ pub struct Guard {
     pub config: GuardConfig,
     pub store: ProducerStore,
     pub txns: TxnTracker,
+    /// Batches the broker refused with later ones pipelined behind them (see [`failures`]).
+    pub failed: failures::FailedHeads,
     pub audit: Arc<AuditSink>,
     pub metrics: Option<Arc<Metrics>>,
     clock: Instant,
@@ -240,6 +243,7 @@ impl Guard {
             metrics,
             store: ProducerStore::new(config.max_tracked, config.idle_expiry.as_millis() as u64),
             txns: TxnTracker::new(config.max_tracked),
+            failed: failures::FailedHeads::default(),
             config,
             audit,
             clock: Instant::now(),
@@ -618,6 +622,21 @@ impl Guard {
                     info.producer_epoch
                 ),
             ),
+            Verdict::OutOfOrder { .. } | Verdict::EpochBumpNotAtZero { .. }
+                if self
+                    .failed
+                    .head_before(&key, batch, Instant::now())
+                    .is_some() =>
+            {
+                // Pipelined behind a batch the broker refused and the client has not retried yet:
+                // not a gap of its own. The broker judges it (an echo of its 45 is audited as part of
+                // that first failure).
+                Outcome::Track {
+                    key,
+                    batch,
+                    max_timestamp: info.max_timestamp,
+                }
+            }
             verdict @ (Verdict::OutOfOrder { .. } | Verdict::EpochBumpNotAtZero { .. }) => {
                 let (expected, epoch, msg) = match verdict {
                     Verdict::OutOfOrder { expected, received } => (
@@ -636,6 +655,13 @@ impl Guard {
                     _ => (None, None, String::new()),
                 };
                 if self.config.mode == Mode::Enforce {
+                    // Batches pipelined behind this one are its echoes, not gaps of their own.
+                    self.failed.refused(
+                        &key,
+                        batch,
+                        codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        Instant::now(),
+                    );
                     refuse(
                         codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
                         Kind::OutOfOrderSequence,
@@ -658,7 +684,9 @@ impl Guard {
                         epoch,
                         Some(msg),
                     );
-                    // Watched but not in flight: learned only if the broker accepts it after all.
+                    // In flight like any forwarded batch (a batch pipelined right behind it follows
+                    // it, and is no gap of its own); learned only if the broker accepts it after all.
+                    self.store.track(&key, batch, self.now());
                     Outcome::Watch {
                         key,
                         batch,
@@ -1001,6 +1029,7 @@ impl Guard {
                     ..
                 } = tracking.tracked.swap_remove(i);
                 if p.error_code == codes::NONE {
+                    self.failed.accepted(&key);
                     let acked = Acked {
                         first_seq: batch.first_seq,
                         last_seq: batch.last_seq,
@@ -1024,6 +1053,40 @@ impl Guard {
                     }
                 } else {
                     self.store.settle(&key, batch);
+                    let failure = self
+                        .failed
+                        .refused(&key, batch, p.error_code, Instant::now());
+                    let echo = match failure {
+                        failures::Failure::Behind { head, first_echo }
+                            if p.error_code == codes::OUT_OF_ORDER_SEQUENCE_NUMBER =>
+                        {
+                            Some((head, first_echo))
+                        }
+                        _ => None,
+                    };
+                    if let Some((head, first_echo)) = echo {
+                        if first_echo && !already_audited {
+                            self.event(
+                                conn,
+                                0,
+                                Kind::OutOfOrderCascade,
+                                Source::Broker,
+                                Action::Observed,
+                                p.error_code,
+                                (key.producer_id, batch.epoch),
+                                tracking.transactional_id.as_deref(),
+                                Some((name, p.index)),
+                                (Some(head.first_seq), Some(batch.first_seq)),
+                                None,
+                                Some(format!(
+                                    "batches pipelined behind the batch at sequence {} (refused with error {}) \
+                                     are answered 45 until it is retried; counted once",
+                                    head.first_seq, head.error_code
+                                )),
+                            );
+                        }
+                        continue;
+                    }
                     let kind = eos_error_kind(p.error_code).filter(|_| !already_audited);
                     if let Some(kind) = kind {
                         self.event(

@@ -382,6 +382,39 @@ impl ProducerStore {
         (hash, lock(&self.shards[shard]))
     }
 
+    /// Approximate bytes held: entry slots and index (by capacity), in-flight lists, topic names and
+    /// owner records with their strings.
+    pub fn approx_bytes(&self) -> usize {
+        const SLOT: usize = 2 * std::mem::size_of::<usize>() + 8;
+        let mut bytes = 0;
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            bytes += shard.slots.capacity() * std::mem::size_of::<(Key, Entry)>()
+                + shard.index.capacity() * (std::mem::size_of::<u32>() + 1)
+                + shard.free.capacity() * std::mem::size_of::<u32>();
+            bytes += shard
+                .live()
+                .map(|(_, e)| e.in_flight().len() * std::mem::size_of::<Batch>())
+                .sum::<usize>();
+        }
+        bytes += self
+            .topics
+            .names
+            .iter()
+            .map(|n| 2 * (n.len() + SLOT) + 16)
+            .sum::<usize>();
+        bytes += self
+            .owners
+            .iter()
+            .map(|o| {
+                SLOT + std::mem::size_of::<Owner>()
+                    + o.0.as_ref().map_or(0, |s| s.len() + 16)
+                    + o.1.as_ref().map_or(0, |s| s.len() + 16)
+            })
+            .sum::<usize>();
+        bytes
+    }
+
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }
@@ -451,6 +484,12 @@ impl ProducerStore {
             self.len.fetch_add(1, Ordering::Relaxed);
         }
         (shard, i)
+    }
+
+    /// Puts `batch` in flight although its verdict did not forward it (audit mode forwards gaps).
+    pub fn track(&self, key: &Key, batch: Batch, now_ms: u64) {
+        let (mut shard, i) = self.upsert(key, now_ms);
+        shard.slots[i].1.track(batch);
     }
 
     /// The batch is no longer in flight (answered, failed, or its connection is gone).

@@ -145,6 +145,22 @@ impl TxnTracker {
         self.known.len()
     }
 
+    /// Approximate bytes held (entries, keys, and the map's own slots).
+    pub fn approx_bytes(&self) -> usize {
+        const SLOT: usize = 2 * std::mem::size_of::<usize>() + 8;
+        let known: usize = self
+            .known
+            .iter()
+            .map(|e| e.key().len() + std::mem::size_of::<Known>() + SLOT)
+            .sum();
+        let open: usize = self
+            .open
+            .iter()
+            .map(|e| e.key().len() + e.client_id.len() + std::mem::size_of::<OpenTxn>() + SLOT)
+            .sum();
+        known + open
+    }
+
     /// The transaction timeout the coordinator applies to this transactional id.
     pub fn set_timeout(&self, txn_id: &str, timeout: Duration) {
         self.upsert(txn_id, |k| k.timeout = Some(timeout));

@@ -161,6 +161,18 @@ fn refresh_gauges(shared: &Shared) {
         if evicted > seen {
             m.producer_state_evictions.inc_by(evicted - seen);
         }
+        let txns = &shared.guard.txns;
+        let evicted = txns.evictions();
+        let seen = m.transaction_state_evictions.get();
+        if evicted > seen {
+            m.transaction_state_evictions.inc_by(evicted - seen);
+        }
+        m.state_bytes
+            .with_label_values(&["producer_state"])
+            .set(store.approx_bytes() as i64);
+        m.state_bytes
+            .with_label_values(&["transactions"])
+            .set(txns.approx_bytes() as i64);
         let dropped = shared.guard.audit.dropped();
         let seen = m.audit_dropped.get();
         if dropped > seen {

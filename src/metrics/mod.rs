@@ -84,6 +84,10 @@ pub struct Metrics {
     pub bytes_to_client: IntCounter,
     pub tracked_producer_partitions: IntGauge,
     pub producer_state_evictions: IntCounter,
+    /// Transactional ids and open transactions evicted from the transaction tracker's bounded tables.
+    pub transaction_state_evictions: IntCounter,
+    /// Approximate bytes held by the proxy's state tables, by table (read at scrape time).
+    pub state_bytes: IntGaugeVec,
     audit_events: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub hanging_transactions: IntGauge,
@@ -249,6 +253,17 @@ impl Metrics {
                 &r,
                 "producer_state_evictions_total",
                 "Producer-partition states evicted because of producer_state.max_tracked",
+            )?,
+            transaction_state_evictions: counter(
+                &r,
+                "transaction_state_evictions_total",
+                "Transactional ids and open transactions evicted from the transaction tracker's bounded tables",
+            )?,
+            state_bytes: gauge_vec(
+                &r,
+                "state_bytes",
+                "Approximate bytes held by the proxy's state tables, strings included, by table",
+                &["table"],
             )?,
             audit_events: counter_vec(
                 &r,

@@ -620,3 +620,71 @@ async fn a_partition_named_twice_gets_what_the_broker_gives() {
     assert_eq!(flagged[0].partition, Some(0));
     proxy.stop().await;
 }
+
+/// A producer pipelines three batches behind a gap. The broker answers 45 to all three (it never saw
+/// the sequences in between); those are one anomaly: one `out_of_order_sequence` (the gap) and one
+/// `out_of_order_cascade` (its echoes), in audit and enforce mode alike, where 40-70 events were
+/// once written for a franz-go workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_of_one_gap_are_audited_once() {
+    for mode in ["audit", "enforce"] {
+        let proxy = start_proxy_with(Cluster::Single, |c| {
+            c.producer_state.mode = if mode == "enforce" {
+                kafka_eos_proxy::guard::Mode::Enforce
+            } else {
+                kafka_eos_proxy::guard::Mode::Audit
+            };
+        })
+        .await;
+        let topic = unique_topic(&format!("cascade-{mode}"));
+        create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+        let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+        let (pid, epoch) = init_producer_id(&mut raw, None).await;
+        let ok = send_produce(
+            &mut raw,
+            &produce(
+                &topic,
+                None,
+                vec![(0, batch(pid, epoch, 0, 10, false, "c"))],
+            ),
+        )
+        .await;
+        assert_eq!(ok[0].1, 0);
+        // 10..14 never arrive; 15, 25 and 35 are pipelined.
+        for seq in [15, 25, 35] {
+            let req = produce(
+                &topic,
+                None,
+                vec![(0, batch(pid, epoch, seq, 10, false, "c"))],
+            );
+            raw.send(ApiKey::Produce, PRODUCE_VERSION, &req).await;
+        }
+        for _ in 0..3 {
+            let frame = raw.recv_frame().await.expect("answered");
+            let (_, resp): (_, ProduceResponse) =
+                kafka_eos_proxy::protocol::codec::decode_response(
+                    frame,
+                    ApiKey::Produce,
+                    PRODUCE_VERSION,
+                )
+                .unwrap();
+            assert_eq!(
+                resp.responses[0].partition_responses[0].error_code, 45,
+                "{mode}"
+            );
+        }
+        let gaps = events(&proxy, Kind::OutOfOrderSequence);
+        let echoes = events(&proxy, Kind::OutOfOrderCascade);
+        assert_eq!(gaps.len(), 1, "{mode}: one gap: {gaps:?}");
+        assert_eq!(gaps[0].received_sequence, Some(15));
+        assert_eq!(echoes.len(), 1, "{mode}: its echoes once: {echoes:?}");
+        assert_eq!(echoes[0].expected_sequence, Some(15), "points at the gap");
+        let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 10);
+        assert_eq!(
+            values.len(),
+            10,
+            "{mode}: nothing behind the gap was written"
+        );
+        proxy.stop().await;
+    }
+}

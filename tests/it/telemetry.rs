@@ -466,3 +466,81 @@ async fn a_stuck_last_stable_offset_is_flagged_and_clears() {
     assert!(kinds.contains(&Kind::StuckPartitionCleared), "{kinds:?}");
     proxy.stop().await;
 }
+
+/// 20,000 AddPartitionsToTxn for transactional ids that do not exist (the broker refuses each) once
+/// opened 20,000 transactions at the proxy: the hanging gauge read 20,000 and a real transaction
+/// committed afterwards was not seen. Refused requests now leave nothing behind, and a real
+/// transaction is tracked, committed and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_transactions_leave_nothing_and_a_real_one_is_counted() {
+    use kafka_protocol::messages::{add_partitions_to_txn_request, AddPartitionsToTxnRequest};
+    use kafka_protocol::messages::{ProducerId, TopicName, TransactionalId};
+    use kafka_protocol::protocol::StrBytes;
+    let proxy = start_proxy(Cluster::Single).await;
+    let topic = unique_topic("fake-txns");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let fakes = 20_000;
+    let mut sent = 0;
+    while sent < fakes {
+        let chunk = 500.min(fakes - sent);
+        for i in sent..sent + chunk {
+            let req = AddPartitionsToTxnRequest::default()
+                .with_v3_and_below_transactional_id(TransactionalId(StrBytes::from_string(
+                    format!("no-such-txn-{i}"),
+                )))
+                .with_v3_and_below_producer_id(ProducerId(1_000_000 + i64::from(i)))
+                .with_v3_and_below_producer_epoch(0)
+                .with_v3_and_below_topics(vec![
+                    add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                        .with_partitions(vec![0]),
+                ]);
+            raw.send(ApiKey::AddPartitionsToTxn, 3, &req).await;
+        }
+        for _ in 0..chunk {
+            raw.recv_frame().await.expect("answered");
+        }
+        sent += chunk;
+    }
+    let shared = proxy.proxy.as_ref().unwrap().shared().clone();
+    assert_eq!(
+        shared.guard.txns.open_count(),
+        0,
+        "no refused transaction is open"
+    );
+
+    let txn = unique_topic("real-txn");
+    let bs = proxy.bootstrap().to_string();
+    let (t, tx) = (topic.clone(), txn.clone());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let mut cfg = client_config(&bs);
+        cfg.set("transactional.id", &tx)
+            .set("client.id", "real-txn-client");
+        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+        p.begin_transaction().unwrap();
+        p.send(BaseRecord::to(&t).key("k").payload("v")).unwrap();
+        p.flush(Duration::from_secs(30)).unwrap();
+        p.commit_transaction(Duration::from_secs(30)).unwrap();
+    })
+    .await
+    .unwrap();
+    let m = shared.metrics.clone().unwrap();
+    let labels = ["real-txn-client", txn.as_str()];
+    assert_eq!(
+        m.producers.txn_committed.with_label_values(&labels).get(),
+        1
+    );
+    assert_eq!(
+        m.producers
+            .open_transactions
+            .with_label_values(&labels)
+            .get(),
+        0
+    );
+    assert_eq!(m.hanging_transactions.get(), 0);
+    assert_eq!(shared.guard.txns.open_count(), 0);
+    proxy.stop().await;
+}
