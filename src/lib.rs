@@ -22,6 +22,7 @@ pub mod audit;
 pub mod config;
 pub mod eos;
 pub mod filters;
+pub mod fuzzing;
 pub mod guard;
 pub mod metrics;
 pub mod policy;

@@ -4,7 +4,7 @@
 //! while an operator fixing a config wants all of them at once (`limits.max_frame_bytes: must be ...`,
 //! `listen.broker_ports: unknown key 'rnage'`, ...).
 
-pub(crate) mod reader;
+pub mod reader;
 
 pub use crate::audit::{AuditConfig, KafkaAuditConfig};
 pub use crate::guard::{GuardConfig, Mode};
@@ -167,23 +167,82 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
+    /// Reads and validates a config file. Only a regular file (or a link to one) of at most
+    /// [`reader::MAX_CONFIG_BYTES`] is read: `/dev/zero`, a FIFO or a runaway file are refused before
+    /// anything is buffered.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        use std::io::Read;
+        let refuse = |message: String| {
             ConfigErrors(vec![Problem {
                 path: path.display().to_string(),
-                message: format!("cannot read: {e}"),
+                message,
             }])
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(|e| refuse(format!("cannot read: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| refuse(format!("cannot read: {e}")))?;
+        if !meta.is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
+        let limit = reader::MAX_CONFIG_BYTES;
+        if meta.len() > limit {
+            return Err(refuse(format!(
+                "{} bytes; a config file may have at most {limit}",
+                meta.len()
+            )));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| refuse(format!("cannot read: {e}")))?;
+        if bytes.len() as u64 > limit {
+            return Err(refuse(format!("grew past {limit} bytes while being read")));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| refuse("not UTF-8 text".into()))?;
         Config::parse(&text)
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let whole = |message: String| {
+            ConfigErrors(vec![Problem {
+                path: "(file)".into(),
+                message,
+            }])
+        };
+        if text.len() as u64 > reader::MAX_CONFIG_BYTES {
+            return Err(whole(format!(
+                "{} bytes; a config may have at most {}",
+                text.len(),
+                reader::MAX_CONFIG_BYTES
+            )));
+        }
+        let depth = reader::nesting_depth(text);
+        if depth > reader::MAX_NESTING {
+            return Err(whole(format!(
+                "nested {depth} levels deep; at most {} are allowed",
+                reader::MAX_NESTING
+            )));
+        }
         let root: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
             ConfigErrors(vec![Problem {
                 path: "(file)".into(),
                 message: format!("not valid YAML: {e}"),
             }])
         })?;
+        let rules = root
+            .get("policies")
+            .and_then(serde_yaml::Value::as_sequence)
+            .map_or(0, Vec::len);
+        if rules > crate::policy::parse::MAX_RULES {
+            return Err(ConfigErrors(vec![Problem {
+                path: "policies".into(),
+                message: format!(
+                    "{rules} rules; at most {} are allowed",
+                    crate::policy::parse::MAX_RULES
+                ),
+            }]));
+        }
         let problems = RefCell::new(Vec::new());
         let config = {
             let root = Section::root(&root, &problems);
@@ -297,6 +356,17 @@ fn parse_upstream(s: &Section) -> UpstreamConfig {
 fn parse_listen(s: &Section) -> ListenConfig {
     let bind_host = s.string("bind_host", Some("0.0.0.0"));
     let advertised_host = s.string("advertised_host", None);
+    for (key, host) in [
+        ("bind_host", &bind_host),
+        ("advertised_host", &advertised_host),
+    ] {
+        // An empty value is reported as missing by the reader already.
+        if !host.is_empty() {
+            if let Err(message) = reader::check_host(host) {
+                s.problem(key, &message);
+            }
+        }
+    }
     let bootstrap_port = s.int("bootstrap_port", None, 1, 65535) as u16;
     let broker_ports = {
         let bp = s.section("broker_ports", true);

@@ -304,13 +304,105 @@ pub fn describe(v: &Value) -> String {
 /// `host:port` with a port from 1 to 65535 (IPv6 in brackets).
 pub fn check_host_port(s: &str) -> Result<(), String> {
     let Some((host, port)) = s.rsplit_once(':') else {
-        return Err(format!("'{s}' is not host:port"));
+        return Err(format!("'{:.80}' is not host:port", s));
     };
     if host.is_empty() || host == "[]" {
-        return Err(format!("'{s}' has no host"));
+        return Err(format!("'{:.80}' has no host", s));
     }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    check_host(bare)?;
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("'{s}' has an invalid port")),
+        _ => Err(format!("'{:.80}' has an invalid port", s)),
     }
+}
+
+/// The longest host name DNS allows.
+pub const MAX_HOST_BYTES: usize = 253;
+
+/// An IP address, or a DNS host name: at most 253 bytes of dot-separated labels of 1 to 63 letters,
+/// digits, hyphens (and underscores, which container platforms use), none starting or ending with a
+/// hyphen.
+pub fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let shown = || format!("'{:.80}{}'", host, if host.len() > 80 { "…" } else { "" });
+    if host.is_empty() || host.len() > MAX_HOST_BYTES {
+        return Err(format!(
+            "{} is not a host name (1 to {MAX_HOST_BYTES} bytes)",
+            shown()
+        ));
+    }
+    let ok = host.trim_end_matches('.').split('.').all(|label| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not a host name (labels of letters, digits and hyphens) or an IP address",
+            shown()
+        ))
+    }
+}
+
+/// Config files larger than this are refused before they are read whole.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Deepest nesting of mappings and lists a config file may have (the real layout needs 6).
+pub const MAX_NESTING: usize = 32;
+
+/// How deeply `text` nests, from its indentation and flow brackets, without parsing it: a YAML parser
+/// fed thousands of nested `{` takes time quadratic in the depth, so the depth is checked first.
+/// Over-estimates rather than under-estimates (a bracket inside a quoted string counts unless the
+/// quote is closed on the same line), which only matters past [`MAX_NESTING`].
+pub fn nesting_depth(text: &str) -> usize {
+    let mut deepest = 0;
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for line in text.lines() {
+        let trimmed = line.trim_start_matches(' ');
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        if flow == 0 {
+            while indents.last().is_some_and(|&i| i > indent) {
+                indents.pop();
+            }
+            if indents.last().is_none_or(|&i| i < indent) {
+                indents.push(indent);
+            }
+        }
+        // "- - - x": each dash opens a level of its own.
+        let dashes = trimmed
+            .split_inclusive(' ')
+            .take_while(|w| w.trim_end() == "-")
+            .count();
+        let mut quote: Option<char> = None;
+        for c in trimmed.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '{' | '[') => {
+                    flow += 1;
+                    deepest = deepest.max(indents.len() + dashes + flow);
+                }
+                (None, '}' | ']') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+        deepest = deepest.max(indents.len() + dashes + flow);
+    }
+    deepest
 }

@@ -90,3 +90,101 @@ fn not_yaml_is_one_clear_problem() {
     assert_eq!(errs.0.len(), 1);
     assert!(errs.0[0].message.contains("not valid YAML"));
 }
+
+/// A file that is not a regular file, or too large, is refused before it is read whole (once,
+/// `check-config /dev/zero` read 2 GB).
+#[test]
+fn only_bounded_regular_files_are_read() {
+    let zero = Config::load(std::path::Path::new("/dev/zero")).unwrap_err();
+    assert!(zero.to_string().contains("not a regular file"), "{zero}");
+    let dir = std::env::temp_dir().join(format!("eos-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.yaml");
+    let mut text = GOOD.to_string();
+    while text.len() as u64 <= reader::MAX_CONFIG_BYTES {
+        text.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&big, &text).unwrap();
+    let e = Config::load(&big).unwrap_err();
+    assert!(e.to_string().contains("at most 1048576"), "{e}");
+    assert!(Config::parse(&text).is_err(), "parse holds the same bound");
+    let ok = dir.join("ok.yaml");
+    std::fs::write(&ok, GOOD).unwrap();
+    assert!(Config::load(&ok).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// 50 KB of nested `{` once kept check-config busy for over 20 s; nesting is measured before parsing.
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let flow = format!("{}{}", "{a: ".repeat(20_000), "}".repeat(20_000));
+    let e = Config::parse(&format!("{GOOD}\nx: {flow}\n")).unwrap_err();
+    assert!(e.to_string().contains("nested"), "{e}");
+    let mut block = String::from(GOOD);
+    block.push_str("deep:\n");
+    for i in 1..60 {
+        block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
+    }
+    let e = Config::parse(&block).unwrap_err();
+    assert!(e.to_string().contains("nested"), "{e}");
+    let dashes = format!("{GOOD}\nlist:\n{}x\n", "- ".repeat(100));
+    assert!(Config::parse(&dashes)
+        .unwrap_err()
+        .to_string()
+        .contains("nested"));
+    assert!(
+        reader::nesting_depth(GOOD) <= 8,
+        "the example config nests {} levels",
+        reader::nesting_depth(GOOD)
+    );
+    // brackets inside quotes and comments do not count
+    assert_eq!(reader::nesting_depth("a: '{{{{[[[['  # {{{{\n"), 1);
+}
+
+#[test]
+fn more_rules_than_allowed_are_refused() {
+    let rules: String = (0..=crate::policy::parse::MAX_RULES)
+        .map(|i| format!("  - {{ name: r{i}, produce: {{ idempotence: reject }} }}\n"))
+        .collect();
+    // the example has its own policies section: replace it
+    let base = match GOOD.find("\npolicies:") {
+        Some(at) => GOOD[..at].to_string(),
+        None => GOOD.to_string(),
+    };
+    let text = format!("{base}\npolicies:\n{rules}");
+    let e = Config::parse(&text).unwrap_err();
+    assert!(e.to_string().contains("at most 1000"), "{e}");
+}
+
+#[test]
+fn host_names_must_be_host_names() {
+    for bad in [
+        "",
+        "a b",
+        "-lead.example",
+        "x".repeat(300).as_str(),
+        "a..b",
+        "ünï",
+    ] {
+        assert!(reader::check_host(bad).is_err(), "{bad:?}");
+    }
+    for good in [
+        "localhost",
+        "kafka-0.kafka.svc",
+        "10.1.2.3",
+        "::1",
+        "my_host",
+        "example.com.",
+    ] {
+        assert!(reader::check_host(good).is_ok(), "{good:?}");
+    }
+    let long = GOOD.replacen(
+        "advertised_host: ",
+        &format!("advertised_host: {}\n  _was: ", "h".repeat(10_000)),
+        1,
+    );
+    let e = Config::parse(&long).unwrap_err();
+    assert!(e.to_string().contains("listen.advertised_host"), "{e}");
+    assert!(reader::check_host_port("[::1]:9092").is_ok());
+    assert!(reader::check_host_port("bad host:9092").is_err());
+}

@@ -394,7 +394,7 @@ impl ProducerStore {
                 + shard.free.capacity() * std::mem::size_of::<u32>();
             bytes += shard
                 .live()
-                .map(|(_, e)| e.in_flight().len() * std::mem::size_of::<Batch>())
+                .map(|(_, e)| std::mem::size_of_val(e.in_flight()))
                 .sum::<usize>();
         }
         bytes += self

@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 const RULE_KEYS: &[&str] = &["name", "match", "produce", "consume", "producers"];
 
+/// Most rules a config may have: each rule is checked for every new topic a connection names, so the
+/// count bounds that work (and a 10 MB file of rules is a mistake, not a policy).
+pub const MAX_RULES: usize = 1_000;
+
 pub fn parse_policies(root: &Section) -> Policies {
     let mut rules = Vec::new();
     let mut names: HashMap<String, String> = HashMap::new();

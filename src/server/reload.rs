@@ -87,6 +87,9 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf, poll: Duration) {
             }
         };
         last = stamp(&path);
-        let _ = reload(&shared, &path, why);
+        // Reading and validating a file (up to 1 MiB, regexes compiled) is blocking work: off the
+        // runtime workers, so no connection waits on a parse.
+        let (s, p) = (shared.clone(), path.clone());
+        let _ = tokio::task::spawn_blocking(move || reload(&s, &p, why)).await;
     }
 }

@@ -977,7 +977,7 @@ fn learn_from_coordinator(
 
 /// The first partition error of a Produce response frame, as text (for acks=0 requests the proxy
 /// upgraded, whose answers the client never sees). An answer that cannot be read counts as a refusal.
-fn produce_refusal(frame: &Bytes, version: i16) -> Option<String> {
+pub(crate) fn produce_refusal(frame: &Bytes, version: i16) -> Option<String> {
     let resp = match decode_response::<ProduceResponse>(frame.clone(), ApiKey::Produce, version) {
         Ok((_, resp)) => resp,
         Err(e) => return Some(format!("unreadable produce answer: {e}")),
@@ -1003,7 +1003,7 @@ fn produce_refusal(frame: &Bytes, version: i16) -> Option<String> {
 
 /// Removes aborted transactional batches from a fetch answer the proxy upgraded to read_committed.
 /// Untouched (no copy) unless some partition lists aborted transactions.
-fn without_aborted_batches(frame: Bytes, version: i16) -> Result<Bytes, Close> {
+pub(crate) fn without_aborted_batches(frame: Bytes, version: i16) -> Result<Bytes, Close> {
     let mut any = false;
     skim::fetch_walk(&frame, version, |p| any |= p.aborted_transactions > 0)
         .map_err(|e| Close::MalformedResponse(format!("fetch: {e}")))?;

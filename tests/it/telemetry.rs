@@ -544,3 +544,239 @@ async fn refused_transactions_leave_nothing_and_a_real_one_is_counted() {
     assert_eq!(shared.guard.txns.open_count(), 0);
     proxy.stop().await;
 }
+
+/// Every metric name in the README's reference table, with its kind from the same row.
+fn readme_metrics() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let names: Vec<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `kafka_eos_proxy_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("kafka_eos_proxy_{n}"))
+        .collect();
+    assert!(names.len() > 30, "the README lists its metrics: {names:?}");
+    names
+}
+
+/// The names among `names` with a non-zero sample (any labels; histograms by their count).
+fn nonzero(metrics: &str, names: &[String]) -> BTreeSet<String> {
+    names
+        .iter()
+        .filter(|name| {
+            let count = format!("{name}_count");
+            metrics.lines().any(|l| {
+                let series = l.split([' ', '{']).next().unwrap_or("");
+                (series == name.as_str() || series == count)
+                    && l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                        > 0.0
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+async fn scrape_into(http: std::net::SocketAddr, names: &[String], moved: &mut BTreeSet<String>) {
+    let (_, text) = http_get(http, "/metrics").await;
+    moved.extend(nonzero(&text, names));
+}
+
+/// Drives each event behind every metric of the README's reference table and asserts that its metric
+/// moved: a metric that nothing moves (as `connections_accepted_total` once was) fails here. Gauges
+/// that rise and fall are read while raised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reference_metric_moves() {
+    let audit_file = std::env::temp_dir().join(unique_topic("audit-drops"));
+    let policy_yaml = r#"
+policies:
+  - name: acks-audit
+    match: { topics: { prefix: ["moves-pol-"] } }
+    produce: { acks_all: audit }
+"#;
+    let config_file = std::env::temp_dir().join(unique_topic("moves-config"));
+    let af = audit_file.clone();
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
+        c.metrics.max_producer_series = 2;
+        c.producer_state.max_tracked = 16;
+        c.limits.max_connections = 6;
+        c.watchdog.margin = Duration::from_millis(0);
+        c.watchdog.interval = Duration::from_millis(100);
+        c.watchdog.lso_stuck = Duration::from_millis(500);
+        c.audit.file = Some(af.clone());
+        c.audit.queue = 1;
+        c.policies = kafka_eos_proxy::Config::parse(&format!(
+            "{}{policy_yaml}",
+            proxy_yaml("127.0.0.1:1", 1, 2)
+        ))
+        .unwrap()
+        .policies;
+    })
+    .await;
+    std::fs::write(
+        &config_file,
+        format!("{}{policy_yaml}", proxy_yaml(&kafka(Cluster::Single), 1, 2)),
+    )
+    .unwrap();
+    let names = readme_metrics();
+    let http = proxy.proxy.as_ref().unwrap().http_addr().unwrap();
+    let shared = proxy.proxy.as_ref().unwrap().shared().clone();
+    let mut moved = BTreeSet::new();
+
+    let topic = unique_topic("moves");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let leader = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+
+    // Producers: a duplicate answered, an epoch bump, a zombie epoch, a gap; three client ids for two
+    // series slots; twenty producer ids for sixteen producer-partition slots.
+    let mut raw = Raw::connect_as(&leader, "moves-a").await;
+    let (pid, e) = init_producer_id(&mut raw, None).await;
+    let first = produce(&topic, None, vec![(0, batch(pid, e, 0, 2, false, "m"))]);
+    assert_eq!(send_produce(&mut raw, &first).await[0].1, 0);
+    assert_eq!(send_produce(&mut raw, &first).await[0].1, 0, "duplicate");
+    let bump = produce(&topic, None, vec![(0, batch(pid, e + 1, 0, 1, false, "m"))]);
+    assert_eq!(send_produce(&mut raw, &bump).await[0].1, 0);
+    let zombie = produce(&topic, None, vec![(0, batch(pid, e, 2, 1, false, "m"))]);
+    assert_eq!(send_produce(&mut raw, &zombie).await[0].1, 47);
+    let gap = produce(&topic, None, vec![(0, batch(pid, e + 1, 9, 1, false, "m"))]);
+    assert_eq!(send_produce(&mut raw, &gap).await[0].1, 45);
+    // Read before the two clients below take both series slots (and evict this client's series).
+    scrape_into(http, &names, &mut moved).await;
+    for client in ["moves-b", "moves-c"] {
+        let mut other = Raw::connect_as(&leader, client).await;
+        for _ in 0..10 {
+            let (p, pe) = init_producer_id(&mut other, None).await;
+            let req = produce(&topic, None, vec![(0, batch(p, pe, 0, 1, false, "n"))]);
+            assert_eq!(send_produce(&mut other, &req).await[0].1, 0);
+        }
+    }
+    // A policy audit: acks=1 to a topic whose rule wants acks=all.
+    let pol_topic = unique_topic("moves-pol");
+    create_topic(proxy.bootstrap(), &pol_topic, 1, 1).await;
+    let mut weak = produce(
+        &pol_topic,
+        None,
+        vec![(0, batch(pid, e + 1, 1, 1, false, "p"))],
+    );
+    weak.acks = 1;
+    assert_eq!(send_produce(&mut raw, &weak).await[0].1, 0);
+    scrape_into(http, &names, &mut moved).await;
+
+    // Transactions: committed and aborted (librdkafka), one open past its timeout (hanging), holding
+    // the last stable offset back while plain writes move the high watermark (stuck, lag).
+    let hang = unique_topic("moves-hang");
+    let (hpid, he) = init_producer_id_timeout(&mut raw, Some(&hang), 1000).await;
+    let add = kafka_protocol::messages::AddPartitionsToTxnRequest::default()
+        .with_v3_and_below_transactional_id(kafka_protocol::messages::TransactionalId(
+            kafka_protocol::protocol::StrBytes::from_string(hang.clone()),
+        ))
+        .with_v3_and_below_producer_id(kafka_protocol::messages::ProducerId(hpid))
+        .with_v3_and_below_producer_epoch(he)
+        .with_v3_and_below_topics(vec![
+            kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                .with_name(kafka_protocol::messages::TopicName(
+                    kafka_protocol::protocol::StrBytes::from_string(topic.clone()),
+                ))
+                .with_partitions(vec![0]),
+        ]);
+    let _: kafka_protocol::messages::AddPartitionsToTxnResponse =
+        raw.call(ApiKey::AddPartitionsToTxn, 3, &add).await;
+    let held = produce(
+        &topic,
+        Some(&hang),
+        vec![(0, batch(hpid, he, 0, 1, true, "h"))],
+    );
+    assert_eq!(send_produce(&mut raw, &held).await[0].1, 0);
+    scrape_into(http, &names, &mut moved).await; // open_transactions
+    let bs = proxy.bootstrap().to_string();
+    let (t, tx_id) = (topic.clone(), unique_topic("moves-rd"));
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        use rdkafka::{Offset, TopicPartitionList};
+        let mut cfg = client_config(&bs);
+        cfg.set("transactional.id", &tx_id);
+        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+        for commit in [true, false] {
+            p.begin_transaction().unwrap();
+            p.send(BaseRecord::to(&t).key("k").payload("v")).unwrap();
+            p.flush(Duration::from_secs(30)).unwrap();
+            if commit {
+                p.commit_transaction(Duration::from_secs(30)).unwrap();
+            } else {
+                p.abort_transaction(Duration::from_secs(30)).unwrap();
+            }
+        }
+        // read_committed fetches for a while (lag; the stuck last stable offset).
+        let c: BaseConsumer = client_config(&bs)
+            .set("group.id", unique_topic("moves-g"))
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, 0, Offset::Beginning).unwrap();
+        c.assign(&tpl).unwrap();
+        // Plain writes move the high watermark on while the held transaction keeps the last stable
+        // offset where it is.
+        let plain: ThreadedProducer<DefaultProducerContext> = client_config(&bs).create().unwrap();
+        let until = std::time::Instant::now() + Duration::from_millis(2000);
+        while std::time::Instant::now() < until {
+            let _ = plain.send(BaseRecord::to(&t).key("p").payload("plain"));
+            let _ = plain.flush(Duration::from_secs(5));
+            let _ = c.poll(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    eventually(
+        "the watchdog to flag the held transaction",
+        Duration::from_secs(10),
+        || {
+            let s = shared.clone();
+            async move { s.metrics.as_ref().unwrap().hanging_transactions.get() >= 1 }
+        },
+    )
+    .await;
+    scrape_into(http, &names, &mut moved).await; // hanging, stuck, lag
+
+    // Twenty transactions the broker accepted, for a tracker of sixteen: evictions.
+    for i in 0..20 {
+        let id = format!("{hang}-{i}");
+        let (p, pe) = init_producer_id_timeout(&mut raw, Some(&id), 60_000).await;
+        let mut add = add.clone();
+        add.v3_and_below_transactional_id = kafka_protocol::messages::TransactionalId(
+            kafka_protocol::protocol::StrBytes::from_string(id),
+        );
+        add.v3_and_below_producer_id = kafka_protocol::messages::ProducerId(p);
+        add.v3_and_below_producer_epoch = pe;
+        let _: kafka_protocol::messages::AddPartitionsToTxnResponse =
+            raw.call(ApiKey::AddPartitionsToTxn, 3, &add).await;
+    }
+
+    // Connections: one held (active), one over the limit (rejected), one closed.
+    let _held = Raw::connect(&leader).await;
+    let mut extra = Vec::new();
+    for _ in 0..8 {
+        extra.push(
+            tokio::net::TcpStream::connect(proxy.bootstrap())
+                .await
+                .unwrap(),
+        );
+    }
+    drop(extra);
+    // A reload of the policies from a file.
+    let _ = kafka_eos_proxy::server::reload::reload(&shared, &config_file, "test");
+    scrape_into(http, &names, &mut moved).await;
+
+    let missing: Vec<&String> = names.iter().filter(|n| !moved.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "metrics in the README that nothing moved: {missing:?}"
+    );
+    let _ = std::fs::remove_file(&audit_file);
+    let _ = std::fs::remove_file(&config_file);
+    proxy.stop().await;
+}
