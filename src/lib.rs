@@ -30,6 +30,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod testkit;
 
 pub use config::Config;
 pub use server::{run, Hooks, Proxy};

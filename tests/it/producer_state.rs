@@ -688,3 +688,88 @@ async fn echoes_of_one_gap_are_audited_once() {
         proxy.stop().await;
     }
 }
+
+/// The partition's leader and one follower, as node ids, asked through the proxy.
+async fn leader_and_follower(raw: &mut Raw, topic: &str) -> (i32, i32) {
+    for _ in 0..50 {
+        let req = MetadataRequest::default()
+            .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
+            )
+            .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]));
+        let resp: MetadataResponse = raw.call(ApiKey::Metadata, 12, &req).await;
+        if let Some(p) = resp.topics.first().and_then(|t| t.partitions.first()) {
+            let leader = p.leader_id.0;
+            if let Some(f) = p
+                .replica_nodes
+                .iter()
+                .map(|n| n.0)
+                .find(|n| *n != leader && leader >= 0)
+            {
+                return (leader, f);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no leader for {topic}");
+}
+
+/// A batch refused with a retriable error (here NOT_LEADER_OR_FOLLOWER: sent to a follower; with
+/// transactions v2 the observed case was CONCURRENT_TRANSACTIONS on a new transaction's first batch),
+/// and the next batch sent before the client retried the first. The proxy used to judge the second a
+/// gap (or "a new epoch must start at sequence 0") and, in enforce mode, refused it itself. It now goes
+/// to the broker, whose 45 is recorded as an echo of the first failure, and the retries land exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_behind_a_retriable_failure_is_left_to_the_broker() {
+    let proxy = start_proxy_with(Cluster::Three, |c| {
+        c.producer_state.mode = kafka_eos_proxy::guard::Mode::Enforce;
+    })
+    .await;
+    let topic = unique_topic("behind-retriable");
+    create_topic(proxy.bootstrap(), &topic, 1, 3).await;
+    let mut boot = Raw::connect(proxy.bootstrap()).await;
+    let (leader, follower) = leader_and_follower(&mut boot, &topic).await;
+    let mut to_leader = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(leader))).await;
+    let mut to_follower =
+        Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(follower))).await;
+    let (pid, e) = init_producer_id(&mut to_leader, None).await;
+    let send = |seq: i32, epoch: i16| {
+        produce(
+            &topic,
+            None,
+            vec![(0, batch(pid, epoch, seq, 10, false, "r"))],
+        )
+    };
+    assert_eq!(send_produce(&mut to_leader, &send(0, e)).await[0].1, 0);
+
+    for (first, behind, epoch) in [(10, 20, e), (0, 10, e + 1)] {
+        // The first batch fails with a retriable error; the one behind it is sent before the retry.
+        let failed = send_produce(&mut to_follower, &send(first, epoch)).await;
+        assert_eq!(failed[0].1, 6, "NOT_LEADER_OR_FOLLOWER: {failed:?}");
+        let echo = send_produce(&mut to_leader, &send(behind, epoch)).await;
+        assert_eq!(echo[0].1, 45, "the broker's own answer: {echo:?}");
+        assert!(
+            !echo[0]
+                .3
+                .as_deref()
+                .unwrap_or("")
+                .contains("kafka-eos-proxy"),
+            "not refused by the proxy: {echo:?}"
+        );
+        // The client retries in order: both land.
+        assert_eq!(
+            send_produce(&mut to_leader, &send(first, epoch)).await[0].1,
+            0
+        );
+        assert_eq!(
+            send_produce(&mut to_leader, &send(behind, epoch)).await[0].1,
+            0
+        );
+    }
+    let gaps = events(&proxy, Kind::OutOfOrderSequence);
+    assert!(gaps.is_empty(), "no gap anywhere: {gaps:?}");
+    assert_eq!(events(&proxy, Kind::OutOfOrderCascade).len(), 2);
+    // 0..29 at the first epoch, 0..19 at the next: each batch once.
+    let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 50);
+    assert_eq!(values.len(), 50, "every batch exactly once");
+    proxy.stop().await;
+}
