@@ -6,7 +6,7 @@
 //!
 //! BOOTSTRAP and BROKER are the proxy's bootstrap and node-1 listener, HTTP its operator endpoint, PID
 //! its process. Attacks (all by default, in this order): client-id-producers, client-id-inits,
-//! long-topic-names, producers-page, fake-transactions, stalled-http, lockout. `scripts/attacks` starts
+//! long-topic-names, producers-page, fake-transactions, stalled-http, lockout, api-versions-v5. `scripts/attacks` starts
 //! a proxy (of any git revision) in front of the local broker and runs this against it.
 
 use bytes::Bytes;
@@ -153,33 +153,33 @@ async fn client_id_inits(broker: &str) -> String {
     format!("{ok} answered")
 }
 
-/// 100 batches to topics with 900 KB names (the broker refuses them).
+/// 100 batches to topics with 900 KB names (the broker refuses them, and may close the connection:
+/// each batch goes on a connection of its own).
 async fn long_topic_names(broker: &str) -> String {
-    let Ok(mut c) = RawClient::connect(broker, "long-topics").await else {
-        return "cannot connect".into();
-    };
-    let Ok(r) = c
-        .call::<_, InitProducerIdResponse>(ApiKey::InitProducerId, 4, &init(None))
-        .await
-    else {
-        return "no producer id".into();
-    };
-    let mut answered = 0;
+    let (mut answered, mut closed) = (0, 0);
     for i in 0..100 {
+        let Ok(mut c) = RawClient::connect(broker, "long-topics").await else {
+            return "cannot connect".into();
+        };
+        let Ok(r) = c
+            .call::<_, InitProducerIdResponse>(ApiKey::InitProducerId, 4, &init(None))
+            .await
+        else {
+            return "no producer id".into();
+        };
         let name = format!("{i:04}{}", "t".repeat(900_000));
         let req = produce(
             &name,
             None,
             record_batch(r.producer_id.0, r.producer_epoch, 0, 1, false, "l"),
         );
-        if c.send(ApiKey::Produce, 9, &req).await.is_err() {
-            break;
-        }
-        if c.recv().await.is_ok() {
-            answered += 1;
+        let _ = c.send(ApiKey::Produce, 9, &req).await;
+        match c.recv().await {
+            Ok(_) => answered += 1,
+            Err(_) => closed += 1,
         }
     }
-    format!("{answered} answered")
+    format!("{answered} answered, {closed} connections closed")
 }
 
 /// 20,000 AddPartitionsToTxn for transactional ids that do not exist (the broker refuses each).
@@ -229,6 +229,40 @@ async fn stalled_http(http: &str, pid: u32) -> String {
     }
     drop(held);
     format!("RSS while held: {peak:.1} MiB")
+}
+
+/// ApiVersions v5 as kafka-clients 4.4 sends it (the v3 body; Kafka 4.4 answers v5 in flexible form).
+async fn api_versions_v5(bootstrap: &str) -> String {
+    let Ok(mut c) = RawClient::connect(bootstrap, "v5").await else {
+        return "cannot connect".into();
+    };
+    let req = ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("x"))
+        .with_client_software_version(StrBytes::from_static_str("1"));
+    let Ok(mut frame) =
+        kafka_eos_proxy::testkit::request_frame(ApiKey::ApiVersions, 3, 1, "v5", &req)
+    else {
+        return "cannot encode".into();
+    };
+    // v5 = the v3 body plus ClusterId (null compact string) and NodeId (-1), before the tagged fields.
+    let mut bytes = frame.to_vec();
+    bytes[6..8].copy_from_slice(&5i16.to_be_bytes());
+    bytes.pop();
+    bytes.extend_from_slice(&[0, 0xff, 0xff, 0xff, 0xff, 0]);
+    let size = (bytes.len() - 4) as i32;
+    bytes[..4].copy_from_slice(&size.to_be_bytes());
+    frame = Bytes::from(bytes);
+    let _ = c.send_bytes(&frame).await;
+    match tokio::time::timeout(Duration::from_secs(5), c.recv()).await {
+        Ok(Ok(answer)) => {
+            match decode_answer::<ApiVersionsResponse>(ApiKey::ApiVersions, 0, answer) {
+                Ok(r) => format!("answered with error code {}", r.error_code),
+                Err(e) => format!("unreadable answer: {e}"),
+            }
+        }
+        Ok(Err(e)) => format!("connection closed: {e}"),
+        Err(_) => "no answer within 5 s".into(),
+    }
 }
 
 /// 22 clients pipeline requests and never read their answers; how long until a new client is served.
@@ -305,6 +339,7 @@ async fn main() {
         "fake-transactions",
         "stalled-http",
         "lockout",
+        "api-versions-v5",
     ];
     let chosen: Vec<&str> = if chosen.is_empty() {
         all.to_vec()
@@ -325,6 +360,7 @@ async fn main() {
             "fake-transactions" => fake_transactions(broker, http, &topic).await,
             "stalled-http" => stalled_http(http, pid).await,
             "lockout" => lockout(bootstrap).await,
+            "api-versions-v5" => api_versions_v5(bootstrap).await,
             other => format!("unknown attack {other}"),
         };
         let alive = status(pid, "VmRSS:") >= 0.0;
