@@ -44,6 +44,7 @@ pub enum Failure {
 #[derive(Default)]
 pub struct FailedHeads {
     heads: Mutex<HashMap<Key, Head>>,
+    evicted: std::sync::atomic::AtomicU64,
     /// Mirrors the map's size, so the common path (no failures anywhere) takes no lock.
     len: AtomicUsize,
 }
@@ -78,7 +79,10 @@ impl FailedHeads {
             let cut = (ages.len() / 8).max(1);
             let (_, nth, _) = ages.select_nth_unstable(cut - 1);
             let cutoff = *nth;
+            let before = heads.len();
             heads.retain(|_, h| h.at > cutoff);
+            self.evicted
+                .fetch_add((before - heads.len()) as u64, Ordering::Relaxed);
         }
         heads.insert(
             *key,
@@ -117,6 +121,11 @@ impl FailedHeads {
 
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// Records dropped to stay within [`MAX_HEADS`].
+    pub fn evictions(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {

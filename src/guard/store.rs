@@ -148,6 +148,8 @@ struct Topics {
     max: usize,
     /// New names refused while full.
     refused: AtomicU64,
+    /// Names dropped because no entry used them any more (to make room).
+    evicted: AtomicU64,
 }
 
 /// One lock's worth of entries.
@@ -294,6 +296,7 @@ impl ProducerStore {
                 // As many topics as entries can use, and not fewer than a large cluster has.
                 max: max_tracked.clamp(10_000, 1 << 22),
                 refused: AtomicU64::new(0),
+                evicted: AtomicU64::new(0),
             },
             issued: DashMap::new(),
             owners: DashMap::new(),
@@ -355,8 +358,13 @@ impl ProducerStore {
         for shard in self.shards.iter() {
             used.extend(lock(shard).live().map(|(k, _)| k.topic));
         }
+        let before = self.topics.ids.len();
         self.topics.ids.retain(|_, id| used.contains(id));
         self.topics.names.retain(|id, _| used.contains(id));
+        let gone = before.saturating_sub(self.topics.ids.len());
+        self.topics
+            .evicted
+            .fetch_add(gone as u64, Ordering::Relaxed);
     }
 
     /// The name behind a topic number (empty if dropped).
@@ -413,6 +421,11 @@ impl ProducerStore {
             })
             .sum::<usize>();
         bytes
+    }
+
+    /// Topic names dropped to make room for new ones.
+    pub fn topic_name_evictions(&self) -> u64 {
+        self.topics.evicted.load(Ordering::Relaxed)
     }
 
     pub fn evictions(&self) -> u64 {

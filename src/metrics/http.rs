@@ -162,10 +162,20 @@ fn refresh_gauges(shared: &Shared) {
             m.producer_state_evictions.inc_by(evicted - seen);
         }
         let txns = &shared.guard.txns;
-        let evicted = txns.evictions();
-        let seen = m.transaction_state_evictions.get();
-        if evicted > seen {
-            m.transaction_state_evictions.inc_by(evicted - seen);
+        // Each table counts its own evictions; the counter catches up with them here.
+        for (table, evicted) in [
+            ("producer_state", store.evictions()),
+            ("topic_names", store.topic_name_evictions()),
+            ("transactions", txns.evictions()),
+            ("failed_batches", shared.guard.failed.evictions()),
+            ("producer_id_rates", shared.policies.new_pids.evictions()),
+            ("policy_caches", crate::policy::cache_evictions()),
+        ] {
+            let counter = m.state_evictions.with_label_values(&[table]);
+            let seen = counter.get();
+            if evicted > seen {
+                counter.inc_by(evicted - seen);
+            }
         }
         m.state_bytes
             .with_label_values(&["producer_state"])

@@ -84,8 +84,8 @@ pub struct Metrics {
     pub bytes_to_client: IntCounter,
     pub tracked_producer_partitions: IntGauge,
     pub producer_state_evictions: IntCounter,
-    /// Transactional ids and open transactions evicted from the transaction tracker's bounded tables.
-    pub transaction_state_evictions: IntCounter,
+    /// Entries evicted from the proxy's bounded tables, by table (moved at scrape time).
+    pub state_evictions: IntCounterVec,
     /// Approximate bytes held by the proxy's state tables, by table (read at scrape time).
     pub state_bytes: IntGaugeVec,
     audit_events: IntCounterVec,
@@ -254,10 +254,11 @@ impl Metrics {
                 "producer_state_evictions_total",
                 "Producer-partition states evicted because of producer_state.max_tracked",
             )?,
-            transaction_state_evictions: counter(
+            state_evictions: counter_vec(
                 &r,
-                "transaction_state_evictions_total",
-                "Transactional ids and open transactions evicted from the transaction tracker's bounded tables",
+                "state_evictions_total",
+                "Entries evicted from the proxy's bounded state tables to stay within their caps, by table",
+                &["table"],
             )?,
             state_bytes: gauge_vec(
                 &r,

@@ -576,6 +576,13 @@ pub struct ConnPolicies {
 /// Memoised topics per connection, before the cache is cleared (a client cycling through many topics).
 const MAX_CACHED_TOPICS: usize = 4096;
 
+/// Entries dropped from connections' policy caches to stay within [`MAX_CACHED_TOPICS`], process-wide.
+static CACHE_EVICTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn cache_evictions() -> u64 {
+    CACHE_EVICTIONS.load(Ordering::Relaxed)
+}
+
 impl ConnPolicies {
     /// Brings the cache up to date; `facts_version` changes when the client id or principal is learned.
     pub fn refresh(&mut self, holder: &PolicyHolder, facts_version: u32, client: &ClientFacts) {
@@ -625,6 +632,7 @@ impl ConnPolicies {
         // A name longer than any topic can have is answered but not kept (it costs its length each time).
         if topic.len() <= crate::guard::MAX_TOPIC_NAME_BYTES {
             if self.topics.len() >= MAX_CACHED_TOPICS {
+                CACHE_EVICTIONS.fetch_add(self.topics.len() as u64, Ordering::Relaxed);
                 self.topics.clear();
             }
             self.topics.insert(topic.to_string(), p.clone());
@@ -635,6 +643,7 @@ impl ConnPolicies {
     /// True the first time (check, topic) is reported on this connection.
     pub fn first_report(&mut self, check: Check, topic: &str) -> bool {
         if self.reported.len() >= MAX_CACHED_TOPICS {
+            CACHE_EVICTIONS.fetch_add(self.reported.len() as u64, Ordering::Relaxed);
             self.reported.clear();
         }
         let topic = crate::metrics::cut_to(topic, crate::guard::MAX_TOPIC_NAME_BYTES);

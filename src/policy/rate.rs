@@ -6,6 +6,7 @@
 //! the number of clients tracked is bounded.
 
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const MAX_CLIENTS: usize = 100_000;
@@ -40,6 +41,7 @@ impl Counter {
 pub struct PerMinute {
     clients: DashMap<String, Counter>,
     max_clients: usize,
+    evicted: AtomicU64,
 }
 
 /// The outcome of asking for one more.
@@ -58,6 +60,7 @@ impl PerMinute {
         PerMinute {
             clients: DashMap::new(),
             max_clients,
+            evicted: AtomicU64::new(0),
         }
     }
 
@@ -88,11 +91,14 @@ impl PerMinute {
     pub fn count(&self, client: &str, now: Instant) {
         if self.clients.len() >= self.max_clients && !self.clients.contains_key(client) {
             // Forget clients idle for two windows; if none are, start over rather than grow.
+            let before = self.clients.len();
             self.clients
                 .retain(|_, c| now.duration_since(c.window_start) < 2 * WINDOW);
             if self.clients.len() >= self.max_clients {
                 self.clients.clear();
             }
+            let gone = before.saturating_sub(self.clients.len());
+            self.evicted.fetch_add(gone as u64, Ordering::Relaxed);
         }
         let mut entry = self.clients.entry(client.to_string()).or_insert(Counter {
             window_start: now,
@@ -110,6 +116,11 @@ impl PerMinute {
             self.count(client, now);
         }
         admission
+    }
+
+    /// Windows dropped to stay within the bound.
+    pub fn evictions(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     pub fn tracked(&self) -> usize {

@@ -131,6 +131,28 @@ pub async fn init_producer_id_timeout(
     panic!("InitProducerId kept failing");
 }
 
+/// Registers `topic`-`partition` in the transaction (transactions v1: before its first write); returns
+/// the partition's error code.
+pub async fn add_partitions(
+    raw: &mut Raw,
+    txn: &str,
+    (pid, epoch): (i64, i16),
+    topic: &str,
+    partition: i32,
+) -> i16 {
+    let req = AddPartitionsToTxnRequest::default()
+        .with_v3_and_below_transactional_id(TransactionalId(StrBytes::from_string(txn.to_string())))
+        .with_v3_and_below_producer_id(ProducerId(pid))
+        .with_v3_and_below_producer_epoch(epoch)
+        .with_v3_and_below_topics(vec![
+            add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![partition]),
+        ]);
+    let resp: AddPartitionsToTxnResponse = raw.call(ApiKey::AddPartitionsToTxn, 3, &req).await;
+    resp.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code
+}
+
 fn events(proxy: &TestProxy, kind: Kind) -> Vec<AuditEvent> {
     proxy
         .audits

@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use crate::producer_state::{
-    batch, init_producer_id, init_producer_id_timeout, produce, send_produce,
+    add_partitions, batch, init_producer_id, init_producer_id_timeout, produce, send_produce,
 };
 use crate::rdkafka_clients::{client_config, create_topic};
 use crate::wire::Raw;
@@ -159,6 +159,10 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     );
     let hang = unique_topic("telemetry-hang");
     let (hpid, he) = init_producer_id_timeout(&mut raw, Some(&hang), 1000).await;
+    assert_eq!(
+        add_partitions(&mut raw, &hang, (hpid, he), &topic, 0).await,
+        0
+    );
     let _ = send_produce(
         &mut raw,
         &produce(
@@ -339,7 +343,7 @@ async fn audit_events_reach_a_kafka_topic_keyed_by_producer() {
             .1,
         0
     );
-    for gap in [5, 9] {
+    for (gap, then) in [(5, Some(1)), (9, None)] {
         assert_eq!(
             send_produce(
                 &mut raw,
@@ -349,6 +353,12 @@ async fn audit_events_reach_a_kafka_topic_keyed_by_producer() {
                 .1,
             45
         );
+        // The next batch in sequence lands, so the second gap is a gap of its own (not an echo of the
+        // first: see out_of_order_cascade).
+        if let Some(seq) = then {
+            let next = produce(&topic, None, vec![(0, batch(pid, e, seq, 1, false, "a"))]);
+            assert_eq!(send_produce(&mut raw, &next).await[0].1, 0);
+        }
     }
     let bs = proxy.bootstrap().to_string();
     let t = audit_topic.clone();
@@ -606,7 +616,12 @@ policies:
         c.watchdog.interval = Duration::from_millis(100);
         c.watchdog.lso_stuck = Duration::from_millis(500);
         c.audit.file = Some(af.clone());
-        c.audit.queue = 1;
+        // An audit topic on a cluster nobody answers at, with room for one event: the rest are dropped.
+        c.audit.kafka = Some(kafka_eos_proxy::config::KafkaAuditConfig {
+            topic: "nowhere".into(),
+            bootstrap_servers: vec!["127.0.0.1:1".into()],
+            queue: 1,
+        });
         c.policies = kafka_eos_proxy::Config::parse(&format!(
             "{}{policy_yaml}",
             proxy_yaml("127.0.0.1:1", 1, 2)
@@ -668,21 +683,24 @@ policies:
     // the last stable offset back while plain writes move the high watermark (stuck, lag).
     let hang = unique_topic("moves-hang");
     let (hpid, he) = init_producer_id_timeout(&mut raw, Some(&hang), 1000).await;
-    let add = kafka_protocol::messages::AddPartitionsToTxnRequest::default()
-        .with_v3_and_below_transactional_id(kafka_protocol::messages::TransactionalId(
-            kafka_protocol::protocol::StrBytes::from_string(hang.clone()),
-        ))
-        .with_v3_and_below_producer_id(kafka_protocol::messages::ProducerId(hpid))
-        .with_v3_and_below_producer_epoch(he)
-        .with_v3_and_below_topics(vec![
-            kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
-                .with_name(kafka_protocol::messages::TopicName(
-                    kafka_protocol::protocol::StrBytes::from_string(topic.clone()),
-                ))
-                .with_partitions(vec![0]),
-        ]);
-    let _: kafka_protocol::messages::AddPartitionsToTxnResponse =
-        raw.call(ApiKey::AddPartitionsToTxn, 3, &add).await;
+    assert_eq!(
+        add_partitions(&mut raw, &hang, (hpid, he), &topic, 0).await,
+        0
+    );
+    // A second one, with a long timeout: it keeps the last stable offset held after the broker aborts
+    // the first.
+    let hold = unique_topic("moves-hold");
+    let (opid, oe) = init_producer_id_timeout(&mut raw, Some(&hold), 60_000).await;
+    assert_eq!(
+        add_partitions(&mut raw, &hold, (opid, oe), &topic, 0).await,
+        0
+    );
+    let held2 = produce(
+        &topic,
+        Some(&hold),
+        vec![(0, batch(opid, oe, 0, 1, true, "o"))],
+    );
+    assert_eq!(send_produce(&mut raw, &held2).await[0].1, 0);
     let held = produce(
         &topic,
         Some(&hang),
@@ -693,9 +711,7 @@ policies:
     let bs = proxy.bootstrap().to_string();
     let (t, tx_id) = (topic.clone(), unique_topic("moves-rd"));
     tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-        use rdkafka::{Offset, TopicPartitionList};
         let mut cfg = client_config(&bs);
         cfg.set("transactional.id", &tx_id);
         let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
@@ -710,7 +726,17 @@ policies:
                 p.abort_transaction(Duration::from_secs(30)).unwrap();
             }
         }
-        // read_committed fetches for a while (lag; the stuck last stable offset).
+    })
+    .await
+    .unwrap();
+    // read_committed fetches while plain writes move the high watermark on and the held transactions
+    // keep the last stable offset where it is, until the lag and the stuck partition show.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (bs, t, halt) = (proxy.bootstrap().to_string(), topic.clone(), stop.clone());
+    let reader = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        use rdkafka::{Offset, TopicPartitionList};
         let c: BaseConsumer = client_config(&bs)
             .set("group.id", unique_topic("moves-g"))
             .set("isolation.level", "read_committed")
@@ -719,41 +745,53 @@ policies:
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&t, 0, Offset::Beginning).unwrap();
         c.assign(&tpl).unwrap();
-        // Plain writes move the high watermark on while the held transaction keeps the last stable
-        // offset where it is.
         let plain: ThreadedProducer<DefaultProducerContext> = client_config(&bs).create().unwrap();
-        let until = std::time::Instant::now() + Duration::from_millis(2000);
-        while std::time::Instant::now() < until {
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
             let _ = plain.send(BaseRecord::to(&t).key("p").payload("plain"));
             let _ = plain.flush(Duration::from_secs(5));
             let _ = c.poll(Duration::from_millis(100));
         }
-    })
-    .await
-    .unwrap();
-    eventually(
-        "the watchdog to flag the held transaction",
-        Duration::from_secs(10),
-        || {
-            let s = shared.clone();
-            async move { s.metrics.as_ref().unwrap().hanging_transactions.get() >= 1 }
-        },
-    )
-    .await;
+    });
+    let wanted = [
+        "kafka_eos_proxy_stuck_partitions",
+        "kafka_eos_proxy_read_committed_lag_records",
+        "kafka_eos_proxy_hanging_transactions",
+    ];
+    for _ in 0..300 {
+        scrape_into(http, &names, &mut moved).await;
+        if wanted.iter().all(|w| moved.contains(*w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.await.unwrap();
     scrape_into(http, &names, &mut moved).await; // hanging, stuck, lag
 
     // Twenty transactions the broker accepted, for a tracker of sixteen: evictions.
     for i in 0..20 {
         let id = format!("{hang}-{i}");
         let (p, pe) = init_producer_id_timeout(&mut raw, Some(&id), 60_000).await;
-        let mut add = add.clone();
-        add.v3_and_below_transactional_id = kafka_protocol::messages::TransactionalId(
-            kafka_protocol::protocol::StrBytes::from_string(id),
-        );
-        add.v3_and_below_producer_id = kafka_protocol::messages::ProducerId(p);
-        add.v3_and_below_producer_epoch = pe;
-        let _: kafka_protocol::messages::AddPartitionsToTxnResponse =
-            raw.call(ApiKey::AddPartitionsToTxn, 3, &add).await;
+        assert_eq!(add_partitions(&mut raw, &id, (p, pe), &topic, 0).await, 0);
+    }
+
+    // Audit events faster than a queue of one can take them: some are dropped (and counted).
+    for _ in 0..50 {
+        for seq in [100, 200, 300, 400, 500, 600, 700, 800] {
+            let req = produce(
+                &topic,
+                None,
+                vec![(0, batch(pid, e + 1, seq, 1, false, "d"))],
+            );
+            raw.send(ApiKey::Produce, 11, &req).await;
+        }
+        for _ in 0..8 {
+            raw.recv_frame().await.expect("answered");
+        }
+        scrape_into(http, &names, &mut moved).await;
+        if moved.contains("kafka_eos_proxy_audit_events_dropped_total") {
+            break;
+        }
     }
 
     // Connections: one held (active), one over the limit (rejected), one closed.
