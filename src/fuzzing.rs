@@ -52,6 +52,87 @@ pub const INSPECTED_REQUESTS: [ApiKey; 10] = [
     ApiKey::SaslAuthenticate,
 ];
 
+/// Runs `$body` with `$t` naming the response type of `$key`, for every inspected api key whose
+/// responses are decoded whole (`None` for the others). One list, for the fuzz target and its replay.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! with_response_type {
+    ($key:expr, $t:ident => $body:expr) => {{
+        use $crate::fuzzing::kp::messages as m;
+        use $crate::fuzzing::kp::messages::ApiKey as K;
+        match $key {
+            K::Produce => {
+                type $t = m::ProduceResponse;
+                Some($body)
+            }
+            K::Fetch => {
+                type $t = m::FetchResponse;
+                Some($body)
+            }
+            K::Metadata => {
+                type $t = m::MetadataResponse;
+                Some($body)
+            }
+            K::FindCoordinator => {
+                type $t = m::FindCoordinatorResponse;
+                Some($body)
+            }
+            K::DescribeCluster => {
+                type $t = m::DescribeClusterResponse;
+                Some($body)
+            }
+            K::DescribeQuorum => {
+                type $t = m::DescribeQuorumResponse;
+                Some($body)
+            }
+            K::ShareFetch => {
+                type $t = m::ShareFetchResponse;
+                Some($body)
+            }
+            K::ShareAcknowledge => {
+                type $t = m::ShareAcknowledgeResponse;
+                Some($body)
+            }
+            K::ApiVersions => {
+                type $t = m::ApiVersionsResponse;
+                Some($body)
+            }
+            K::InitProducerId => {
+                type $t = m::InitProducerIdResponse;
+                Some($body)
+            }
+            K::AddPartitionsToTxn => {
+                type $t = m::AddPartitionsToTxnResponse;
+                Some($body)
+            }
+            K::AddOffsetsToTxn => {
+                type $t = m::AddOffsetsToTxnResponse;
+                Some($body)
+            }
+            K::EndTxn => {
+                type $t = m::EndTxnResponse;
+                Some($body)
+            }
+            K::TxnOffsetCommit => {
+                type $t = m::TxnOffsetCommitResponse;
+                Some($body)
+            }
+            K::SaslAuthenticate => {
+                type $t = m::SaslAuthenticateResponse;
+                Some($body)
+            }
+            K::ListOffsets => {
+                type $t = m::ListOffsetsResponse;
+                Some($body)
+            }
+            _ => None,
+        }
+    }};
+}
+
+/// The protocol crate, for [`with_response_type!`] callers.
+pub use kafka_protocol as kp;
+
 /// The fuzz input for a response: key selector, version selector, then the frame body (no size
 /// prefix). Versions run from -1 to three past what the crate knows, so newer forms are tried too.
 pub fn response_input(key: ApiKey, version: i16, body: &[u8]) -> Vec<u8> {
@@ -78,32 +159,9 @@ pub fn response(data: &[u8]) {
     let span = i16::from(*v) % (key.valid_versions().max + 4);
     let version = span - 1;
     let frame = sized(body);
-    macro_rules! decode {
-        ($($key:ident => $ty:ty),* $(,)?) => {
-            match key {
-                $(ApiKey::$key => {
-                    let _ = decode_response::<$ty>(frame.clone(), key, version);
-                })*
-                _ => {}
-            }
-        };
-    }
-    decode!(
-        Produce => ProduceResponse,
-        Fetch => FetchResponse,
-        Metadata => MetadataResponse,
-        FindCoordinator => FindCoordinatorResponse,
-        DescribeCluster => DescribeClusterResponse,
-        DescribeQuorum => DescribeQuorumResponse,
-        ShareFetch => ShareFetchResponse,
-        ShareAcknowledge => ShareAcknowledgeResponse,
-        ApiVersions => ApiVersionsResponse,
-        InitProducerId => InitProducerIdResponse,
-        AddPartitionsToTxn => AddPartitionsToTxnResponse,
-        AddOffsetsToTxn => AddOffsetsToTxnResponse,
-        EndTxn => EndTxnResponse,
-        TxnOffsetCommit => TxnOffsetCommitResponse,
-    );
+    crate::with_response_type!(key, T => {
+        let _ = decode_response::<T>(frame.clone(), key, version);
+    });
     match key {
         ApiKey::ApiVersions => {
             let _ = api_versions::clamp_api_versions(frame.clone(), version);

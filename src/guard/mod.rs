@@ -1064,31 +1064,26 @@ impl Guard {
                         }
                         _ => None,
                     };
-                    if let Some((head, first_echo)) = echo {
-                        if first_echo && !already_audited {
-                            self.event(
-                                conn,
-                                0,
+                    // An echo of an earlier failure is audited once, as its cascade; anything else as
+                    // the exactly-once error it is.
+                    let audited = match echo {
+                        Some((head, first_echo)) => first_echo.then(|| {
+                            (
                                 Kind::OutOfOrderCascade,
-                                Source::Broker,
-                                Action::Observed,
-                                p.error_code,
-                                (key.producer_id, batch.epoch),
-                                tracking.transactional_id.as_deref(),
-                                Some((name, p.index)),
-                                (Some(head.first_seq), Some(batch.first_seq)),
-                                None,
+                                Some(head.first_seq),
                                 Some(format!(
-                                    "batches pipelined behind the batch at sequence {} (refused with error {}) \
-                                     are answered 45 until it is retried; counted once",
+                                    "batches pipelined behind the batch at sequence {} (refused with \
+                                     error {}) are answered 45 until it is retried; counted once",
                                     head.first_seq, head.error_code
                                 )),
-                            );
-                        }
-                        continue;
-                    }
-                    let kind = eos_error_kind(p.error_code).filter(|_| !already_audited);
-                    if let Some(kind) = kind {
+                            )
+                        }),
+                        None => eos_error_kind(p.error_code).map(|kind| {
+                            let message = p.error_message.as_ref();
+                            (kind, None, message.map(|m| m.as_str().to_string()))
+                        }),
+                    };
+                    if let Some((kind, expected, detail)) = audited.filter(|_| !already_audited) {
                         self.event(
                             conn,
                             0,
@@ -1099,9 +1094,9 @@ impl Guard {
                             (key.producer_id, batch.epoch),
                             tracking.transactional_id.as_deref(),
                             Some((name, p.index)),
-                            (None, Some(batch.first_seq)),
+                            (expected, Some(batch.first_seq)),
                             None,
-                            p.error_message.as_ref().map(|m| m.as_str().to_string()),
+                            detail,
                         );
                     }
                 }

@@ -34,32 +34,8 @@ fn response_seeds() -> Vec<Vec<u8>> {
     for key in INSPECTED_RESPONSES {
         let range = key.valid_versions();
         for v in range.min..=range.max {
-            macro_rules! body {
-                ($($k:ident => $ty:ty),* $(,)?) => {
-                    match key {
-                        $(ApiKey::$k => encoded(&<$ty>::default(), v),)*
-                        _ => None,
-                    }
-                };
-            }
-            let body = body!(
-                Produce => ProduceResponse,
-                Fetch => FetchResponse,
-                Metadata => MetadataResponse,
-                FindCoordinator => FindCoordinatorResponse,
-                DescribeCluster => DescribeClusterResponse,
-                DescribeQuorum => DescribeQuorumResponse,
-                ShareFetch => ShareFetchResponse,
-                ShareAcknowledge => ShareAcknowledgeResponse,
-                ApiVersions => ApiVersionsResponse,
-                InitProducerId => InitProducerIdResponse,
-                AddPartitionsToTxn => AddPartitionsToTxnResponse,
-                AddOffsetsToTxn => AddOffsetsToTxnResponse,
-                EndTxn => EndTxnResponse,
-                TxnOffsetCommit => TxnOffsetCommitResponse,
-                SaslAuthenticate => SaslAuthenticateResponse,
-                ListOffsets => ListOffsetsResponse,
-            );
+            let body =
+                kafka_eos_proxy::with_response_type!(key, T => encoded(&T::default(), v)).flatten();
             if let Some(body) = body {
                 let mut frame = response_header(key, v);
                 frame.extend(body);

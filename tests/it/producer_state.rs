@@ -5,13 +5,10 @@
 use crate::common::*;
 use crate::rdkafka_clients::{client_config, create_topic, read_all};
 use crate::wire::Raw;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_eos_proxy::audit::{Action, AuditEvent, Kind, Source};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,36 +17,7 @@ use std::time::Duration;
 const PRODUCE_VERSION: i16 = 11;
 
 /// A v2 batch of `n` records from producer (pid, epoch) starting at sequence `seq`.
-pub fn batch(pid: i64, epoch: i16, seq: i32, n: i32, transactional: bool, tag: &str) -> Bytes {
-    let records: Vec<Record> = (0..n)
-        .map(|i| Record {
-            transactional,
-            control: false,
-            partition_leader_epoch: 0,
-            producer_id: pid,
-            producer_epoch: epoch,
-            timestamp_type: TimestampType::Creation,
-            offset: i64::from(i),
-            sequence: seq + i,
-            timestamp: 1_700_000_000_000,
-            key: None,
-            value: Some(Bytes::from(format!("{tag}-{}", seq + i))),
-            headers: Default::default(),
-            delete_horizon: false,
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap();
-    buf.freeze()
-}
+pub use kafka_eos_proxy::testkit::record_batch as batch;
 
 pub fn produce(topic: &str, txn: Option<&str>, parts: Vec<(i32, Bytes)>) -> ProduceRequest {
     ProduceRequest::default()

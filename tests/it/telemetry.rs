@@ -76,6 +76,35 @@ fn dashboard_metrics() -> BTreeSet<String> {
         .collect()
 }
 
+/// librdkafka, as `client_id`: one transaction committed, then one aborted, one record each.
+async fn commit_then_abort(bootstrap: &str, topic: &str, txn_id: &str, client_id: &str) {
+    let (bs, t, tx, client) = (
+        bootstrap.to_string(),
+        topic.to_string(),
+        txn_id.to_string(),
+        client_id.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let mut cfg = client_config(&bs);
+        cfg.set("transactional.id", &tx).set("client.id", &client);
+        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+        for commit in [true, false] {
+            p.begin_transaction().unwrap();
+            p.send(BaseRecord::to(&t).key("k").payload("v")).unwrap();
+            p.flush(Duration::from_secs(30)).unwrap();
+            if commit {
+                p.commit_transaction(Duration::from_secs(30)).unwrap();
+            } else {
+                p.abort_transaction(Duration::from_secs(30)).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     let dropped: Arc<Mutex<HashSet<i32>>> = Arc::default();
@@ -198,28 +227,13 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     );
 
     // librdkafka: a transaction committed and one aborted.
-    let bs = proxy.bootstrap().to_string();
-    let (t, tx_id) = (topic.clone(), unique_topic("telemetry-rd"));
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-        let mut cfg = client_config(&bs);
-        cfg.set("transactional.id", &tx_id)
-            .set("client.id", "dashboard-client");
-        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
-        p.init_transactions(Duration::from_secs(30)).unwrap();
-        for commit in [true, false] {
-            p.begin_transaction().unwrap();
-            p.send(BaseRecord::to(&t).key("k").payload("v")).unwrap();
-            p.flush(Duration::from_secs(30)).unwrap();
-            if commit {
-                p.commit_transaction(Duration::from_secs(30)).unwrap();
-            } else {
-                p.abort_transaction(Duration::from_secs(30)).unwrap();
-            }
-        }
-    })
-    .await
-    .unwrap();
+    commit_then_abort(
+        proxy.bootstrap(),
+        &topic,
+        &unique_topic("telemetry-rd"),
+        "dashboard-client",
+    )
+    .await;
     drop(raw); // a closed connection, for connections_closed_total
                // A read_committed consumer, for the lag per partition.
     let read = crate::rdkafka_clients::read_all(proxy.bootstrap(), &topic, "read_committed", 1);
@@ -708,27 +722,13 @@ policies:
     );
     assert_eq!(send_produce(&mut raw, &held).await[0].1, 0);
     scrape_into(http, &names, &mut moved).await; // open_transactions
-    let bs = proxy.bootstrap().to_string();
-    let (t, tx_id) = (topic.clone(), unique_topic("moves-rd"));
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-        let mut cfg = client_config(&bs);
-        cfg.set("transactional.id", &tx_id);
-        let p: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
-        p.init_transactions(Duration::from_secs(30)).unwrap();
-        for commit in [true, false] {
-            p.begin_transaction().unwrap();
-            p.send(BaseRecord::to(&t).key("k").payload("v")).unwrap();
-            p.flush(Duration::from_secs(30)).unwrap();
-            if commit {
-                p.commit_transaction(Duration::from_secs(30)).unwrap();
-            } else {
-                p.abort_transaction(Duration::from_secs(30)).unwrap();
-            }
-        }
-    })
-    .await
-    .unwrap();
+    commit_then_abort(
+        proxy.bootstrap(),
+        &topic,
+        &unique_topic("moves-rd"),
+        "moves-rd",
+    )
+    .await;
     // read_committed fetches while plain writes move the high watermark on and the held transactions
     // keep the last stable offset where it is, until the lag and the stuck partition show.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
