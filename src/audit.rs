@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,6 +56,50 @@ pub enum Kind {
     PolicyViolation,
 }
 
+impl Kind {
+    /// Every kind, for tests and for anything that lists them.
+    pub const ALL: [Kind; 16] = [
+        Kind::OutOfOrderSequence,
+        Kind::OutOfOrderCascade,
+        Kind::FencedEpoch,
+        Kind::DuplicateAnswered,
+        Kind::DuplicateSequence,
+        Kind::UnknownProducer,
+        Kind::TransactionState,
+        Kind::ProducerFenced,
+        Kind::InvalidBatch,
+        Kind::HangingTransaction,
+        Kind::HangingTransactionEnded,
+        Kind::StuckPartition,
+        Kind::StuckPartitionCleared,
+        Kind::TooManyInFlight,
+        Kind::DuplicatePartition,
+        Kind::PolicyViolation,
+    ];
+
+    /// The wire name (the `kind` of the JSON line and the metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::OutOfOrderSequence => "out_of_order_sequence",
+            Kind::OutOfOrderCascade => "out_of_order_cascade",
+            Kind::FencedEpoch => "fenced_epoch",
+            Kind::DuplicateAnswered => "duplicate_answered",
+            Kind::DuplicateSequence => "duplicate_sequence",
+            Kind::UnknownProducer => "unknown_producer",
+            Kind::TransactionState => "transaction_state",
+            Kind::ProducerFenced => "producer_fenced",
+            Kind::InvalidBatch => "invalid_batch",
+            Kind::HangingTransaction => "hanging_transaction",
+            Kind::HangingTransactionEnded => "hanging_transaction_ended",
+            Kind::StuckPartition => "stuck_partition",
+            Kind::StuckPartitionCleared => "stuck_partition_cleared",
+            Kind::TooManyInFlight => "too_many_in_flight",
+            Kind::DuplicatePartition => "duplicate_partition",
+            Kind::PolicyViolation => "policy_violation",
+        }
+    }
+}
+
 /// Who noticed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +122,26 @@ pub enum Action {
     Upgraded,
     /// Reported as the broker returned it (or as the proxy's watchdog noticed it).
     Observed,
+}
+
+/// Who sent a request, for audit lines.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub client_address: SocketAddr,
+    pub client_id: Option<String>,
+    pub broker_node_id: Option<i32>,
+}
+
+impl AuditEvent {
+    /// The event, attributed to the connection it was seen on.
+    pub fn from_conn(self, conn: &ConnInfo) -> AuditEvent {
+        AuditEvent {
+            client_id: conn.client_id.clone(),
+            client_address: conn.client_address.to_string(),
+            broker_node_id: conn.broker_node_id,
+            ..self
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -215,25 +280,21 @@ impl KafkaSink {
     }
 }
 
-type Observer = Arc<dyn Fn(&AuditEvent) + Send + Sync>;
+/// Something that sees every event as it is emitted (the metrics, a test).
+pub type Observer = Arc<dyn Fn(&AuditEvent) + Send + Sync>;
 
 pub struct AuditSink {
     tx: Option<mpsc::Sender<AuditEvent>>,
     kafka: Option<KafkaSink>,
     dropped: AtomicU64,
     emitted: AtomicU64,
-    observer: Option<Observer>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    observers: Vec<Observer>,
 }
 
 impl AuditSink {
     /// Starts the writer task (needs a tokio runtime). With neither stdout nor a file, events are only
-    /// counted and shown to the observer.
-    pub fn start(
-        config: &AuditConfig,
-        observer: Option<Observer>,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
-    ) -> std::io::Result<AuditSink> {
+    /// counted and shown to the observers.
+    pub fn start(config: &AuditConfig, observers: Vec<Observer>) -> std::io::Result<AuditSink> {
         let mut file = match &config.file {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -270,17 +331,13 @@ impl AuditSink {
             kafka,
             dropped: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
-            observer,
-            metrics,
+            observers,
         })
     }
 
     pub fn emit(&self, event: AuditEvent) {
         self.emitted.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = &self.metrics {
-            m.on_audit(&event);
-        }
-        if let Some(observe) = &self.observer {
+        for observe in &self.observers {
             observe(&event);
         }
         if let Some(k) = &self.kafka {
@@ -346,7 +403,7 @@ mod tests {
             queue: 10,
             kafka: None,
         };
-        let sink = AuditSink::start(&config, None, None).unwrap();
+        let sink = AuditSink::start(&config, Vec::new()).unwrap();
         sink.emit(event(Kind::OutOfOrderSequence));
         sink.emit(event(Kind::FencedEpoch));
         drop(sink); // closes the queue; the writer drains it
@@ -377,7 +434,7 @@ mod tests {
             queue: 1,
             kafka: None,
         };
-        let sink = AuditSink::start(&config, None, None).unwrap();
+        let sink = AuditSink::start(&config, Vec::new()).unwrap();
         for _ in 0..1000 {
             sink.emit(event(Kind::DuplicateAnswered));
         }
@@ -386,5 +443,13 @@ mod tests {
             sink.dropped() > 0,
             "a one-slot queue cannot take 1000 events at once"
         );
+    }
+
+    #[test]
+    fn kind_names_are_the_json_names() {
+        for kind in Kind::ALL {
+            let json = serde_json::to_value(kind).unwrap();
+            assert_eq!(json.as_str(), Some(kind.as_str()));
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! `listen.broker_ports: unknown key 'rnage'`, ...).
 
 pub mod reader;
+pub use reader::Problem;
 
 pub use crate::audit::{AuditConfig, KafkaAuditConfig};
 pub use crate::guard::{GuardConfig, Mode};
@@ -135,19 +136,6 @@ pub struct WatchdogConfig {
     pub lso_stuck: Duration,
     /// At most this many partitions are watched (and exported with their read_committed lag).
     pub max_partitions: usize,
-}
-
-/// One problem in a config file, with the key path it concerns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
 }
 
 /// Every problem found in a config file.

@@ -1,11 +1,23 @@
 //! A YAML walker that records problems with their key paths instead of stopping at the first one.
 //! Getters always return a value (the default, or a placeholder after a problem) so parsing carries on.
 
-use super::Problem;
 use serde_yaml::{Mapping, Value};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// One problem in a config file, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
 
 pub struct Section<'a> {
     path: String,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, ResponseHeader};
 
-const UNSUPPORTED_VERSION: i16 = 35;
+use crate::protocol::codes::UNSUPPORTED_VERSION;
 
 /// The proxy's own answer to an ApiVersions request newer than it can read, shaped as a broker's answer
 /// to an ApiVersions version it does not know: UNSUPPORTED_VERSION in a v0 body that lists only the

@@ -38,31 +38,12 @@ use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ApiKey, ProduceResponse, ResponseHeader, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::{Key, ProducerStore};
 use txn::TxnTracker;
 
-pub mod codes {
-    pub const NONE: i16 = 0;
-    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
-    pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
-    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
-    pub const INVALID_TXN_STATE: i16 = 48;
-    pub const INVALID_PRODUCER_ID_MAPPING: i16 = 49;
-    pub const UNKNOWN_PRODUCER_ID: i16 = 59;
-    pub const PRODUCER_FENCED: i16 = 90;
-    pub const TRANSACTION_ABORTABLE: i16 = 120;
-    pub const MESSAGE_TOO_LARGE: i16 = 10;
-    pub const INVALID_REQUIRED_ACKS: i16 = 21;
-    pub const POLICY_VIOLATION: i16 = 44;
-    pub const INVALID_TRANSACTION_TIMEOUT: i16 = 50;
-    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
-    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
-    pub const THROTTLING_QUOTA_EXCEEDED: i16 = 89;
-}
+use crate::protocol::codes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -96,25 +77,7 @@ impl Default for GuardConfig {
     }
 }
 
-/// Who sent a request, for audit lines.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub client_address: SocketAddr,
-    pub client_id: Option<String>,
-    pub broker_node_id: Option<i32>,
-}
-
-impl AuditEvent {
-    /// The event, attributed to the connection it was seen on.
-    pub fn from_conn(self, conn: &ConnInfo) -> AuditEvent {
-        AuditEvent {
-            client_id: conn.client_id.clone(),
-            client_address: conn.client_address.to_string(),
-            broker_node_id: conn.broker_node_id,
-            ..self
-        }
-    }
-}
+use crate::audit::ConnInfo;
 
 pub struct Guard {
     pub config: GuardConfig,
@@ -1116,8 +1079,7 @@ impl Guard {
     }
 }
 
-/// Kafka's longest topic name (longer ones can never be created).
-pub const MAX_TOPIC_NAME_BYTES: usize = 249;
+use crate::protocol::MAX_TOPIC_NAME_BYTES;
 
 /// The topic partitions a Produce request names more than once (sorted, each once).
 ///

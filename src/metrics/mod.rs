@@ -422,13 +422,13 @@ impl Metrics {
     }
 
     pub fn on_audit(&self, e: &AuditEvent) {
-        let kind = serde_json::to_value(e.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        self.audit_events.with_label_values(&[&kind]).inc();
-        let client = e.client_id.as_deref().unwrap_or("");
-        let txn = e.transactional_id.as_deref().unwrap_or("");
+        self.audit_events
+            .with_label_values(&[e.kind.as_str()])
+            .inc();
+        let [client, txn] = producer_labels(
+            e.client_id.as_deref().unwrap_or(""),
+            e.transactional_id.as_deref().unwrap_or(""),
+        );
         let p = &self.producers;
         let vec = match e.kind {
             Kind::DuplicateAnswered => &p.duplicates,

@@ -630,7 +630,7 @@ impl ConnPolicies {
                 .topic_policy_among(rules, client, topic, false),
         );
         // A name longer than any topic can have is answered but not kept (it costs its length each time).
-        if topic.len() <= crate::guard::MAX_TOPIC_NAME_BYTES {
+        if topic.len() <= crate::protocol::MAX_TOPIC_NAME_BYTES {
             if self.topics.len() >= MAX_CACHED_TOPICS {
                 CACHE_EVICTIONS.fetch_add(self.topics.len() as u64, Ordering::Relaxed);
                 self.topics.clear();
@@ -646,7 +646,7 @@ impl ConnPolicies {
             CACHE_EVICTIONS.fetch_add(self.reported.len() as u64, Ordering::Relaxed);
             self.reported.clear();
         }
-        let topic = crate::metrics::cut_to(topic, crate::guard::MAX_TOPIC_NAME_BYTES);
+        let topic = crate::metrics::cut_to(topic, crate::protocol::MAX_TOPIC_NAME_BYTES);
         self.reported.insert((check, topic.to_string()))
     }
 }

@@ -2,8 +2,7 @@
 //! (`policies[2].match.topics.regex[0]: invalid regex ...`), contradictions included.
 
 use super::{Action, Check, Cidr, ClientMatch, NameMatch, Policies, Rule, CODECS};
-use crate::config::reader::{describe, Section};
-use crate::config::Problem;
+use crate::config::reader::{describe, Problem, Section};
 use serde_yaml::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 //! event of kind `policy_violation` naming the rule and the check.
 
 use super::{Action, Check};
+use crate::audit::ConnInfo;
 use crate::audit::{self, AuditEvent, AuditSink, Kind, Source};
-use crate::guard::ConnInfo;
 use crate::metrics::Metrics;
 
 /// One policy outcome.

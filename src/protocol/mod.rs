@@ -3,8 +3,12 @@
 
 pub mod batch;
 pub mod codec;
+pub mod codes;
 pub mod frame;
 pub mod header;
 pub mod produce;
 pub mod versions;
 pub mod wire;
+
+/// Kafka's longest topic name (longer ones can never be created).
+pub const MAX_TOPIC_NAME_BYTES: usize = 249;

@@ -83,7 +83,13 @@ impl Proxy {
             )),
             false => None,
         };
-        let audit = AuditSink::start(&config.audit, hooks.on_audit.clone(), metrics.clone())
+        // The metrics count audit events by watching them, like any other observer.
+        let mut observers: Vec<crate::audit::Observer> = Vec::new();
+        if let Some(m) = metrics.clone() {
+            observers.push(Arc::new(move |e| m.on_audit(e)));
+        }
+        observers.extend(hooks.on_audit.clone());
+        let audit = AuditSink::start(&config.audit, observers)
             .map_err(|e| anyhow::anyhow!("cannot open the audit file: {e}"))?;
         let guard = Arc::new(Guard::new(
             config.producer_state.clone(),

@@ -21,16 +21,16 @@ mod policy;
 pub use close::Close;
 pub use policy::Identity;
 
+use crate::audit::ConnInfo;
 use crate::audit::{Action, AuditEvent, Kind, Source};
 use crate::filters::skim::{self, TopicRef};
 use crate::filters::{addresses, api_versions};
 use crate::guard::coordinator::{self, CoordinatorRequest};
-use crate::guard::{
-    codes, eos_error_kind, init_producer_id_txn, ConnInfo, Guard, ProduceAction, ProduceTracking,
-};
+use crate::guard::{eos_error_kind, init_producer_id_txn, Guard, ProduceAction, ProduceTracking};
 use crate::metrics::bounded_label;
 use crate::metrics::lso::LsoChange;
 use crate::protocol::codec::{decode_response, encode_response};
+use crate::protocol::codes;
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
 use crate::protocol::header::RequestHead;
 use crate::protocol::header::{peek_request, produce_acks, response_correlation_id};

@@ -3,12 +3,13 @@
 //! write). Batch-level produce checks run inside the produce guard (`Guard::plan`).
 
 use super::Close;
+use crate::audit::ConnInfo;
 use crate::filters::skim::TopicRef;
-use crate::guard::{codes, ConnInfo};
 use crate::policy::report::{report, Violation};
 use crate::policy::wire::{self, patched};
 use crate::policy::{sasl, Action, Check, ClientFacts, ConnPolicies};
 use crate::protocol::codec::encode_response;
+use crate::protocol::codes;
 use crate::protocol::header::RequestHead;
 use crate::protocol::produce;
 use crate::server::Shared;
