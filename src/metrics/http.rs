@@ -7,7 +7,6 @@
 //! bounded in size. It serves a scraper and an operator's curl, not the internet: a client that never
 //! reads its answer is let go after [`WRITE_TIMEOUT`] and holds at most one page meanwhile.
 
-use crate::server::Shared;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,6 +14,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
+
+/// What the endpoint reads, handed over by the server.
+pub struct Handles {
+    pub metrics: Option<Arc<super::Metrics>>,
+    pub guard: Arc<crate::guard::Guard>,
+    pub policies: Arc<crate::policy::PolicyHolder>,
+    /// The upstream cluster answered the last metadata refresh (`/readyz`).
+    pub upstream_ready: Arc<std::sync::atomic::AtomicBool>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
 
 const MAX_HEAD: usize = 8 * 1024;
 /// Connections served at once; one more is closed without an answer.
@@ -28,7 +37,7 @@ const PRODUCERS_MAX: usize = 1_000;
 /// Partitions listed per producer (all are counted in `partitions_tracked`).
 const PARTITIONS_LISTED: usize = 100;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Handles>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -58,7 +67,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn handle(mut socket: TcpStream, shared: &Handles) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -118,7 +127,7 @@ async fn handle(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
 }
 
-fn route(path: &str, shared: &Shared) -> (&'static str, &'static str, String) {
+fn route(path: &str, shared: &Handles) -> (&'static str, &'static str, String) {
     match path {
         "/metrics" => match &shared.metrics {
             Some(m) => {
@@ -152,7 +161,7 @@ fn route(path: &str, shared: &Shared) -> (&'static str, &'static str, String) {
 }
 
 /// Gauges read from state at scrape time rather than kept up to date on the data path.
-fn refresh_gauges(shared: &Shared) {
+fn refresh_gauges(shared: &Handles) {
     if let Some(m) = &shared.metrics {
         let store = &shared.guard.store;
         m.tracked_producer_partitions.set(store.len() as i64);

@@ -24,34 +24,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-/// Observation and fault-injection points for tests. Empty in production; each hook costs one branch.
-#[derive(Clone, Default)]
-#[allow(clippy::type_complexity)]
-pub struct Hooks {
-    /// Called with every frame the proxy writes to a client (size prefix included).
-    pub on_client_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
-    /// Called with the api key and frame of every broker response before it goes to the client; `true`
-    /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
-    pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
-    /// Called with every request frame the proxy writes upstream (after any rewrite).
-    pub on_upstream_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
-    /// Called with every audit event.
-    pub on_audit: Option<Arc<dyn Fn(&crate::audit::AuditEvent) + Send + Sync>>,
-}
+pub use crate::session::Hooks;
 
-/// State shared by every listener and session.
+/// The server's own state: listeners, limits, discovery, reload, shutdown. Sessions and the operator
+/// endpoint are handed the narrow handle sets they need ([`session::Handles`],
+/// [`crate::metrics::http::Handles`]), never this.
 pub struct Shared {
     pub config: Config,
-    pub brokers: Brokers,
+    pub brokers: Arc<Brokers>,
     pub guard: Arc<Guard>,
     pub metrics: Option<Arc<Metrics>>,
-    pub lso: crate::metrics::lso::LsoTracker,
-    pub hooks: Hooks,
     /// The policies in force (swapped whole on reload).
-    pub policies: crate::policy::PolicyHolder,
+    pub policies: Arc<crate::policy::PolicyHolder>,
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
-    pub upstream_ready: AtomicBool,
+    pub upstream_ready: Arc<AtomicBool>,
+    /// What each session is handed.
+    pub session: Arc<session::Handles>,
     tracker: TaskTracker,
 }
 
@@ -103,20 +92,33 @@ impl Proxy {
                 })?),
                 None => None,
             };
-        let shared = Arc::new(Shared {
-            brokers: Brokers::new(&config.listen, listener_tx),
-            guard,
-            metrics,
-            lso: crate::metrics::lso::LsoTracker::new(
+        let brokers = Arc::new(Brokers::new(&config.listen, listener_tx));
+        let policies = Arc::new(crate::policy::PolicyHolder::new(config.policies.clone()));
+        let shutdown = CancellationToken::new();
+        let session = Arc::new(session::Handles {
+            limits: config.limits.clone(),
+            upstream: config.upstream.clone(),
+            brokers: brokers.clone(),
+            guard: guard.clone(),
+            metrics: metrics.clone(),
+            lso: Arc::new(crate::metrics::lso::LsoTracker::new(
                 config.watchdog.max_partitions,
                 config.watchdog.lso_stuck,
-            ),
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            policies: crate::policy::PolicyHolder::new(config.policies.clone()),
-            config,
+            )),
             hooks,
-            shutdown: CancellationToken::new(),
-            upstream_ready: AtomicBool::new(false),
+            policies: policies.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let shared = Arc::new(Shared {
+            brokers,
+            guard,
+            metrics,
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            policies,
+            config,
+            shutdown,
+            upstream_ready: Arc::new(AtomicBool::new(false)),
+            session,
             tracker: TaskTracker::new(),
         });
         info!(addr = %bootstrap_addr, "bootstrap listener up");
@@ -124,9 +126,16 @@ impl Proxy {
         if let Some(listener) = http {
             http_addr = listener.local_addr().ok();
             info!(addr = ?http_addr, "metrics endpoint up");
+            let handles = Arc::new(crate::metrics::http::Handles {
+                metrics: shared.metrics.clone(),
+                guard: shared.guard.clone(),
+                policies: shared.policies.clone(),
+                upstream_ready: shared.upstream_ready.clone(),
+                shutdown: shared.shutdown.clone(),
+            });
             shared
                 .tracker
-                .spawn(crate::metrics::http::serve(listener, shared.clone()));
+                .spawn(crate::metrics::http::serve(listener, handles));
         }
         shared.tracker.spawn(watchdog(shared.clone()));
         shared
@@ -293,8 +302,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, target: Target)
             }
         }
         let _ = socket.set_nodelay(true);
-        shared
-            .tracker
-            .spawn(session::run(socket, peer, target, shared.clone(), permit));
+        shared.tracker.spawn(session::run(
+            socket,
+            peer,
+            target,
+            shared.session.clone(),
+            permit,
+        ));
     }
 }

@@ -35,7 +35,6 @@ use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
 use crate::protocol::header::RequestHead;
 use crate::protocol::header::{peek_request, produce_acks, response_correlation_id};
 use crate::protocol::versions;
-use crate::server::Shared;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use kafka_protocol::messages::ApiKey;
@@ -54,6 +53,35 @@ use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, warn};
+
+/// Observation and fault-injection points for tests. Empty in production; each hook costs one branch.
+#[derive(Clone, Default)]
+#[allow(clippy::type_complexity)]
+pub struct Hooks {
+    /// Called with every frame the proxy writes to a client (size prefix included).
+    pub on_client_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
+    /// Called with the api key and frame of every broker response before it goes to the client; `true`
+    /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
+    pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
+    /// Called with every request frame the proxy writes upstream (after any rewrite).
+    pub on_upstream_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
+    /// Called with every audit event.
+    pub on_audit: Option<Arc<dyn Fn(&crate::audit::AuditEvent) + Send + Sync>>,
+}
+
+/// What a session needs of the rest of the proxy, handed over by the server: the connection limits and
+/// upstream settings, the broker registry, the guard, the policies, the metrics, the test hooks.
+pub struct Handles {
+    pub limits: crate::config::LimitsConfig,
+    pub upstream: crate::config::UpstreamConfig,
+    pub brokers: Arc<crate::server::brokers::Brokers>,
+    pub guard: Arc<Guard>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub lso: Arc<crate::metrics::lso::LsoTracker>,
+    pub hooks: Hooks,
+    pub policies: Arc<crate::policy::PolicyHolder>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
 
 /// Which upstream a listener's connections go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +165,7 @@ enum Pending {
 /// What every part of a session needs to know about its connection.
 struct Conn<'a> {
     target: Target,
-    shared: &'a Shared,
+    shared: &'a Handles,
     info: ConnInfo,
 }
 
@@ -145,7 +173,7 @@ pub async fn run(
     client: TcpStream,
     peer: SocketAddr,
     target: Target,
-    shared: Arc<Shared>,
+    shared: Arc<Handles>,
     _permit: OwnedSemaphorePermit,
 ) {
     let conn = Conn {
@@ -176,7 +204,7 @@ pub async fn run(
     }
     debug!(%peer, ?target, upstream = ?upstream_addr, "session open");
 
-    let limits = &shared.config.limits;
+    let limits = &shared.limits;
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let mut requests = FramedRead::with_capacity(
@@ -216,7 +244,7 @@ pub async fn run(
 }
 
 async fn connect_upstream(conn: &Conn<'_>) -> Result<TcpStream, String> {
-    let up = &conn.shared.config.upstream;
+    let up = &conn.shared.upstream;
     let candidates: Vec<String> = match conn.target {
         Target::Bootstrap => up.bootstrap_servers.clone(),
         Target::Node(id) => match conn.shared.brokers.upstream_of(id) {
@@ -258,7 +286,7 @@ async fn request_pump(
     let client_id = &identity.client_id;
     let mut conn_policies = crate::policy::ConnPolicies::default();
     let mut sasl_mechanism: Option<String> = None;
-    let idle = conn.shared.config.limits.idle_timeout;
+    let idle = conn.shared.limits.idle_timeout;
     let guard = &conn.shared.guard;
     let guarding = guard.config.enabled;
     let metrics = conn.shared.metrics.as_deref();
@@ -777,7 +805,7 @@ async fn process_response(
 }
 
 /// Read-committed lag and stuck last stable offsets, from a fetch answer (walked, never copied).
-fn observe_fetch(shared: &Shared, frame: &Bytes, version: i16, info: &ConnInfo) {
+fn observe_fetch(shared: &Handles, frame: &Bytes, version: i16, info: &ConnInfo) {
     let Some(m) = &shared.metrics else { return };
     let now = Instant::now();
     let mut changes = Vec::new();
@@ -845,7 +873,7 @@ fn observe_fetch(shared: &Shared, frame: &Bytes, version: i16, info: &ConnInfo) 
 /// Learns producer ids and epochs from coordinator answers and audits their exactly-once errors. Only
 /// looks: the frame goes to the client unchanged, and an answer it cannot read is passed on regardless.
 fn learn_from_coordinator(
-    shared: &Shared,
+    shared: &Handles,
     info: &ConnInfo,
     key: ApiKey,
     version: i16,

@@ -3,6 +3,7 @@
 //! write). Batch-level produce checks run inside the produce guard (`Guard::plan`).
 
 use super::Close;
+use super::Handles;
 use crate::audit::ConnInfo;
 use crate::filters::skim::TopicRef;
 use crate::policy::report::{report, Violation};
@@ -12,7 +13,6 @@ use crate::protocol::codec::encode_response;
 use crate::protocol::codes;
 use crate::protocol::header::RequestHead;
 use crate::protocol::produce;
-use crate::server::Shared;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, InitProducerIdResponse, ProducerId, ResponseHeader};
 use std::sync::{Mutex, OnceLock};
@@ -78,7 +78,7 @@ impl Identity {
 
 /// What one request's policy checks need.
 pub struct Ctx<'a> {
-    pub shared: &'a Shared,
+    pub shared: &'a Handles,
     pub cp: &'a mut ConnPolicies,
     pub facts: ClientFacts<'a>,
     pub info: &'a ConnInfo,
