@@ -168,12 +168,14 @@ pub fn response(data: &[u8]) {
         }
         ApiKey::Produce => {
             let _ = skim::produce_has_node_endpoints(&frame);
-            let _ = crate::session::produce_refusal(&frame, version);
+            let _ = crate::stages::produce::refusal(&frame, version);
         }
         ApiKey::Fetch => {
             let _ = skim::fetch_has_node_endpoints(&frame);
             let _ = skim::fetch_walk(&frame, version, |_| {});
-            if let Ok(out) = crate::session::without_aborted_batches(frame.clone(), version) {
+            if let Ok(out) =
+                crate::stages::read_committed::without_aborted_batches(frame.clone(), version)
+            {
                 // The filter only ever removes batches (or re-encodes the same answer).
                 let _ = out;
             }

@@ -29,6 +29,7 @@ pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod stages;
 pub mod telemetry;
 pub mod testkit;
 

@@ -108,6 +108,7 @@ impl Proxy {
             hooks,
             policies: policies.clone(),
             shutdown: shutdown.clone(),
+            chain: crate::stages::Chain::new(),
         });
         let shared = Arc::new(Shared {
             brokers,

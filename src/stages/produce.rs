@@ -1,0 +1,256 @@
+//! Produce: the acks policy (upgrade acks=1/0 to acks=all, or refuse), then the produce guard
+//! ([`crate::guard`]: retries answered with their original offsets, zombies fenced, sequence gaps caught,
+//! batch-level policies), and on the answer what the broker confirmed is learned and the proxy's own
+//! per-partition answers are merged in.
+
+use super::{Exchange, Request, RequestCx, ResponseCx, Step};
+use crate::audit::{Action, AuditEvent, Kind, Source};
+use crate::guard::{Guard, ProduceAction, ProduceTracking};
+use crate::policy::report::Violation;
+use crate::policy::wire::{self, patched};
+use crate::policy::{Action as PolicyAction, Check};
+use crate::protocol::codec::{decode_response, encode_response};
+use crate::protocol::header::{produce_acks, RequestHead};
+use crate::protocol::produce;
+use crate::session::Close;
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, ProduceResponse};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The most idempotent produce requests a connection may have in flight and keep its guarantees
+/// (the broker keeps five batches per producer and partition).
+const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
+
+/// Idempotent produce requests in flight on the connection, and whether that was reported.
+#[derive(Default)]
+pub struct ConnState {
+    producing: Arc<AtomicUsize>,
+    warned_in_flight: bool,
+}
+
+/// Counts an idempotent produce request in flight while it lives.
+struct InFlightToken(Arc<AtomicUsize>);
+
+impl Drop for InFlightToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the answer of a forwarded Produce request needs.
+pub struct Memo {
+    /// What the guard tracked (dropping it unanswered settles its batches).
+    tracking: ProduceTracking,
+    _in_flight: Option<InFlightToken>,
+}
+
+pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result<Step, Close> {
+    let handles = cx.handles;
+    let guard = &handles.guard;
+    let policies = cx.state.policies.policies().clone();
+    let mut acks = produce_acks(&req.frame, &req.head)
+        .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+    if policies.produce_checks {
+        if let (Some(upgraded), swallowed) = acks_policy(cx, &req.frame, &req.head, acks)? {
+            req.patch(upgraded);
+            acks = -1;
+            req.swallow = swallowed;
+        }
+    }
+    req.expects_response = acks != 0;
+    if !guard.config.enabled && !policies.produce_checks {
+        return Ok(Step::Continue);
+    }
+    let facts = cx.identity.facts(cx.info.client_address.ip());
+    let cp = &mut cx.state.policies;
+    let mut demands = |topic: &str| {
+        policies
+            .produce_checks
+            .then(|| cp.topic(&facts, topic))
+            .filter(|p| !p.is_empty())
+    };
+    let mut plan = guard
+        .plan(&req.frame, &req.head, &cx.info, &mut demands)
+        .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+    if plan.has_waits() {
+        // The originals may still sit in our buffer: send them before waiting on them.
+        cx.upstream.flush().await?;
+        guard.resolve_waits(&mut plan, &cx.info).await;
+    }
+    let tracking = match guard.finish(plan, &req.frame, req.head.body_offset.unwrap_or(0)) {
+        ProduceAction::Forward(tracking) => tracking,
+        ProduceAction::Rebuilt(rebuilt, tracking) => {
+            req.out = rebuilt;
+            Some(tracking)
+        }
+        ProduceAction::Local(answer) => {
+            if req.swallow {
+                // Upgraded from acks=0: the client expects no answer; a refusal closes the
+                // connection, as the broker does for acks=0.
+                if let Some(e) = answer
+                    .as_ref()
+                    .and_then(|a| refusal(a, req.head.api_version))
+                {
+                    return Err(Close::AcksZeroRefused(e));
+                }
+                return Ok(Step::Answer(None));
+            }
+            return Ok(Step::Answer(answer));
+        }
+    };
+    if let Some(tracking) = tracking {
+        let in_flight = (req.expects_response && tracking.tracks_idempotent_batches())
+            .then(|| count_in_flight(cx));
+        req.memo = super::Memo::Produce(Memo {
+            tracking,
+            _in_flight: in_flight,
+        });
+    }
+    Ok(Step::Continue)
+}
+
+/// One more idempotent produce request in flight; more than five on one connection is reported once.
+fn count_in_flight(cx: &mut RequestCx<'_, '_>) -> InFlightToken {
+    let state = &mut cx.state.produce;
+    let now_in_flight = state.producing.fetch_add(1, Ordering::Relaxed) + 1;
+    let token = InFlightToken(state.producing.clone());
+    if now_in_flight > MAX_IDEMPOTENT_IN_FLIGHT && !state.warned_in_flight {
+        // Once per connection: the condition persists while the client is configured so.
+        state.warned_in_flight = true;
+        cx.handles.guard.audit.emit(AuditEvent {
+            api_key: ApiKey::Produce as i16,
+            detail: Some(format!(
+                "{now_in_flight} idempotent produce requests in flight on one connection \
+                 (max.in.flight.requests.per.connection must be <= {MAX_IDEMPOTENT_IN_FLIGHT}): \
+                 retries beyond the broker's five-batch window cannot be deduplicated"
+            )),
+            ..AuditEvent::new(Kind::TooManyInFlight, Source::Proxy, Action::Observed)
+                .from_conn(&cx.info)
+        });
+    }
+    token
+}
+
+pub fn on_response(
+    cx: &ResponseCx<'_>,
+    exchange: &mut Exchange,
+    frame: Bytes,
+) -> Result<Bytes, Close> {
+    let version = exchange.version;
+    let out = match super::take_memo!(&mut exchange.memo, Produce) {
+        Some(memo) if Guard::needs_response(&memo.tracking) => {
+            let (header, resp) = cx
+                .handles
+                .guard
+                .on_produce_response(frame, version, memo.tracking, &cx.info)
+                .map_err(Close::MalformedResponse)?;
+            encode_response(&header, &resp, ApiKey::Produce, version)
+                .map_err(|e| Close::MalformedResponse(e.to_string()))?
+        }
+        _ => frame,
+    };
+    if exchange.swallow {
+        // The answer to an acks=0 request the proxy upgraded: not the client's, but a refusal closes
+        // the connection, as the broker does for acks=0.
+        if let Some(e) = refusal(&out, version) {
+            return Err(Close::AcksZeroRefused(e));
+        }
+    }
+    Ok(out)
+}
+
+/// The first partition error of a Produce response frame, as text (for acks=0 requests the proxy
+/// upgraded, whose answers the client never sees). An answer that cannot be read counts as a refusal.
+pub fn refusal(frame: &Bytes, version: i16) -> Option<String> {
+    let resp = match decode_response::<ProduceResponse>(frame.clone(), ApiKey::Produce, version) {
+        Ok((_, resp)) => resp,
+        Err(e) => return Some(format!("unreadable produce answer: {e}")),
+    };
+    resp.responses.iter().find_map(|t| {
+        t.partition_responses
+            .iter()
+            .find(|p| p.error_code != 0)
+            .map(|p| {
+                format!(
+                    "{}-{}: error {}{}",
+                    t.name.0.as_str(),
+                    p.index,
+                    p.error_code,
+                    p.error_message
+                        .as_ref()
+                        .map(|m| format!(" ({})", m.as_str()))
+                        .unwrap_or_default()
+                )
+            })
+    })
+}
+
+/// Produce acks: what to send (a patched frame if upgraded) and whether the proxy must swallow the
+/// answer (an acks=0 request upgraded to acks=all: its client expects none). acks=1 under `reject` is
+/// refused per partition by the guard with INVALID_REQUIRED_ACKS; acks=0 under `reject` cannot be
+/// answered, so nothing is written and the connection is closed, which is what the broker does when
+/// an acks=0 write fails.
+fn acks_policy(
+    cx: &mut RequestCx<'_, '_>,
+    frame: &Bytes,
+    head: &RequestHead,
+    acks: i16,
+) -> Result<(Option<Bytes>, bool), Close> {
+    if acks == -1 {
+        return Ok((None, false));
+    }
+    let body = head.body_offset.unwrap_or(0);
+    let view = produce::parse(frame, body, head.api_version)
+        .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+    let mut upgrade = false;
+    let mut refuse: Option<String> = None;
+    for t in &view.topics {
+        let facts = cx.identity.facts(cx.info.client_address.ip());
+        let tp = cx.state.policies.topic(&facts, t.name);
+        let Some(d) = &tp.acks_all else { continue };
+        let detail = format!(
+            "topic {} requires acks=all, the request has acks={acks}",
+            t.name
+        );
+        let (action, event) = match d.action {
+            PolicyAction::Reject if acks == 0 => {
+                refuse.get_or_insert_with(|| format!("policy '{}': {detail}", d.rule));
+                (PolicyAction::Reject, true)
+            }
+            PolicyAction::Reject => continue, // acks=1: refused per partition by the guard
+            PolicyAction::Upgrade => {
+                upgrade = true;
+                (
+                    PolicyAction::Upgrade,
+                    cx.state.policies.first_report(Check::AcksAll, t.name),
+                )
+            }
+            a => (a, cx.state.policies.first_report(Check::AcksAll, t.name)),
+        };
+        let detail = if action == PolicyAction::Reject {
+            format!("{detail}; nothing written, connection closed (acks=0 has no response)")
+        } else if action == PolicyAction::Upgrade {
+            format!("{detail}; sent as acks=all")
+        } else {
+            detail
+        };
+        cx.report(
+            Violation {
+                topic: Some(t.name),
+                transactional_id: view.transactional_id,
+                ..Violation::new(&d.rule, Check::AcksAll, action, 0, detail)
+            },
+            event,
+        );
+    }
+    if let Some(why) = refuse {
+        return Err(Close::AcksZeroRefused(why));
+    }
+    if !upgrade {
+        return Ok((None, false));
+    }
+    let at = wire::produce_acks_offset(frame, head)
+        .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+    Ok((Some(patched(frame, at, &(-1i16).to_be_bytes())), acks == 0))
+}
