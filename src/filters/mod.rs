@@ -1,5 +1,5 @@
-//! Filters: the parts of the data path that look inside a request or response. Each one is consulted
-//! only for the api keys it declares; every other frame stays raw bytes.
+//! The decoders and rewriters the stages use ([`crate::stages`] decides when): broker-address rewrite,
+//! the ApiVersions clamp, and zero-copy walks of Produce and Fetch answers.
 
 pub mod addresses;
 pub mod api_versions;

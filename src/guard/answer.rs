@@ -1,0 +1,167 @@
+//! The broker's answer to a forwarded Produce request: what it confirmed is learned, its refusals
+//! audited (echoes of one failure once), and the proxy's own per-partition answers merged in.
+
+use super::*;
+use crate::audit::ConnInfo;
+use crate::audit::{Action, Kind, Source};
+use crate::eos::Acked;
+use crate::metrics::producer_labels;
+use crate::protocol::codec::decode_response;
+use crate::protocol::codes;
+use bytes::Bytes;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ApiKey, ProduceResponse, ResponseHeader, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use std::time::Instant;
+
+impl Guard {
+    /// The broker's answer to a forwarded Produce request: learn, audit, merge the proxy's own answers.
+    /// Returns the (possibly re-encoded) response frame and the decoded body for further rewriting.
+    pub fn on_produce_response(
+        &self,
+        frame: Bytes,
+        version: i16,
+        mut tracking: ProduceTracking,
+        conn: &ConnInfo,
+    ) -> Result<(ResponseHeader, ProduceResponse), String> {
+        let (header, mut resp) =
+            decode_response::<ProduceResponse>(frame, ApiKey::Produce, version)
+                .map_err(|e| e.to_string())?;
+        let now = self.now();
+        let accepted = resp
+            .responses
+            .iter()
+            .flat_map(|t| t.partition_responses.iter())
+            .any(|p| p.error_code == codes::NONE);
+        if let (true, true, Some(t)) = (tracking.opens_txn, accepted, &tracking.transactional_id) {
+            self.begin_transaction(t, conn.client_id.as_deref().unwrap_or(""));
+        }
+        for topic in &resp.responses {
+            for p in &topic.partition_responses {
+                let name = topic.name.0.as_str();
+                let Some(i) = tracking
+                    .tracked
+                    .iter()
+                    .position(|t| t.topic == name && t.partition == p.index)
+                else {
+                    continue;
+                };
+                let Tracked {
+                    key,
+                    batch,
+                    max_timestamp: max_ts,
+                    already_audited,
+                    ..
+                } = tracking.tracked.swap_remove(i);
+                if p.error_code == codes::NONE {
+                    self.failed.accepted(&key);
+                    let acked = Acked {
+                        first_seq: batch.first_seq,
+                        last_seq: batch.last_seq,
+                        first_offset: p.base_offset,
+                        timestamp: if p.log_append_time_ms >= 0 {
+                            p.log_append_time_ms
+                        } else {
+                            max_ts
+                        },
+                        acks_all: tracking.acks_all,
+                    };
+                    if self.store.acknowledge(&key, batch, acked, now) {
+                        if let Some(m) = &self.metrics {
+                            let labels = producer_labels(
+                                conn.client_id.as_deref().unwrap_or(""),
+                                tracking.transactional_id.as_deref().unwrap_or(""),
+                            );
+                            m.producers.admit(labels[0], labels[1]);
+                            m.producers.epoch_bumps.with_label_values(&labels).inc();
+                        }
+                    }
+                } else {
+                    self.store.settle(&key, batch);
+                    let failure = self
+                        .failed
+                        .refused(&key, batch, p.error_code, Instant::now());
+                    let echo = match failure {
+                        failures::Failure::Behind { head, first_echo }
+                            if p.error_code == codes::OUT_OF_ORDER_SEQUENCE_NUMBER =>
+                        {
+                            Some((head, first_echo))
+                        }
+                        _ => None,
+                    };
+                    // An echo of an earlier failure is audited once, as its cascade; anything else as
+                    // the exactly-once error it is.
+                    let audited = match echo {
+                        Some((head, first_echo)) => first_echo.then(|| {
+                            (
+                                Kind::OutOfOrderCascade,
+                                Some(head.first_seq),
+                                Some(format!(
+                                    "batches pipelined behind the batch at sequence {} (refused with \
+                                     error {}) are answered 45 until it is retried; counted once",
+                                    head.first_seq, head.error_code
+                                )),
+                            )
+                        }),
+                        None => eos_error_kind(p.error_code).map(|kind| {
+                            let message = p.error_message.as_ref();
+                            (kind, None, message.map(|m| m.as_str().to_string()))
+                        }),
+                    };
+                    if let Some((kind, expected, detail)) = audited.filter(|_| !already_audited) {
+                        self.event(
+                            conn,
+                            0,
+                            kind,
+                            Source::Broker,
+                            Action::Observed,
+                            p.error_code,
+                            (key.producer_id, batch.epoch),
+                            tracking.transactional_id.as_deref(),
+                            Some((name, p.index)),
+                            (expected, Some(batch.first_seq)),
+                            None,
+                            detail,
+                        );
+                    }
+                }
+            }
+        }
+        for t in tracking.tracked.drain(..) {
+            self.store.settle(&t.key, t.batch);
+        }
+        tracking.settled = true;
+        merge_local(&mut resp, &tracking.local, version);
+        Ok((header, resp))
+    }
+}
+
+pub(super) fn merge_local(
+    resp: &mut ProduceResponse,
+    local: &[(String, i32, LocalAnswer)],
+    version: i16,
+) {
+    for (topic, partition, answer) in local {
+        let mut p = PartitionProduceResponse::default()
+            .with_index(*partition)
+            .with_error_code(answer.error_code)
+            .with_base_offset(answer.base_offset)
+            .with_log_append_time_ms(answer.log_append_time)
+            .with_log_start_offset(-1);
+        if version >= 8 {
+            p.error_message = answer.message.clone().map(StrBytes::from_string);
+        }
+        match resp
+            .responses
+            .iter_mut()
+            .find(|t| t.name.0.as_str() == topic)
+        {
+            Some(t) => t.partition_responses.push(p),
+            None => resp.responses.push(
+                TopicProduceResponse::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partition_responses(vec![p]),
+            ),
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! Steps 1 to 3 of a Produce request: every partition decided (validation, policies, the producer
+//! state's verdict), the waits for originals still in flight resolved, and what to forward built.
+
+use super::answer::merge_local;
+use super::*;
+use crate::audit::ConnInfo;
+use crate::audit::{Action, AuditEvent, Kind, Source};
+use crate::eos::{Acked, Batch, Verdict};
+use crate::metrics::producer_labels;
+use crate::policy::TopicPolicy;
+use crate::protocol::batch::validate_client_records;
+use crate::protocol::codec::encode_response;
+use crate::protocol::codes;
+use crate::protocol::header::RequestHead;
+use crate::protocol::produce::{self, ProduceView};
+use crate::protocol::MAX_TOPIC_NAME_BYTES;
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, ProduceResponse, ResponseHeader};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use store::Key;
+
+impl Guard {
+    /// Step 1: decide every partition of a Produce request (sync; batches to forward are tracked now).
+    /// `policy` gives what the policies demand of a topic (`None`: nothing).
+    pub fn plan(
+        &self,
+        frame: &[u8],
+        head: &RequestHead,
+        conn: &ConnInfo,
+        policy: &mut dyn FnMut(&str) -> Option<Arc<TopicPolicy>>,
+    ) -> Result<ProducePlan, String> {
+        let body = head
+            .body_offset
+            .ok_or("produce request without a known header")?;
+        let view = produce::parse(frame, body, head.api_version).map_err(|e| e.to_string())?;
+        let mut plan = ProducePlan {
+            outcomes: Vec::with_capacity(view.topics.len()),
+            topics: view.topics.iter().map(|t| t.name.to_string()).collect(),
+            partitions: view
+                .topics
+                .iter()
+                .map(|t| t.partitions.iter().map(|p| p.index).collect())
+                .collect(),
+            acks: view.acks,
+            timeout: Duration::from_millis(view.timeout_ms.max(0) as u64)
+                .min(self.config.in_flight_wait),
+            transactional_id: view.transactional_id.map(str::to_string),
+            version: head.api_version,
+            correlation_id: head.correlation_id,
+            opens_txn: false,
+        };
+        let repeated = repeated_partitions(&view);
+        if !repeated.is_empty() {
+            self.audit_repeated(&view, &repeated, conn);
+        }
+        for topic in &view.topics {
+            let mut outcomes = Vec::with_capacity(topic.partitions.len());
+            if topic.name.len() > MAX_TOPIC_NAME_BYTES {
+                // The broker knows no such topic and answers UNKNOWN_TOPIC_OR_PARTITION; the proxy does
+                // the same before it keeps anything (a name, a policy lookup) for it.
+                outcomes.extend(topic.partitions.iter().map(|_| {
+                    Outcome::Local(LocalAnswer {
+                        error_code: codes::UNKNOWN_TOPIC_OR_PARTITION,
+                        base_offset: -1,
+                        log_append_time: -1,
+                        message: Some(format!(
+                            "kafka-eos-proxy: topic names are at most {MAX_TOPIC_NAME_BYTES} bytes"
+                        )),
+                    })
+                }));
+                plan.outcomes.push(outcomes);
+                continue;
+            }
+            let demands = policy(topic.name);
+            for p in &topic.partitions {
+                let alone = !repeated.contains(&(topic.name, p.index));
+                outcomes.push(match p.records {
+                    None => Outcome::Pass,
+                    Some(records) => self.decide_partition(
+                        &view,
+                        (topic.name, p.index, alone),
+                        records,
+                        conn,
+                        demands.as_deref(),
+                        &mut plan.opens_txn,
+                    ),
+                });
+            }
+            plan.outcomes.push(outcomes);
+        }
+        Ok(plan)
+    }
+
+    fn audit_repeated(&self, view: &ProduceView, repeated: &[(&str, i32)], conn: &ConnInfo) {
+        let names: Vec<String> = repeated
+            .iter()
+            .take(8)
+            .map(|(t, p)| format!("{t:.255}-{p}"))
+            .collect();
+        self.audit.emit(AuditEvent {
+            api_key: ApiKey::Produce as i16,
+            transactional_id: view.transactional_id.map(str::to_string),
+            topic: repeated.first().map(|(t, _)| t.to_string()),
+            partition: repeated.first().map(|(_, p)| *p),
+            detail: Some(format!(
+                "produce request names {} more than once ({} partition(s)); the broker writes only the \
+                 last batch of each and answers once, so the proxy does not track them",
+                names.join(", "),
+                repeated.len()
+            )),
+            ..AuditEvent::new(Kind::DuplicatePartition, Source::Proxy, Action::Forwarded)
+                .from_conn(conn)
+        });
+    }
+
+    /// `alone`: this is the only entry for the partition in the request (see [`repeated_partitions`]).
+    fn decide_partition(
+        &self,
+        view: &ProduceView,
+        (topic, partition, alone): (&str, i32, bool),
+        records: &[u8],
+        conn: &ConnInfo,
+        demands: Option<&TopicPolicy>,
+        opens_txn: &mut bool,
+    ) -> Outcome {
+        let txn_id = view.transactional_id;
+        let info = match validate_client_records(records, self.config.check_crc) {
+            Ok(info) => info,
+            Err(refusal) => {
+                self.event(
+                    conn,
+                    0,
+                    Kind::InvalidBatch,
+                    Source::Proxy,
+                    Action::Refused,
+                    refusal.error_code,
+                    (-1, -1),
+                    txn_id,
+                    Some((topic, partition)),
+                    (None, None),
+                    None,
+                    Some(refusal.reason.to_string()),
+                );
+                return Outcome::Local(LocalAnswer {
+                    error_code: refusal.error_code,
+                    base_offset: -1,
+                    log_append_time: -1,
+                    message: Some(format!("kafka-eos-proxy: {}", refusal.reason)),
+                });
+            }
+        };
+        if let Some(refused) =
+            demands.and_then(|d| self.check_policy(d, view, topic, partition, &info, conn))
+        {
+            return refused;
+        }
+        if !info.is_idempotent() || !self.config.enabled {
+            return Outcome::Pass;
+        }
+        let client = conn.client_id.as_deref().unwrap_or("");
+        self.store
+            .set_owner(info.producer_id, conn.client_id.as_deref(), txn_id);
+        if let Some(m) = &self.metrics {
+            let labels = producer_labels(client, txn_id.unwrap_or(""));
+            m.producers.admit(labels[0], labels[1]);
+            m.producers.batches.with_label_values(&labels).inc();
+            m.producers
+                .records
+                .with_label_values(&labels)
+                .inc_by(info.record_count.max(0) as u64);
+            m.producers
+                .bytes
+                .with_label_values(&labels)
+                .inc_by(info.bytes as u64);
+        }
+        let batch = Batch {
+            epoch: info.producer_epoch,
+            first_seq: info.base_sequence,
+            last_seq: info.last_sequence,
+        };
+        let producer = (info.producer_id, info.producer_epoch);
+        let refuse = |code: i16,
+                      kind: Kind,
+                      seqs: (Option<i32>, Option<i32>),
+                      epoch: Option<i16>,
+                      msg: String| {
+            self.event(
+                conn,
+                0,
+                kind,
+                Source::Proxy,
+                Action::Refused,
+                code,
+                producer,
+                txn_id,
+                Some((topic, partition)),
+                seqs,
+                epoch,
+                Some(msg.clone()),
+            );
+            Outcome::Local(LocalAnswer {
+                error_code: code,
+                base_offset: -1,
+                log_append_time: -1,
+                message: Some(format!("kafka-eos-proxy: {msg}")),
+            })
+        };
+        if let Some(t) = txn_id.filter(|_| info.transactional) {
+            if let Some(current) = self.txns.stale(t, info.producer_id, info.producer_epoch, 0) {
+                return refuse(
+                    codes::INVALID_PRODUCER_EPOCH,
+                    Kind::FencedEpoch,
+                    (None, Some(info.base_sequence)),
+                    Some(current),
+                    format!(
+                        "producer epoch {} of transactional id {t} is fenced by epoch {current}",
+                        info.producer_epoch
+                    ),
+                );
+            }
+        }
+        // No room to name another topic (see ProducerStore::key): pass it on, untracked.
+        let key = self.store.key(info.producer_id, topic, partition);
+        let transactional = info.transactional && txn_id.is_some();
+        if !alone {
+            *opens_txn |= transactional;
+            // The broker keeps one of the repeated entries: whatever the proxy knew of this producer
+            // here no longer holds, and the answer cannot be credited to one batch.
+            if let Some(key) = &key {
+                self.store.forget(key);
+            }
+            return Outcome::Pass;
+        }
+        let verdict = match &key {
+            Some(key) => self.store.check_and_track(key, batch, self.now()),
+            None => Verdict::Unknown,
+        };
+        // A transactional write going to the cluster: the transaction is open once the broker accepts it
+        // (see on_produce_response), never on the request alone.
+        *opens_txn |= transactional && verdict.forwards();
+        let Some(key) = key else {
+            return Outcome::Pass;
+        };
+        match verdict {
+            Verdict::Unknown | Verdict::InOrder => Outcome::Track {
+                key,
+                batch,
+                max_timestamp: info.max_timestamp,
+            },
+            Verdict::DuplicateInFlight => Outcome::Wait {
+                key,
+                batch,
+                max_timestamp: info.max_timestamp,
+            },
+            Verdict::Duplicate(acked) => self.duplicate(
+                conn,
+                txn_id,
+                (topic, partition),
+                key,
+                batch,
+                info.max_timestamp,
+                acked,
+            ),
+            Verdict::StaleEpoch { current } => refuse(
+                codes::INVALID_PRODUCER_EPOCH,
+                Kind::FencedEpoch,
+                (None, Some(info.base_sequence)),
+                Some(current),
+                format!(
+                    "producer epoch {} is older than the current epoch {current}",
+                    info.producer_epoch
+                ),
+            ),
+            Verdict::OutOfOrder { .. } | Verdict::EpochBumpNotAtZero { .. }
+                if self
+                    .failed
+                    .head_before(&key, batch, Instant::now())
+                    .is_some() =>
+            {
+                // Pipelined behind a batch the broker refused and the client has not retried yet:
+                // not a gap of its own. The broker judges it (an echo of its 45 is audited as part of
+                // that first failure).
+                Outcome::Track {
+                    key,
+                    batch,
+                    max_timestamp: info.max_timestamp,
+                }
+            }
+            verdict @ (Verdict::OutOfOrder { .. } | Verdict::EpochBumpNotAtZero { .. }) => {
+                let (expected, epoch, msg) = match verdict {
+                    Verdict::OutOfOrder { expected, received } => (
+                        Some(expected),
+                        None,
+                        format!("sequence {received} out of order, expected {expected}"),
+                    ),
+                    Verdict::EpochBumpNotAtZero { current } => (
+                        Some(0),
+                        Some(current),
+                        format!(
+                            "new epoch {} must start at sequence 0, got {}",
+                            info.producer_epoch, info.base_sequence
+                        ),
+                    ),
+                    _ => (None, None, String::new()),
+                };
+                if self.config.mode == Mode::Enforce {
+                    // Batches pipelined behind this one are its echoes, not gaps of their own.
+                    self.failed.refused(
+                        &key,
+                        batch,
+                        codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        Instant::now(),
+                    );
+                    refuse(
+                        codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        Kind::OutOfOrderSequence,
+                        (expected, Some(info.base_sequence)),
+                        epoch,
+                        msg,
+                    )
+                } else {
+                    self.event(
+                        conn,
+                        0,
+                        Kind::OutOfOrderSequence,
+                        Source::Proxy,
+                        Action::Forwarded,
+                        codes::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        producer,
+                        txn_id,
+                        Some((topic, partition)),
+                        (expected, Some(info.base_sequence)),
+                        epoch,
+                        Some(msg),
+                    );
+                    // In flight like any forwarded batch (a batch pipelined right behind it follows
+                    // it, and is no gap of its own); learned only if the broker accepts it after all.
+                    self.store.track(&key, batch, self.now());
+                    Outcome::Watch {
+                        key,
+                        batch,
+                        max_timestamp: info.max_timestamp,
+                    }
+                }
+            }
+        }
+    }
+
+    /// A retry of an acknowledged batch: answered with the original offset and timestamp, if the original
+    /// was acknowledged with acks=all. An acks=1 original may have been lost in a leader failover before
+    /// it was replicated; the new leader would then rightly accept the retry, so the broker answers it
+    /// (and the batch is watched).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn duplicate(
+        &self,
+        conn: &ConnInfo,
+        transactional_id: Option<&str>,
+        (topic, partition): (&str, i32),
+        key: Key,
+        batch: Batch,
+        max_timestamp: i64,
+        acked: Acked,
+    ) -> Outcome {
+        if !acked.acks_all {
+            return Outcome::Track {
+                key,
+                batch,
+                max_timestamp,
+            };
+        }
+        self.event(
+            conn,
+            0,
+            Kind::DuplicateAnswered,
+            Source::Proxy,
+            Action::Answered,
+            codes::NONE,
+            (key.producer_id, batch.epoch),
+            transactional_id,
+            Some((topic, partition)),
+            (Some(acked.first_seq), Some(batch.first_seq)),
+            None,
+            Some(format!(
+                "answered with original offset {}",
+                acked.first_offset
+            )),
+        );
+        Outcome::Local(LocalAnswer {
+            error_code: codes::NONE,
+            base_offset: acked.first_offset,
+            log_append_time: acked.timestamp,
+            message: None,
+        })
+    }
+
+    /// Step 2: wait for the originals of in-flight duplicates, then decide those partitions again.
+    pub async fn resolve_waits(&self, plan: &mut ProducePlan, conn: &ConnInfo) {
+        let deadline = tokio::time::Instant::now() + plan.timeout;
+        for t in 0..plan.outcomes.len() {
+            for p in 0..plan.outcomes[t].len() {
+                let Outcome::Wait {
+                    key,
+                    batch,
+                    max_timestamp,
+                } = plan.outcomes[t][p].clone()
+                else {
+                    continue;
+                };
+                while self.store.in_flight(&key, batch) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let topic = plan.topics[t].clone();
+                let partition = plan.partitions[t][p];
+                plan.outcomes[t][p] = match self.store.check_and_track(&key, batch, self.now()) {
+                    Verdict::Duplicate(acked) => self.duplicate(
+                        conn,
+                        plan.transactional_id.as_deref(),
+                        (&topic, partition),
+                        key,
+                        batch,
+                        max_timestamp,
+                        acked,
+                    ),
+                    v if v.forwards() => Outcome::Track {
+                        key,
+                        batch,
+                        max_timestamp,
+                    },
+                    // Still in flight after the wait, or anything else: the broker deduplicates.
+                    _ => Outcome::Pass,
+                };
+            }
+        }
+    }
+
+    /// Step 3: what to send, and what to remember for the answer.
+    pub fn finish(
+        self: &Arc<Self>,
+        plan: ProducePlan,
+        frame: &Bytes,
+        view_frame_body: usize,
+    ) -> ProduceAction {
+        let mut tracked = Vec::new();
+        let mut local = Vec::new();
+        let mut forwarded = 0usize;
+        let total: usize = plan.outcomes.iter().map(Vec::len).sum();
+        for (t, outcomes) in plan.outcomes.iter().enumerate() {
+            for (p, o) in outcomes.iter().enumerate() {
+                let (topic, partition) = (plan.topics[t].clone(), plan.partitions[t][p]);
+                match o {
+                    Outcome::Pass | Outcome::Wait { .. } => forwarded += 1,
+                    Outcome::Track {
+                        key,
+                        batch,
+                        max_timestamp,
+                    }
+                    | Outcome::Watch {
+                        key,
+                        batch,
+                        max_timestamp,
+                    } => {
+                        forwarded += 1;
+                        tracked.push(Tracked {
+                            topic,
+                            partition,
+                            key: *key,
+                            batch: *batch,
+                            max_timestamp: *max_timestamp,
+                            already_audited: matches!(o, Outcome::Watch { .. }),
+                        });
+                    }
+                    Outcome::Local(answer) => local.push((topic, partition, answer.clone())),
+                }
+            }
+        }
+        let tracking = ProduceTracking {
+            guard: self.clone(),
+            tracked,
+            local,
+            acks_all: plan.acks == -1,
+            transactional_id: plan.transactional_id.clone(),
+            opens_txn: plan.opens_txn && plan.acks != 0,
+            settled: false,
+        };
+        if forwarded == total {
+            let needed = !tracking.tracked.is_empty() || tracking.opens_txn;
+            return ProduceAction::Forward(needed.then_some(tracking));
+        }
+        if forwarded == 0 {
+            let mut tracking = tracking;
+            tracking.settled = true;
+            if plan.acks == 0 {
+                return ProduceAction::Local(None);
+            }
+            let mut resp = ProduceResponse::default();
+            merge_local(&mut resp, &tracking.local, plan.version);
+            let header = ResponseHeader::default().with_correlation_id(plan.correlation_id);
+            return match encode_response(&header, &resp, ApiKey::Produce, plan.version) {
+                Ok(bytes) => ProduceAction::Local(Some(bytes)),
+                Err(_) => ProduceAction::Forward(None),
+            };
+        }
+        // Mixed: forward the rest, byte for byte.
+        let Ok(view) = produce::parse(frame, view_frame_body, plan.version) else {
+            return ProduceAction::Forward(Some(tracking));
+        };
+        let keep = |t: usize, p: usize| !matches!(plan.outcomes[t][p], Outcome::Local(_));
+        ProduceAction::Rebuilt(view.rebuild(frame, keep), tracking)
+    }
+}
+
+/// The topic partitions a Produce request names more than once (sorted, each once).
+///
+/// What the broker does with them (Kafka 4.3/4.4 `KafkaApis.handleProduceRequest`): it walks the topics
+/// and partitions in request order into a map keyed by topic partition, so a later entry replaces an
+/// earlier one. Only the last entry's records are validated and appended, and the answer has one entry
+/// per topic partition. No client library sends this; a proxy that credited that one answer to the first
+/// batch would later answer a retry of a batch that was never written.
+fn repeated_partitions<'a>(view: &ProduceView<'a>) -> Vec<(&'a str, i32)> {
+    let mut all: Vec<(&str, i32)> = view
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p.index)))
+        .collect();
+    if all.len() < 2 {
+        return Vec::new();
+    }
+    all.sort_unstable();
+    let mut repeated: Vec<(&str, i32)> = all
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    repeated.dedup();
+    repeated
+}
