@@ -18,6 +18,12 @@ pub struct Activity {
     last_ms: AtomicU64,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
 impl Activity {
     pub fn new() -> Activity {
         Activity {

@@ -16,18 +16,18 @@
 //! made itself, delivered in its place in the order. The queue is bounded
 //! (`limits.max_in_flight_per_connection`): a client that pipelines more waits.
 
-mod close;
-mod link;
+pub mod close;
+pub mod link;
 
+pub use crate::stages::{Handles, Hooks};
 pub use close::Close;
 pub use link::Writer;
 
 use crate::audit::ConnInfo;
-use crate::guard::Guard;
 use crate::metrics::bounded_label;
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
 use crate::protocol::header::{peek_request, response_correlation_id};
-use crate::stages::{Chain, ConnState, Exchange, Identity, Request, RequestCx, ResponseCx, Step};
+use crate::stages::{ConnState, Exchange, Identity, Request, RequestCx, ResponseCx, Step};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use link::{Activity, Side};
@@ -40,37 +40,6 @@ use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, warn};
-
-/// Observation and fault-injection points for tests. Empty in production; each hook costs one branch.
-#[derive(Clone, Default)]
-#[allow(clippy::type_complexity)]
-pub struct Hooks {
-    /// Called with every frame the proxy writes to a client (size prefix included).
-    pub on_client_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
-    /// Called with the api key and frame of every broker response before it goes to the client; `true`
-    /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
-    pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
-    /// Called with every request frame the proxy writes upstream (after any rewrite).
-    pub on_upstream_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
-    /// Called with every audit event.
-    pub on_audit: Option<Arc<dyn Fn(&crate::audit::AuditEvent) + Send + Sync>>,
-}
-
-/// What a session needs of the rest of the proxy, handed over by the server: the connection limits and
-/// upstream settings, the broker registry, the guard, the policies, the metrics, the test hooks.
-pub struct Handles {
-    pub limits: crate::config::LimitsConfig,
-    pub upstream: crate::config::UpstreamConfig,
-    pub brokers: Arc<crate::server::brokers::Brokers>,
-    pub guard: Arc<Guard>,
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
-    pub lso: Arc<crate::metrics::lso::LsoTracker>,
-    pub hooks: Hooks,
-    pub policies: Arc<crate::policy::PolicyHolder>,
-    pub shutdown: tokio_util::sync::CancellationToken,
-    /// The stages of every api key, built once.
-    pub chain: Chain,
-}
 
 /// Which upstream a listener's connections go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use super::{Exchange, ResponseCx, Side};
 use crate::filters::addresses::rewrite_response;
-use crate::session::Close;
+use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 

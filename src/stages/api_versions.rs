@@ -5,7 +5,7 @@ use super::{Exchange, Step};
 use crate::filters::api_versions::{clamp_api_versions, unsupported_version_answer};
 use crate::protocol::header::RequestHead;
 use crate::protocol::versions;
-use crate::session::Close;
+use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 

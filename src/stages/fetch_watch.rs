@@ -2,11 +2,11 @@
 //! read_committed lag per partition, and a last stable offset that holds while the high watermark moves
 //! is a stuck partition (typically a hanging transaction), reported and cleared.
 
+use super::Handles;
 use super::{Exchange, ResponseCx};
 use crate::audit::{Action, AuditEvent, ConnInfo, Kind, Source};
 use crate::filters::skim::{self, TopicRef};
 use crate::metrics::lso::LsoChange;
-use crate::session::Handles;
 use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use crate::policy::{Action, Check};
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::codes;
 use crate::protocol::header::RequestHead;
-use crate::session::Close;
+use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, InitProducerIdResponse, ProducerId, ResponseHeader};
 use std::time::{Duration, Instant};

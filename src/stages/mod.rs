@@ -35,10 +35,44 @@ use crate::policy::ConnPolicies;
 use crate::protocol::header::RequestHead;
 #[cfg(test)]
 use crate::protocol::versions;
-use crate::session::{Close, Handles, Writer};
+use crate::session::close::Close;
+use crate::session::link::Writer;
 use bytes::Bytes;
 pub use identity::Identity;
 use kafka_protocol::messages::ApiKey;
+use std::sync::Arc;
+
+/// Observation and fault-injection points for tests. Empty in production; each hook costs one branch.
+#[derive(Clone, Default)]
+#[allow(clippy::type_complexity)]
+pub struct Hooks {
+    /// Called with every frame the proxy writes to a client (size prefix included).
+    pub on_client_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
+    /// Called with the api key and frame of every broker response before it goes to the client; `true`
+    /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
+    pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
+    /// Called with every request frame the proxy writes upstream (after any rewrite).
+    pub on_upstream_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
+    /// Called with every audit event.
+    pub on_audit: Option<Arc<dyn Fn(&crate::audit::AuditEvent) + Send + Sync>>,
+}
+
+/// What a session and its stages need of the rest of the proxy, handed over by the server: the
+/// connection limits and upstream settings, the broker registry, the guard, the policies, the metrics,
+/// the test hooks and the chain itself.
+pub struct Handles {
+    pub limits: crate::config::LimitsConfig,
+    pub upstream: crate::config::UpstreamConfig,
+    pub brokers: Arc<crate::server::brokers::Brokers>,
+    pub guard: Arc<crate::guard::Guard>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub lso: Arc<crate::metrics::lso::LsoTracker>,
+    pub hooks: Hooks,
+    pub policies: Arc<crate::policy::PolicyHolder>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The stages of every api key, built once.
+    pub chain: Chain,
+}
 
 /// One feature on the data path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use crate::policy::{Action as PolicyAction, Check};
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::header::{produce_acks, RequestHead};
 use crate::protocol::produce;
-use crate::session::Close;
+use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ProduceResponse};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,7 +9,7 @@ use crate::policy::wire::{self, patched};
 use crate::policy::{Action, Check};
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::header::RequestHead;
-use crate::session::Close;
+use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, FetchResponse};
 use tracing::debug;
