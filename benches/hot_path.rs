@@ -3,7 +3,7 @@
 //!   cargo bench --bench hot_path            (full run, figures in target/criterion)
 //!   cargo test --bench hot_path             (each benchmark once, as a smoke test)
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kafka_eos_proxy::config::Config;
 use kafka_eos_proxy::eos::{self, Acked, Batch, PartitionState};
@@ -18,43 +18,13 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, MetadataResponse, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, BrokerId, MetadataResponse, ProduceRequest, ResponseHeader, TopicName,
 };
-use kafka_protocol::protocol::{Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::protocol::StrBytes;
 
 /// A v2 batch of `n` records of `size` bytes from producer 42, epoch 0, at sequence `seq`.
 fn batch(seq: i32, n: i32, size: usize) -> Bytes {
-    let records: Vec<Record> = (0..n)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: 0,
-            producer_id: 42,
-            producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: i64::from(i),
-            sequence: seq + i,
-            timestamp: 1_700_000_000_000,
-            key: None,
-            value: Some(Bytes::from(vec![b'x'; size])),
-            headers: Default::default(),
-            delete_horizon: false,
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode batch");
-    buf.freeze()
+    kafka_eos_proxy::testkit::record_batch_sized(42, 0, seq, n, size)
 }
 
 fn produce_frame(records: Bytes) -> Bytes {
@@ -71,19 +41,8 @@ fn produce_frame(records: Bytes) -> Bytes {
                         .with_records(Some(records)),
                 ]),
         ]);
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    RequestHeader::default()
-        .with_request_api_key(0)
-        .with_request_api_version(version)
-        .with_correlation_id(7)
-        .with_client_id(Some(StrBytes::from_static_str("bench-client")))
-        .encode(&mut buf, ApiKey::Produce.request_header_version(version))
-        .expect("encode header");
-    body.encode(&mut buf, version).expect("encode body");
-    let n = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&n.to_be_bytes());
-    buf.freeze()
+    kafka_eos_proxy::testkit::request_frame(ApiKey::Produce, version, 7, "bench-client", &body)
+        .expect("encode produce")
 }
 
 fn bench(c: &mut Criterion) {

@@ -7,16 +7,13 @@
 //!
 //! The bootstrap must be a single-broker cluster (every partition's leader is behind it).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::{
     create_topics_request, produce_request, ApiKey, CreateTopicsRequest, CreateTopicsResponse,
     InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId,
-    RequestHeader, ResponseHeader, TopicName,
+    ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,22 +28,8 @@ const PRODUCE_VERSION: i16 = 9;
 const INIT_VERSION: i16 = 4;
 
 fn frame<R: Encodable>(key: ApiKey, version: i16, corr: i32, req: &R) -> Bytes {
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    let header = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(corr)
-        .with_client_id(Some(StrBytes::from_static_str("many-producers")));
-    let ok = header
-        .encode(&mut buf, key.request_header_version(version))
-        .and_then(|_| req.encode(&mut buf, version));
-    if let Err(e) = ok {
-        fail(&format!("encode: {e}"));
-    }
-    let n = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&n.to_be_bytes());
-    buf.freeze()
+    kafka_eos_proxy::testkit::request_frame(key, version, corr, "many-producers", req)
+        .unwrap_or_else(|e| fail(&format!("encode: {e}")))
 }
 
 fn fail(msg: &str) -> ! {
@@ -74,35 +57,7 @@ fn decode<T: Decodable>(key: ApiKey, version: i16, mut body: Bytes) -> T {
 }
 
 fn batch(pid: i64, seq: i32) -> Bytes {
-    let value = Bytes::from(vec![b'v'; VALUE_BYTES]);
-    let records: Vec<Record> = (0..RECORDS_PER_BATCH)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: 0,
-            producer_id: pid,
-            producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: i64::from(i),
-            sequence: seq + i,
-            timestamp: 1_700_000_000_000,
-            key: None,
-            value: Some(value.clone()),
-            headers: Default::default(),
-            delete_horizon: false,
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap_or_else(|e| fail(&format!("batch: {e}")));
-    buf.freeze()
+    kafka_eos_proxy::testkit::record_batch_sized(pid, 0, seq, RECORDS_PER_BATCH, VALUE_BYTES)
 }
 
 /// CreateTopics on the raw wire (an error other than "already exists" ends the run).

@@ -24,6 +24,25 @@ pub fn record_batch(
     transactional: bool,
     tag: &str,
 ) -> Bytes {
+    build_batch(pid, epoch, seq, n, transactional, |s| {
+        Bytes::from(format!("{tag}-{s}"))
+    })
+}
+
+/// The same with every value `size` bytes long (benchmarks: the batch's size is what matters).
+pub fn record_batch_sized(pid: i64, epoch: i16, seq: i32, n: i32, size: usize) -> Bytes {
+    let value = Bytes::from(vec![b'v'; size]);
+    build_batch(pid, epoch, seq, n, false, |_| value.clone())
+}
+
+fn build_batch(
+    pid: i64,
+    epoch: i16,
+    seq: i32,
+    n: i32,
+    transactional: bool,
+    value: impl Fn(i32) -> Bytes,
+) -> Bytes {
     let records: Vec<Record> = (0..n)
         .map(|i| Record {
             transactional,
@@ -36,7 +55,7 @@ pub fn record_batch(
             sequence: if pid < 0 { -1 } else { seq + i },
             timestamp: 1_700_000_000_000,
             key: None,
-            value: Some(Bytes::from(format!("{tag}-{}", seq + i))),
+            value: Some(value(seq + i)),
             headers: Default::default(),
             delete_horizon: false,
         })

@@ -2,7 +2,7 @@
 //! real broker. Covers every version the proxy offers for address-carrying apis, and bad input.
 
 use crate::common::*;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use kafka_eos_proxy::protocol::codec::decode_response;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
@@ -41,20 +41,10 @@ impl Raw {
     pub fn encode<R: Encodable>(&mut self, key: ApiKey, version: i16, req: &R) -> (i32, Bytes) {
         let corr = self.next_corr;
         self.next_corr += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(corr)
-            .with_client_id(Some(StrBytes::from_string(self.client_id.clone())));
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        header
-            .encode(&mut buf, key.request_header_version(version))
-            .unwrap();
-        req.encode(&mut buf, version).unwrap();
-        let size = (buf.len() - 4) as i32;
-        buf[..4].copy_from_slice(&size.to_be_bytes());
-        (corr, buf.freeze())
+        let frame =
+            kafka_eos_proxy::testkit::request_frame(key, version, corr, &self.client_id, req)
+                .expect("encode request");
+        (corr, frame)
     }
 
     /// Encodes at `version` and then claims `wire_version` in the header: for versions the encoder refuses.
