@@ -75,7 +75,7 @@ impl<'a> Writer<'a> {
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), Close> {
-        let done = tokio::time::timeout(self.limit, self.inner.write_all(bytes)).await;
+        let done = within(self.limit, self.inner.write_all(bytes)).await;
         self.settle(done)
     }
 
@@ -83,22 +83,19 @@ impl<'a> Writer<'a> {
         if self.inner.buffer().is_empty() {
             return Ok(());
         }
-        let done = tokio::time::timeout(self.limit, self.inner.flush()).await;
+        let done = within(self.limit, self.inner.flush()).await;
         self.settle(done)
     }
 
-    fn settle(
-        &self,
-        done: Result<io::Result<()>, tokio::time::error::Elapsed>,
-    ) -> Result<(), Close> {
+    fn settle(&self, done: Option<io::Result<()>>) -> Result<(), Close> {
         match (done, self.side) {
-            (Ok(Ok(())), _) => {
+            (Some(Ok(())), _) => {
                 self.activity.touch();
                 Ok(())
             }
-            (Ok(Err(e)), Side::Client) => Err(Close::ClientIo(e)),
-            (Ok(Err(e)), Side::Upstream) => Err(Close::UpstreamIo(e)),
-            (Err(_), side) => Err(Close::WriteTimeout {
+            (Some(Err(e)), Side::Client) => Err(Close::ClientIo(e)),
+            (Some(Err(e)), Side::Upstream) => Err(Close::UpstreamIo(e)),
+            (None, side) => Err(Close::WriteTimeout {
                 peer: match side {
                     Side::Client => "client",
                     Side::Upstream => "upstream",
@@ -106,5 +103,28 @@ impl<'a> Writer<'a> {
                 after: self.limit,
             }),
         }
+    }
+}
+
+/// `fut`'s output, or `None` if it does not finish within `limit`. Most writes land in the buffer (or
+/// the socket's) at once: the timer is only armed for one that has to wait, so the common case costs no
+/// timer-wheel entry.
+async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let std::task::Poll::Ready(out) = futures::poll!(fut.as_mut()) {
+        return Some(out);
+    }
+    tokio::time::timeout(limit, fut).await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ready_write_needs_no_timer_and_a_stuck_one_times_out() {
+        assert_eq!(within(Duration::from_millis(1), async { 7 }).await, Some(7));
+        let stuck = std::future::pending::<()>();
+        assert_eq!(within(Duration::from_millis(20), stuck).await, None);
     }
 }
