@@ -4,7 +4,7 @@
 //! config (policies: [rules])  ──parse──▶ Policies (compiled: exact sets, prefixes, RegexSets, CIDRs)
 //!        │ SIGHUP / file change: parse the whole file again; swap only if it is valid
 //!        ▼
-//! PolicyHolder (ArcSwap<Policies>) ──load per request──▶ session's ConnPolicies cache
+//! PolicyHolder (ArcSwap<Policies>) ──load per request──▶ the connection's ConnPolicies (stages)
 //!        topic ──▶ TopicPolicy (one Decision per check: rule, action, limit)
 //!        InitProducerId ──▶ ProducerPolicy (timeout bounds, new-pid rate) + transactional.id owners
 //! ```

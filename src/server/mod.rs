@@ -27,7 +27,7 @@ use tracing::{info, warn};
 pub use crate::session::Hooks;
 
 /// The server's own state: listeners, limits, discovery, reload, shutdown. Sessions and the operator
-/// endpoint are handed the narrow handle sets they need ([`session::Handles`],
+/// endpoint are handed the narrow handle sets they need ([`crate::stages::Handles`],
 /// [`crate::metrics::http::Handles`]), never this.
 pub struct Shared {
     pub config: Config,

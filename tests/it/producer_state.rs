@@ -121,6 +121,15 @@ pub async fn add_partitions(
     resp.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code
 }
 
+/// A proxy whose producer state runs in `mode` ("audit" or "enforce").
+async fn start_in_mode(cluster: Cluster, mode: &str) -> TestProxy {
+    let mode = match mode {
+        "enforce" => kafka_eos_proxy::guard::Mode::Enforce,
+        _ => kafka_eos_proxy::guard::Mode::Audit,
+    };
+    start_proxy_with(cluster, move |c| c.producer_state.mode = mode).await
+}
+
 fn events(proxy: &TestProxy, kind: Kind) -> Vec<AuditEvent> {
     proxy
         .audits
@@ -216,14 +225,7 @@ async fn lost_response_retry_lands_once_with_the_original_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequence_gap_is_audited_and_refused_in_enforce_mode() {
     for mode in ["audit", "enforce"] {
-        let proxy = start_proxy_with(Cluster::Single, |c| {
-            c.producer_state.mode = if mode == "enforce" {
-                kafka_eos_proxy::guard::Mode::Enforce
-            } else {
-                kafka_eos_proxy::guard::Mode::Audit
-            };
-        })
-        .await;
+        let proxy = start_in_mode(Cluster::Single, mode).await;
         let topic = unique_topic(&format!("gap-{mode}"));
         create_topic(proxy.bootstrap(), &topic, 1, 1).await;
         let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
@@ -618,14 +620,7 @@ async fn a_partition_named_twice_gets_what_the_broker_gives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echoes_of_one_gap_are_audited_once() {
     for mode in ["audit", "enforce"] {
-        let proxy = start_proxy_with(Cluster::Single, |c| {
-            c.producer_state.mode = if mode == "enforce" {
-                kafka_eos_proxy::guard::Mode::Enforce
-            } else {
-                kafka_eos_proxy::guard::Mode::Audit
-            };
-        })
-        .await;
+        let proxy = start_in_mode(Cluster::Single, mode).await;
         let topic = unique_topic(&format!("cascade-{mode}"));
         create_topic(proxy.bootstrap(), &topic, 1, 1).await;
         let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
@@ -710,10 +705,7 @@ async fn leader_and_follower(raw: &mut Raw, topic: &str) -> (i32, i32) {
 /// to the broker, whose 45 is recorded as an echo of the first failure, and the retries land exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_behind_a_retriable_failure_is_left_to_the_broker() {
-    let proxy = start_proxy_with(Cluster::Three, |c| {
-        c.producer_state.mode = kafka_eos_proxy::guard::Mode::Enforce;
-    })
-    .await;
+    let proxy = start_in_mode(Cluster::Three, "enforce").await;
     let topic = unique_topic("behind-retriable");
     create_topic(proxy.bootstrap(), &topic, 1, 3).await;
     let mut boot = Raw::connect(proxy.bootstrap()).await;
