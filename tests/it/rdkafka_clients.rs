@@ -41,6 +41,38 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32, rf: i32
     for r in res {
         r.expect("topic created");
     }
+    wait_until_leaders_serve(bootstrap, topic, partitions).await;
+}
+
+/// A created topic is not yet writable: the controller has accepted it, but a broker may still answer
+/// NOT_LEADER_OR_FOLLOWER or UNKNOWN_TOPIC_OR_PARTITION while it applies the new metadata (its metadata
+/// cache is updated before its replica manager). Tests that write with raw requests (no client retries)
+/// would see that error, so wait until every partition's leader answers a ListOffsets.
+async fn wait_until_leaders_serve(bootstrap: &str, topic: &str, partitions: i32) {
+    let bootstrap = bootstrap.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&bootstrap)
+            .set("group.id", "create-topic-wait")
+            .create()
+            .expect("metadata client");
+        let deadline = Instant::now() + T;
+        for partition in 0..partitions {
+            loop {
+                let short = Duration::from_secs(2);
+                match consumer.fetch_watermarks(&topic, partition, short) {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!("{topic}/{partition} not served yet: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("{topic}/{partition} has no serving leader after {T:?}: {e}"),
+                }
+            }
+        }
+    })
+    .await
+    .expect("leader wait");
 }
 
 pub async fn produce_values(
