@@ -4,12 +4,10 @@
 use super::*;
 use crate::audit::ConnInfo;
 use crate::policy::report::Violation;
-use crate::policy::{codec_name, Action as PolicyAction, Check, TopicPolicy};
+use crate::policy::{codec_list, codec_name, Action as PolicyAction, Check, Decision, TopicPolicy};
 use crate::protocol::batch::BatchInfo;
-use crate::protocol::codes;
 use crate::protocol::produce::ProduceView;
 use kafka_protocol::messages::ApiKey;
-use std::sync::Arc;
 
 impl Guard {
     /// The batch-level policy checks of one partition, in a fixed order; the first `reject` answers the
@@ -23,99 +21,74 @@ impl Guard {
         info: &BatchInfo,
         conn: &ConnInfo,
     ) -> Option<Outcome> {
-        // Each failed check as (rule, action, check, error, message).
-        let mut fails: Vec<(Arc<str>, PolicyAction, Check, i16, String)> = Vec::new();
+        // Each failed check as (decision, check, message), in row order.
+        let mut fails: Vec<(&Decision, Check, String)> = Vec::new();
         // acks=1 under `reject` is refused here, per partition; `upgrade` already rewrote the request and
         // `audit` is reported by the session once per request (acks is a request-level field).
         if let Some(x) = d
-            .acks_all
-            .as_ref()
+            .get(Check::AcksAll)
             .filter(|x| x.action == PolicyAction::Reject)
         {
             if view.acks == 1 {
-                fails.push((
-                    x.rule.clone(),
-                    x.action,
-                    Check::AcksAll,
-                    codes::INVALID_REQUIRED_ACKS,
-                    format!("topic {topic} requires acks=all, the request has acks=1"),
-                ));
+                let msg = format!("topic {topic} requires acks=all, the request has acks=1");
+                fails.push((x, Check::AcksAll, msg));
             }
         }
-        if let Some(x) = &d.idempotence {
+        if let Some(x) = d.get(Check::Idempotence) {
             if !info.is_idempotent() {
-                fails.push((
-                    x.rule.clone(),
-                    x.action,
-                    Check::Idempotence,
-                    codes::POLICY_VIOLATION,
-                    format!(
-                        "topic {topic} requires an idempotent producer (enable.idempotence=true)"
-                    ),
-                ));
+                let msg = format!(
+                    "topic {topic} requires an idempotent producer (enable.idempotence=true)"
+                );
+                fails.push((x, Check::Idempotence, msg));
             }
         }
-        if let Some(x) = &d.transactions {
+        if let Some(x) = d.get(Check::Transactions) {
             if !info.transactional {
-                fails.push((
-                    x.rule.clone(),
-                    x.action,
-                    Check::Transactions,
-                    codes::POLICY_VIOLATION,
-                    format!("topic {topic} requires transactional writes (transactional.id)"),
-                ));
+                let msg = format!("topic {topic} requires transactional writes (transactional.id)");
+                fails.push((x, Check::Transactions, msg));
             }
         }
-        if let Some(x) = &d.compression {
-            if x.value & (1u8 << info.compression.min(7)) == 0 {
-                let allowed: Vec<&str> = (0..crate::policy::CODECS.len() as u8)
-                    .filter(|c| x.value & (1 << c) != 0)
-                    .map(codec_name)
-                    .collect();
-                fails.push((
-                    x.rule.clone(),
-                    x.action,
-                    Check::Compression,
-                    codes::UNSUPPORTED_COMPRESSION_TYPE,
-                    format!(
-                        "topic {topic} allows compression {}, the batch uses {}",
-                        allowed.join(", "),
-                        codec_name(info.compression)
-                    ),
-                ));
+        if let Some((x, allowed)) = d
+            .get(Check::Compression)
+            .and_then(|x| Some((x, x.codecs()?)))
+        {
+            if allowed & (1u8 << info.compression.min(7)) == 0 {
+                let msg = format!(
+                    "topic {topic} allows compression {}, the batch uses {}",
+                    codec_list(allowed),
+                    codec_name(info.compression)
+                );
+                fails.push((x, Check::Compression, msg));
             }
         }
-        if let Some(x) = &d.max_batch_bytes {
-            if info.bytes > x.value as usize {
-                fails.push((
-                    x.rule.clone(),
-                    x.action,
-                    Check::MaxBatchBytes,
-                    codes::MESSAGE_TOO_LARGE,
-                    format!(
-                        "batch of {} bytes exceeds {} bytes allowed on topic {topic}",
-                        info.bytes, x.value
-                    ),
-                ));
+        if let Some((x, limit)) = d
+            .get(Check::MaxBatchBytes)
+            .and_then(|x| Some((x, x.limit()?)))
+        {
+            if info.bytes > limit as usize {
+                let msg = format!(
+                    "batch of {} bytes exceeds {limit} bytes allowed on topic {topic}",
+                    info.bytes
+                );
+                fails.push((x, Check::MaxBatchBytes, msg));
             }
         }
-        if let Some(x) = &d.max_batch_records {
-            if info.record_count > 0 && info.record_count as u32 > x.value {
-                fails.push((
-                    x.rule.clone(),
-                    x.action,
-                    Check::MaxBatchRecords,
-                    codes::POLICY_VIOLATION,
-                    format!(
-                        "batch of {} records exceeds {} records allowed on topic {topic}",
-                        info.record_count, x.value
-                    ),
-                ));
+        if let Some((x, limit)) = d
+            .get(Check::MaxBatchRecords)
+            .and_then(|x| Some((x, x.limit()?)))
+        {
+            if info.record_count > 0 && info.record_count as u32 > limit {
+                let msg = format!(
+                    "batch of {} records exceeds {limit} records allowed on topic {topic}",
+                    info.record_count
+                );
+                fails.push((x, Check::MaxBatchRecords, msg));
             }
         }
         let producer = (info.producer_id, info.producer_epoch);
         let mut refusal = None;
-        for (rule, action, check, code, msg) in fails {
+        for (decision, check, msg) in fails {
+            let (rule, action, code) = (&decision.rule, decision.action, check.row().error.0);
             let reject = action == PolicyAction::Reject && refusal.is_none();
             crate::policy::report::report(
                 &self.audit,
@@ -127,7 +100,7 @@ impl Guard {
                     error_code: if reject { code } else { 0 },
                     producer,
                     transactional_id: view.transactional_id,
-                    ..Violation::new(&rule, check, action, ApiKey::Produce as i16, msg.clone())
+                    ..Violation::new(rule, check, action, ApiKey::Produce as i16, msg.clone())
                 },
                 true,
             );

@@ -1,16 +1,9 @@
 //! `check-config` output for policies: what each rule will do, in words, and how a given topic and
 //! client resolve when rules overlap.
 
-use super::{codec_name, Action, ClientFacts, Decision, Policies, Rule, TopicPolicy, CODECS};
+use super::checks::{Row, ROWS};
+use super::{codec_list, Action, ClientFacts, Decision, Policies, Rule, Value};
 use std::fmt::Write;
-
-fn codecs(mask: u8) -> String {
-    (0..CODECS.len() as u8)
-        .filter(|c| mask & (1 << c) != 0)
-        .map(codec_name)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 fn what(action: Action, fail: &str, reject: &str, upgrade: &str) -> String {
     match action {
@@ -21,97 +14,20 @@ fn what(action: Action, fail: &str, reject: &str, upgrade: &str) -> String {
     }
 }
 
-/// One line per check the rule sets.
+/// One line per check the rule sets, worded by the check's row.
 pub fn rule_lines(r: &Rule) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(a) = r.idempotence {
-        out.push(what(
-            a,
-            "non-idempotent batches",
-            "POLICY_VIOLATION (44)",
-            "",
-        ));
-    }
-    if let Some(a) = r.transactions {
-        out.push(what(
-            a,
-            "non-transactional batches",
-            "POLICY_VIOLATION (44)",
-            "",
-        ));
-    }
-    if let Some(a) = r.acks_all {
-        out.push(what(
-            a,
-            "acks=1 and acks=0 produce requests",
-            "INVALID_REQUIRED_ACKS (21) for acks=1; acks=0 cannot be answered, so nothing is written and the connection is closed (as the broker does)",
-            "send acks=1 and acks=0 requests as acks=all (an acks=0 client still gets no answer; a refused write closes its connection)",
-        ));
-    }
-    if let Some((mask, a)) = r.compression {
-        out.push(what(
-            a,
-            &format!("batches compressed other than {}", codecs(mask)),
-            "UNSUPPORTED_COMPRESSION_TYPE (76)",
-            "",
-        ));
-    }
-    if let Some((n, a)) = r.max_batch_bytes {
-        out.push(what(
-            a,
-            &format!("batches over {n} bytes"),
-            "MESSAGE_TOO_LARGE (10)",
-            "",
-        ));
-    }
-    if let Some((n, a)) = r.max_batch_records {
-        out.push(what(
-            a,
-            &format!("batches over {n} records"),
-            "POLICY_VIOLATION (44)",
-            "",
-        ));
-    }
-    if let Some(a) = r.read_committed {
-        out.push(what(
-            a,
-            "read_uncommitted Fetch/ListOffsets",
-            "",
-            "send read_uncommitted Fetch/ListOffsets as read_committed and remove aborted batches from the answers",
-        ));
-    }
-    if let Some(((min, max), a)) = r.transaction_timeout {
-        out.push(what(
-            a,
-            &format!("InitProducerId with transaction.timeout.ms outside {min}..={max}"),
-            "INVALID_TRANSACTION_TIMEOUT (50)",
-            &format!("clamp transaction.timeout.ms into {min}..={max}"),
-        ));
-    }
-    if let Some((n, a)) = r.new_producer_ids_per_minute {
-        out.push(what(
-            a,
-            &format!(
-                "more than {n} new producer ids per client (client id, else address) per minute"
-            ),
-            "THROTTLING_QUOTA_EXCEEDED (89) and a throttle time until the window has room",
-            "",
-        ));
-    }
-    if let Some((prefixes, a)) = &r.owns_transactional_ids {
-        let p: Vec<String> = prefixes.iter().map(|p| format!("'{p}*'")).collect();
-        out.push(format!(
-            "transactional ids {} belong to the clients this rule matches; {}",
-            p.join(", "),
+    r.settings
+        .iter()
+        .map(|(row, s)| {
+            let (code, name) = row.error;
             what(
-                *a,
-                "InitProducerId for them from any other client",
-                "TRANSACTIONAL_ID_AUTHORIZATION_FAILED (53)",
-                ""
+                s.action,
+                &(row.fails)(&s.value),
+                &format!("{name} ({code}){}", row.reject_note),
+                &(row.upgrade)(&s.value),
             )
-        ));
-    }
-    out
+        })
+        .collect()
 }
 
 pub fn explain(p: &Policies) -> String {
@@ -158,34 +74,27 @@ pub fn explain(p: &Policies) -> String {
     out
 }
 
+/// The checks both rules set where `earlier` always decides first (same topics, every client).
 fn shadowed_checks(earlier: &Rule, r: &Rule) -> Vec<&'static str> {
-    let mut s = Vec::new();
-    macro_rules! both {
-        ($f:ident, $n:expr) => {
-            if earlier.$f.is_some() && r.$f.is_some() {
-                s.push($n);
-            }
-        };
-    }
-    both!(idempotence, "idempotence");
-    both!(transactions, "transactions");
-    both!(acks_all, "acks_all");
-    both!(compression, "compression");
-    both!(max_batch_bytes, "max_batch_bytes");
-    both!(max_batch_records, "max_batch_records");
-    both!(read_committed, "read_committed");
-    if earlier.topics.is_none() {
-        both!(transaction_timeout, "transaction_timeout_ms");
-        both!(new_producer_ids_per_minute, "new_producer_ids_per_minute");
-    }
-    s
+    r.settings
+        .iter()
+        .filter(|(row, _)| row.first_match() && earlier.settings.get(row.check).is_some())
+        // InitProducerId checks are decided by rules without topics only.
+        .filter(|(row, _)| row.scope.per_topic() || earlier.topics.is_none())
+        .map(|(row, _)| row.key)
+        .collect()
 }
 
-fn decided<T>(out: &mut String, name: &str, d: &Option<Decision<T>>, value: impl Fn(&T) -> String) {
+fn decided(out: &mut String, row: &Row, d: Option<&Decision>) {
+    let name = row.key;
     match d {
         Some(d) => {
-            let v = value(&d.value);
-            let v = if v.is_empty() { v } else { format!(" {v}") };
+            let v = match &d.value {
+                Value::None | Value::Prefixes(_) => String::new(),
+                Value::Codecs(m) => format!(" allowed {}", codec_list(*m)),
+                Value::Limit(n) => format!(" {n}"),
+                Value::Bounds(a, b) => format!(" {a}..={b}"),
+            };
             let _ = writeln!(
                 out,
                 "  {name}:{v} -> {} (rule '{}')",
@@ -214,38 +123,20 @@ pub fn resolve(
         client.principal.unwrap_or("(none)")
     );
     if let Some(topic) = topic {
-        let t: TopicPolicy = p.topic_policy_explained(client, topic);
+        let t = p.topic_policy_explained(client, topic);
         let _ = writeln!(out, "topic '{topic}' for {who}:");
-        decided(&mut out, "idempotence", &t.idempotence, |_| String::new());
-        decided(&mut out, "transactions", &t.transactions, |_| String::new());
-        decided(&mut out, "acks_all", &t.acks_all, |_| String::new());
-        decided(&mut out, "compression", &t.compression, |m| {
-            format!("allowed {}", codecs(*m))
-        });
-        decided(&mut out, "max_batch_bytes", &t.max_batch_bytes, |n| {
-            n.to_string()
-        });
-        decided(&mut out, "max_batch_records", &t.max_batch_records, |n| {
-            n.to_string()
-        });
-        decided(&mut out, "read_committed", &t.read_committed, |_| {
-            String::new()
-        });
+        for row in ROWS.iter().filter(|r| r.scope.per_topic()) {
+            decided(&mut out, row, t.get(row.check));
+        }
     }
     let pp = p.producer_policy_with(client, true);
     let _ = writeln!(out, "InitProducerId for {who}:");
-    decided(
-        &mut out,
-        "transaction_timeout_ms",
-        &pp.transaction_timeout,
-        |(a, b)| format!("{a}..={b}"),
-    );
-    decided(
-        &mut out,
-        "new_producer_ids_per_minute",
-        &pp.new_producer_ids_per_minute,
-        |n| n.to_string(),
-    );
+    for row in ROWS
+        .iter()
+        .filter(|r| !r.scope.per_topic() && r.first_match())
+    {
+        decided(&mut out, row, pp.get(row.check));
+    }
     if let Some(txn) = txn {
         match p.foreign_transactional_id(client, txn) {
             Some((rule, prefix, action)) => {

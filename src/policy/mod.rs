@@ -16,6 +16,7 @@
 //! limits for one team) first, broad rules last. Transactional-id ownership is global instead: the
 //! longest owned prefix names the owner, and two rules may not own the same prefix.
 
+pub mod checks;
 pub mod explain;
 mod matching;
 pub mod parse;
@@ -29,92 +30,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use checks::{
+    codec_list, codec_name, Action, Check, Decision, Decisions, Scope, Setting, Settings, Value,
+    CODECS,
+};
 pub use matching::{Cidr, ClientFacts, ClientMatch, NameMatch};
-
-/// What happens when a check fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// Explicitly fine: stops later rules from deciding this check.
-    Allow,
-    /// Let it through; count it and write an audit event.
-    Audit,
-    /// Make it compliant where that is safe (acks=1 -> acks=all, read_uncommitted -> read_committed,
-    /// a transaction timeout clamped into bounds); count and audit.
-    Upgrade,
-    /// Refuse it with the Kafka error that fits; count and audit.
-    Reject,
-}
-
-impl Action {
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Allow => "allow",
-            Action::Audit => "audit",
-            Action::Upgrade => "upgrade",
-            Action::Reject => "reject",
-        }
-    }
-
-    /// The label used on counters and audit lines for what was done.
-    pub fn past(self) -> &'static str {
-        match self {
-            Action::Allow => "allowed",
-            Action::Audit => "audited",
-            Action::Upgrade => "upgraded",
-            Action::Reject => "rejected",
-        }
-    }
-}
-
-/// The checks a rule can set. The names are the config keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Check {
-    Idempotence,
-    Transactions,
-    AcksAll,
-    Compression,
-    MaxBatchBytes,
-    MaxBatchRecords,
-    ReadCommitted,
-    TransactionTimeout,
-    NewProducerIdsPerMinute,
-    TransactionalIdOwner,
-}
-
-impl Check {
-    pub fn name(self) -> &'static str {
-        match self {
-            Check::Idempotence => "idempotence",
-            Check::Transactions => "transactions",
-            Check::AcksAll => "acks_all",
-            Check::Compression => "compression",
-            Check::MaxBatchBytes => "max_batch_bytes",
-            Check::MaxBatchRecords => "max_batch_records",
-            Check::ReadCommitted => "read_committed",
-            Check::TransactionTimeout => "transaction_timeout_ms",
-            Check::NewProducerIdsPerMinute => "new_producer_ids_per_minute",
-            Check::TransactionalIdOwner => "owns_transactional_ids",
-        }
-    }
-
-    /// The actions that make sense for this check (the parser refuses the others, saying why).
-    pub fn actions(self) -> &'static [Action] {
-        use Action::*;
-        match self {
-            Check::AcksAll | Check::TransactionTimeout => &[Allow, Audit, Upgrade, Reject],
-            Check::ReadCommitted => &[Allow, Audit, Upgrade],
-            Check::TransactionalIdOwner => &[Audit, Reject],
-            _ => &[Allow, Audit, Reject],
-        }
-    }
-}
-
-/// Compression codecs, as bits of a mask (bit n = codec id n in the batch attributes).
-pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
-
-pub fn codec_name(id: u8) -> &'static str {
-    CODECS.get(usize::from(id)).copied().unwrap_or("unknown")
-}
 
 /// One rule from the config, compiled.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,18 +43,8 @@ pub struct Rule {
     /// `None`: every topic.
     pub topics: Option<NameMatch>,
     pub clients: ClientMatch,
-    pub idempotence: Option<Action>,
-    pub transactions: Option<Action>,
-    pub acks_all: Option<Action>,
-    /// Allowed codecs as a mask over [`CODECS`].
-    pub compression: Option<(u8, Action)>,
-    pub max_batch_bytes: Option<(u32, Action)>,
-    pub max_batch_records: Option<(u32, Action)>,
-    pub read_committed: Option<Action>,
-    /// Bounds in milliseconds (min, max).
-    pub transaction_timeout: Option<((i32, i32), Action)>,
-    pub new_producer_ids_per_minute: Option<(u32, Action)>,
-    pub owns_transactional_ids: Option<(Vec<String>, Action)>,
+    /// The checks the rule sets, with their actions and values.
+    pub settings: Settings,
 }
 
 impl Rule {
@@ -142,83 +52,23 @@ impl Rule {
         self.topics.as_ref().is_none_or(|t| t.matches(topic))
     }
 
+    /// Whether the rule sets any check decided per topic (produce or consume).
     pub fn has_topic_checks(&self) -> bool {
-        self.idempotence.is_some()
-            || self.transactions.is_some()
-            || self.acks_all.is_some()
-            || self.compression.is_some()
-            || self.max_batch_bytes.is_some()
-            || self.max_batch_records.is_some()
-            || self.read_committed.is_some()
+        self.settings.iter().any(|(r, _)| r.scope.per_topic())
     }
 
+    /// Whether the rule sets any InitProducerId check.
     pub fn has_producer_checks(&self) -> bool {
-        self.transaction_timeout.is_some()
-            || self.new_producer_ids_per_minute.is_some()
-            || self.owns_transactional_ids.is_some()
+        self.settings.any_in(Scope::Producers)
     }
 }
 
-/// A check decided by a rule: which rule, what to do, and its limit.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decision<T> {
-    pub rule: Arc<str>,
-    pub action: Action,
-    pub value: T,
-}
+/// Everything the policies demand of one topic for one client (produce and consume checks).
+pub type TopicPolicy = Decisions;
 
-/// Everything the policies demand of one topic for one client. A check decided `allow` is `None`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TopicPolicy {
-    pub idempotence: Option<Decision<()>>,
-    pub transactions: Option<Decision<()>>,
-    pub acks_all: Option<Decision<()>>,
-    pub compression: Option<Decision<u8>>,
-    pub max_batch_bytes: Option<Decision<u32>>,
-    pub max_batch_records: Option<Decision<u32>>,
-    pub read_committed: Option<Decision<()>>,
-}
-
-impl TopicPolicy {
-    pub fn is_empty(&self) -> bool {
-        *self == TopicPolicy::default()
-    }
-
-    /// Whether any produce-side check applies.
-    pub fn checks_batches(&self) -> bool {
-        self.idempotence.is_some()
-            || self.transactions.is_some()
-            || self.compression.is_some()
-            || self.max_batch_bytes.is_some()
-            || self.max_batch_records.is_some()
-    }
-}
-
-/// What the policies demand at InitProducerId from one client.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ProducerPolicy {
-    pub transaction_timeout: Option<Decision<(i32, i32)>>,
-    pub new_producer_ids_per_minute: Option<Decision<u32>>,
-}
-
-/// First-match-per-check resolution: `slot` is still undecided (`None`) until a rule sets the check.
-/// With `keep_allow` an `allow` stays visible as a decision (for explanations); the data path drops it.
-fn decide<T: Clone>(
-    slot: &mut Option<Option<Decision<T>>>,
-    rule: &Rule,
-    set: Option<(T, Action)>,
-    keep_allow: bool,
-) {
-    if slot.is_none() {
-        if let Some((value, action)) = set {
-            *slot = Some((keep_allow || action != Action::Allow).then(|| Decision {
-                rule: rule.name.clone(),
-                action,
-                value,
-            }));
-        }
-    }
-}
+/// What the policies demand at InitProducerId from one client (owners aside: see
+/// [`Policies::foreign_transactional_id`]).
+pub type ProducerPolicy = Decisions;
 
 /// The compiled rule set.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -240,22 +90,18 @@ impl Policies {
     pub fn new(rules: Vec<Rule>) -> Policies {
         let mut owners = Vec::new();
         for (i, r) in rules.iter().enumerate() {
-            if let Some((prefixes, action)) = &r.owns_transactional_ids {
-                owners.extend(prefixes.iter().map(|p| (p.clone(), i, *action)));
+            if let Some(s) = r.settings.get(Check::TransactionalIdOwner) {
+                if let Value::Prefixes(prefixes) = &s.value {
+                    owners.extend(prefixes.iter().map(|p| (p.clone(), i, s.action)));
+                }
             }
         }
         owners.sort_by_key(|o| std::cmp::Reverse(o.0.len()));
+        let any_in = |scope| rules.iter().any(|r| r.settings.any_in(scope));
         Policies {
-            consume_checks: rules.iter().any(|r| r.read_committed.is_some()),
-            produce_checks: rules.iter().any(|r| {
-                r.idempotence.is_some()
-                    || r.transactions.is_some()
-                    || r.acks_all.is_some()
-                    || r.compression.is_some()
-                    || r.max_batch_bytes.is_some()
-                    || r.max_batch_records.is_some()
-            }),
-            producer_checks: rules.iter().any(Rule::has_producer_checks),
+            consume_checks: any_in(Scope::Consume),
+            produce_checks: any_in(Scope::Produce),
+            producer_checks: any_in(Scope::Producers),
             uses_principals: rules.iter().any(|r| r.clients.principals.is_some()),
             owners,
             rules,
@@ -283,29 +129,10 @@ impl Policies {
         topic: &str,
         keep_allow: bool,
     ) -> TopicPolicy {
-        let (mut idem, mut txn, mut acks, mut comp, mut bytes, mut recs, mut rc) =
-            (None, None, None, None, None, None, None);
-        for r in rules {
-            if !r.matches_topic(topic) || !r.clients.matches(client) {
-                continue;
-            }
-            decide(&mut idem, r, r.idempotence.map(|a| ((), a)), keep_allow);
-            decide(&mut txn, r, r.transactions.map(|a| ((), a)), keep_allow);
-            decide(&mut acks, r, r.acks_all.map(|a| ((), a)), keep_allow);
-            decide(&mut comp, r, r.compression, keep_allow);
-            decide(&mut bytes, r, r.max_batch_bytes, keep_allow);
-            decide(&mut recs, r, r.max_batch_records, keep_allow);
-            decide(&mut rc, r, r.read_committed.map(|a| ((), a)), keep_allow);
-        }
-        TopicPolicy {
-            idempotence: idem.flatten(),
-            transactions: txn.flatten(),
-            acks_all: acks.flatten(),
-            compression: comp.flatten(),
-            max_batch_bytes: bytes.flatten(),
-            max_batch_records: recs.flatten(),
-            read_committed: rc.flatten(),
-        }
+        let matching = rules
+            .filter(|r| r.matches_topic(topic) && r.clients.matches(client))
+            .map(|r| (&r.name, &r.settings));
+        Decisions::first_match(matching, Scope::per_topic, keep_allow)
     }
 
     /// What the rules demand at InitProducerId from this client (rules without topics only).
@@ -314,18 +141,12 @@ impl Policies {
     }
 
     pub fn producer_policy_with(&self, client: &ClientFacts, keep_allow: bool) -> ProducerPolicy {
-        let (mut timeout, mut rate) = (None, None);
-        for r in &self.rules {
-            if r.topics.is_some() || !r.clients.matches(client) {
-                continue;
-            }
-            decide(&mut timeout, r, r.transaction_timeout, keep_allow);
-            decide(&mut rate, r, r.new_producer_ids_per_minute, keep_allow);
-        }
-        ProducerPolicy {
-            transaction_timeout: timeout.flatten(),
-            new_producer_ids_per_minute: rate.flatten(),
-        }
+        let matching = self
+            .rules
+            .iter()
+            .filter(|r| r.topics.is_none() && r.clients.matches(client))
+            .map(|r| (&r.name, &r.settings));
+        Decisions::first_match(matching, |s| s == Scope::Producers, keep_allow)
     }
 
     /// If `transactional_id` falls under an owned prefix that this client does not own: the owning
@@ -434,7 +255,7 @@ impl ConnPolicies {
         self.applicable
             .iter()
             .map(|i| &self.policies.rules[*i])
-            .find(|r| r.read_committed == Some(Action::Upgrade))
+            .find(|r| r.settings.action(Check::ReadCommitted) == Some(Action::Upgrade))
             .map(|r| r.name.clone())
     }
 

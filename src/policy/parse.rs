@@ -1,9 +1,13 @@
 //! `policies:` in the config file: a list of rules, every problem reported with its key path
 //! (`policies[2].match.topics.regex[0]: invalid regex ...`), contradictions included.
 
-use super::{Action, Check, Cidr, ClientMatch, NameMatch, Policies, Rule, CODECS};
+use super::checks::{Row, Shape, ROWS};
+use super::{
+    Action, Check, Cidr, ClientMatch, NameMatch, Policies, Rule, Scope, Setting, Settings, Value,
+    CODECS,
+};
 use crate::config::reader::{describe, Problem, Section};
-use serde_yaml::Value;
+use serde_yaml::Value as Yaml;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -47,7 +51,7 @@ fn parse_rule(s: &Section, name: String) -> Option<Rule> {
         .collect();
     let listed = m
         .raw("client_addresses")
-        .and_then(Value::as_sequence)
+        .and_then(Yaml::as_sequence)
         .map(Vec::len);
     if listed == Some(0) {
         m.problem("client_addresses", "must list at least one address range");
@@ -60,80 +64,19 @@ fn parse_rule(s: &Section, name: String) -> Option<Rule> {
     });
     m.finish(&["topics", "client_ids", "client_addresses", "principals"]);
 
-    let p = s.section("produce", false);
-    let idempotence = action(&p, "idempotence", Check::Idempotence);
-    let transactions = action(&p, "transactions", Check::Transactions);
-    let acks_all = action(&p, "acks_all", Check::AcksAll);
-    let compression = p.optional_section("compression").and_then(|c| {
-        let codecs = c.string_list("allowed", true, |v| {
-            (!CODECS.contains(&v)).then(|| format!("'{v}' is not one of {}", CODECS.join(", ")))
-        });
-        let action = required_action(&c, Check::Compression);
-        c.finish(&["allowed", "action"]);
-        let mask = codecs.iter().fold(0u8, |m, v| {
-            m | CODECS.iter().position(|c| c == v).map_or(0, |i| 1u8 << i)
-        });
-        Some((mask, action?))
-    });
-    let max_batch_bytes = limit(
-        &p,
-        "max_batch_bytes",
-        Check::MaxBatchBytes,
-        1,
-        i32::MAX as i64,
-    );
-    let max_batch_records = limit(
-        &p,
-        "max_batch_records",
-        Check::MaxBatchRecords,
-        1,
-        i32::MAX as i64,
-    );
-    p.finish(&[
-        "idempotence",
-        "transactions",
-        "acks_all",
-        "compression",
-        "max_batch_bytes",
-        "max_batch_records",
-    ]);
-
-    let c = s.section("consume", false);
-    let read_committed = action(&c, "read_committed", Check::ReadCommitted);
-    c.finish(&["read_committed"]);
-
-    let pr = s.section("producers", false);
-    let transaction_timeout = pr.optional_section("transaction_timeout_ms").and_then(|t| {
-        let min = t.int("min", Some(1), 1, i32::MAX as i64) as i32;
-        let max = t.int("max", Some(i32::MAX as i64), 1, i32::MAX as i64) as i32;
-        if !t.has("min") && !t.has("max") {
-            t.problem_here("needs 'min', 'max' or both");
+    // Every check, section by section, as its row says.
+    let mut settings = Settings::default();
+    for scope in Scope::ALL {
+        let section = s.section(scope.section(), false);
+        let rows: Vec<&Row> = ROWS.iter().filter(|r| r.scope == scope).collect();
+        for row in &rows {
+            if let Some(setting) = setting(&section, row) {
+                settings.set(row.check, setting);
+            }
         }
-        if min > max {
-            t.problem("min", &format!("min {min} is above max {max}"));
-        }
-        let a = required_action(&t, Check::TransactionTimeout);
-        t.finish(&["min", "max", "action"]);
-        Some(((min, max), a?))
-    });
-    let new_producer_ids_per_minute = limit(
-        &pr,
-        "new_producer_ids_per_minute",
-        Check::NewProducerIdsPerMinute,
-        1,
-        1_000_000,
-    );
-    let owns_transactional_ids = pr.optional_section("owns_transactional_ids").and_then(|o| {
-        let prefixes = o.string_list("prefixes", true, |_| None);
-        let a = required_action(&o, Check::TransactionalIdOwner);
-        o.finish(&["prefixes", "action"]);
-        Some((prefixes, a?))
-    });
-    pr.finish(&[
-        "transaction_timeout_ms",
-        "new_producer_ids_per_minute",
-        "owns_transactional_ids",
-    ]);
+        let keys: Vec<&str> = rows.iter().map(|r| r.key).collect();
+        section.finish(&keys);
+    }
     s.finish(RULE_KEYS);
 
     let rule = Rule {
@@ -144,16 +87,7 @@ fn parse_rule(s: &Section, name: String) -> Option<Rule> {
             addresses,
             principals,
         },
-        idempotence,
-        transactions,
-        acks_all,
-        compression,
-        max_batch_bytes,
-        max_batch_records,
-        read_committed,
-        transaction_timeout,
-        new_producer_ids_per_minute,
-        owns_transactional_ids,
+        settings,
     };
     // Contradictions within one rule.
     if !rule.has_topic_checks() && !rule.has_producer_checks() && !s_has_any(s) {
@@ -166,18 +100,19 @@ fn parse_rule(s: &Section, name: String) -> Option<Rule> {
              put them in a rule without topics",
         );
     }
-    if rule.owns_transactional_ids.is_some() && rule.clients.is_everyone() {
+    let set = |c: Check| rule.settings.action(c);
+    if set(Check::TransactionalIdOwner).is_some() && rule.clients.is_everyone() {
         s.problem(
-            "producers.owns_transactional_ids",
+            &Check::TransactionalIdOwner.row().path(),
             "an owner needs 'match.client_ids', 'match.principals' or 'match.client_addresses' \
              (owned by every client means owned by no one)",
         );
     }
     if let (Some(Action::Reject | Action::Upgrade), Some(Action::Allow)) =
-        (rule.transactions, rule.idempotence)
+        (set(Check::Transactions), set(Check::Idempotence))
     {
         s.problem(
-            "produce.idempotence",
+            &Check::Idempotence.row().path(),
             "'allow' contradicts 'transactions' being required: transactional batches are idempotent",
         );
     }
@@ -186,49 +121,94 @@ fn parse_rule(s: &Section, name: String) -> Option<Rule> {
 
 /// Whether the rule has any check section at all (an empty one is reported above, not twice).
 fn s_has_any(s: &Section) -> bool {
-    ["produce", "consume", "producers"].iter().any(|k| {
+    Scope::ALL.iter().map(|s| s.section()).any(|k| {
         s.raw(k)
-            .and_then(Value::as_mapping)
+            .and_then(Yaml::as_mapping)
             .is_some_and(|m| !m.is_empty())
     })
 }
 
-fn action(s: &Section, key: &str, check: Check) -> Option<Action> {
+/// One check's setting from its section, by the row's shape; `None` if absent or wrong (reported).
+fn setting(s: &Section, row: &Row) -> Option<Setting> {
+    let key = row.key;
+    if !s.has(key) {
+        return None;
+    }
+    if row.shape == Shape::Action {
+        let action = action(s, key, row)?;
+        return Some(Setting {
+            action,
+            value: Value::None,
+        });
+    }
+    let c = s.optional_section(key)?;
+    let (value, keys): (Option<Value>, &[&str]) = match row.shape {
+        Shape::Action => (Some(Value::None), &[]),
+        Shape::Codecs => {
+            let codecs = c.string_list("allowed", true, |v| {
+                (!CODECS.contains(&v)).then(|| format!("'{v}' is not one of {}", CODECS.join(", ")))
+            });
+            let mask = codecs.iter().fold(0u8, |m, v| {
+                m | CODECS.iter().position(|c| c == v).map_or(0, |i| 1u8 << i)
+            });
+            (Some(Value::Codecs(mask)), &["allowed"])
+        }
+        Shape::Limit { min, max } => {
+            let n = c.int("limit", None, min, max) as u32;
+            (Some(Value::Limit(n)), &["limit"])
+        }
+        Shape::Bounds => {
+            let min = c.int("min", Some(1), 1, i32::MAX as i64) as i32;
+            let max = c.int("max", Some(i32::MAX as i64), 1, i32::MAX as i64) as i32;
+            if !c.has("min") && !c.has("max") {
+                c.problem_here("needs 'min', 'max' or both");
+            }
+            if min > max {
+                c.problem("min", &format!("min {min} is above max {max}"));
+            }
+            (Some(Value::Bounds(min, max)), &["min", "max"])
+        }
+        Shape::Prefixes => {
+            let prefixes = c.string_list("prefixes", true, |_| None);
+            (Some(Value::Prefixes(prefixes)), &["prefixes"])
+        }
+    };
+    let action = if c.has("action") {
+        action(&c, "action", row)
+    } else {
+        c.problem("action", "is required");
+        None
+    };
+    let mut all = keys.to_vec();
+    all.push("action");
+    c.finish(&all);
+    Some(Setting {
+        action: action?,
+        value: value?,
+    })
+}
+
+fn action(s: &Section, key: &str, row: &Row) -> Option<Action> {
     let v = s.raw(key)?;
     let Some(text) = v.as_str() else {
         s.problem(key, &format!("must be an action, got {}", describe(v)));
         return None;
     };
-    let a = match text {
-        "allow" => Action::Allow,
-        "audit" => Action::Audit,
-        "upgrade" => Action::Upgrade,
-        "reject" => Action::Reject,
-        other => {
-            s.problem(
-                key,
-                &format!("'{other}' is not an action (allow, audit, upgrade, reject)"),
-            );
-            return None;
-        }
+    let Some(a) = Action::ALL.into_iter().find(|a| a.name() == text) else {
+        s.problem(
+            key,
+            &format!("'{text}' is not an action (allow, audit, upgrade, reject)"),
+        );
+        return None;
     };
-    if !check.actions().contains(&a) {
-        let why = match (check, a) {
-            (Check::ReadCommitted, Action::Reject) => {
-                "a read_uncommitted fetch cannot be refused with a useful error; use 'upgrade'"
-            }
-            (Check::TransactionalIdOwner, Action::Allow) => "use 'audit' or 'reject'",
-            (Check::TransactionalIdOwner, Action::Upgrade) => {
-                "a foreign transactional id cannot be made ours"
-            }
-            _ => "the proxy cannot make such a request compliant without changing what was written",
-        };
-        let allowed: Vec<&str> = check.actions().iter().map(|a| a.name()).collect();
+    if !row.actions.contains(&a) {
+        let allowed: Vec<&str> = row.actions.iter().map(|a| a.name()).collect();
         s.problem(
             key,
             &format!(
-                "'{text}' is not possible for {} ({why}); choose one of {}",
-                check.name(),
+                "'{text}' is not possible for {} ({}); choose one of {}",
+                row.key,
+                row.not_possible,
                 allowed.join(", ")
             ),
         );
@@ -237,29 +217,11 @@ fn action(s: &Section, key: &str, check: Check) -> Option<Action> {
     Some(a)
 }
 
-/// The `action` key of a check with parameters: required.
-fn required_action(s: &Section, check: Check) -> Option<Action> {
-    if !s.has("action") {
-        s.problem("action", "is required");
-        return None;
-    }
-    action(s, "action", check)
-}
-
-/// `{ limit: N, action: A }`.
-fn limit(s: &Section, key: &str, check: Check, min: i64, max: i64) -> Option<(u32, Action)> {
-    let l = s.optional_section(key)?;
-    let value = l.int("limit", None, min, max) as u32;
-    let a = required_action(&l, check);
-    l.finish(&["limit", "action"]);
-    Some((value, a?))
-}
-
 /// A name matcher: a plain list (exact names) or `{ exact: [], prefix: [], regex: [] }`.
 fn name_match(s: &Section, key: &str) -> Option<NameMatch> {
     let (exact, prefix, regex) = match s.raw(key) {
-        Some(Value::Sequence(_)) => (s.string_list(key, true, |_| None), Vec::new(), Vec::new()),
-        Some(Value::Mapping(_)) => {
+        Some(Yaml::Sequence(_)) => (s.string_list(key, true, |_| None), Vec::new(), Vec::new()),
+        Some(Yaml::Mapping(_)) => {
             let m = s.section(key, false);
             let exact = m.string_list("exact", false, |_| None);
             let prefix = m.string_list("prefix", false, |_| None);
@@ -306,13 +268,19 @@ fn first_line(s: &str) -> String {
 fn check_owners(root: &Section, rules: &[Rule]) {
     let mut seen: HashMap<&str, &str> = HashMap::new();
     for (i, r) in rules.iter().enumerate() {
-        if let Some((prefixes, _)) = &r.owns_transactional_ids {
+        let owned = r.settings.get(Check::TransactionalIdOwner);
+        if let Some(Setting {
+            value: Value::Prefixes(prefixes),
+            ..
+        }) = owned
+        {
             for (j, p) in prefixes.iter().enumerate() {
                 if let Some(other) = seen.insert(p.as_str(), &r.name) {
                     if other != &*r.name {
                         root.problems_push(Problem {
                             path: format!(
-                                "policies[{i}].producers.owns_transactional_ids.prefixes[{j}]"
+                                "policies[{i}].{}.prefixes[{j}]",
+                                Check::TransactionalIdOwner.row().path()
                             ),
                             message: format!(
                                 "transactional id prefix '{p}' is already owned by rule '{other}'"

@@ -57,12 +57,21 @@ fn first_matching_rule_decides_each_check() {
     let p = policies(RULES);
     let anyone = client(Some("app"), "192.168.1.1", None);
     let t = p.topic_policy(&anyone, "pay.eu");
-    assert_eq!(t.idempotence.as_ref().map(|d| &*d.rule), Some("pay"));
-    assert_eq!(t.acks_all.as_ref().map(|d| d.action), Some(Action::Upgrade));
-    assert_eq!(t.compression.as_ref().map(|d| d.value), Some(0b10001));
-    assert_eq!(t.max_batch_records.as_ref().map(|d| d.value), Some(1000));
+    assert_eq!(t.get(Check::Idempotence).map(|d| &*d.rule), Some("pay"));
+    assert_eq!(
+        t.get(Check::AcksAll).map(|d| d.action),
+        Some(Action::Upgrade)
+    );
+    assert_eq!(
+        t.get(Check::Compression).and_then(|d| d.codecs()),
+        Some(0b10001)
+    );
+    assert_eq!(
+        t.get(Check::MaxBatchRecords).and_then(|d| d.limit()),
+        Some(1000)
+    );
     assert!(
-        t.transactions.is_none(),
+        t.get(Check::Transactions).is_none(),
         "office does not match this address"
     );
 
@@ -70,44 +79,59 @@ fn first_matching_rule_decides_each_check() {
     // limit wins; checks the exemption does not set still come from 'pay'.
     let legacy = client(Some("legacy"), "192.168.1.1", None);
     let t = p.topic_policy(&legacy, "pay.eu");
-    assert!(t.idempotence.is_none());
+    assert!(t.get(Check::Idempotence).is_none());
     assert_eq!(
-        t.max_batch_records
-            .as_ref()
-            .map(|d| (d.value, d.action, &*d.rule)),
-        Some((10, Action::Audit, "exempt-legacy"))
+        t.get(Check::MaxBatchRecords)
+            .map(|d| (d.limit(), d.action, &*d.rule)),
+        Some((Some(10), Action::Audit, "exempt-legacy"))
     );
-    assert_eq!(t.acks_all.as_ref().map(|d| &*d.rule), Some("pay"));
+    assert_eq!(t.get(Check::AcksAll).map(|d| &*d.rule), Some("pay"));
     let explained = p.topic_policy_explained(&legacy, "pay.eu");
     assert_eq!(
-        explained.idempotence.map(|d| d.action),
+        explained.get(Check::Idempotence).map(|d| d.action),
         Some(Action::Allow),
         "explanations keep the allow"
     );
     // 'pay' exactly is not under the 'pay.' prefix: the exemption does not apply.
-    assert!(p.topic_policy(&legacy, "pay").idempotence.is_some());
+    assert!(p
+        .topic_policy(&legacy, "pay")
+        .get(Check::Idempotence)
+        .is_some());
     // Regex, and topics nobody mentions.
-    assert!(p.topic_policy(&anyone, "ledger-42").idempotence.is_some());
+    assert!(p
+        .topic_policy(&anyone, "ledger-42")
+        .get(Check::Idempotence)
+        .is_some());
     assert!(p.topic_policy(&anyone, "ledger-x").is_empty());
     assert!(p.topic_policy(&anyone, "payments").is_empty());
 
     // Address ranges: IPv4, IPv6, and IPv4 seen through a dual-stack socket.
     let office = client(None, "10.1.2.3", None);
-    assert!(p.topic_policy(&office, "anything").transactions.is_some());
+    assert!(p
+        .topic_policy(&office, "anything")
+        .get(Check::Transactions)
+        .is_some());
     assert!(p
         .topic_policy(&client(None, "::1", None), "x")
-        .transactions
+        .get(Check::Transactions)
         .is_some());
     assert!(p
         .topic_policy(&client(None, "::ffff:10.9.9.9", None), "x")
-        .transactions
+        .get(Check::Transactions)
         .is_some());
     assert!(p
         .topic_policy(&client(None, "11.0.0.1", None), "x")
         .is_empty());
     let pp = p.producer_policy(&office);
-    assert_eq!(pp.transaction_timeout.map(|d| d.value), Some((1000, 60000)));
-    assert_eq!(pp.new_producer_ids_per_minute.map(|d| d.value), Some(5));
+    assert_eq!(
+        pp.get(Check::TransactionTimeout).and_then(|d| d.bounds()),
+        Some((1000, 60000))
+    );
+    assert_eq!(
+        pp.get(Check::NewProducerIdsPerMinute)
+            .and_then(|d| d.limit()),
+        Some(5)
+    );
     assert_eq!(p.producer_policy(&anyone), ProducerPolicy::default());
 }
 
@@ -141,7 +165,7 @@ fn connection_cache_follows_reloads_and_learned_facts() {
     let mut cp = ConnPolicies::default();
     let c = client(Some("app"), "1.1.1.1", None);
     cp.refresh(&holder, 0, &c);
-    assert!(cp.topic(&c, "pay").idempotence.is_some());
+    assert!(cp.topic(&c, "pay").get(Check::Idempotence).is_some());
     holder.replace(Policies::default());
     cp.refresh(&holder, 0, &c);
     assert!(
@@ -151,7 +175,7 @@ fn connection_cache_follows_reloads_and_learned_facts() {
     holder.replace(policies(RULES));
     let legacy = client(Some("legacy"), "1.1.1.1", None);
     cp.refresh(&holder, 1, &legacy);
-    assert!(cp.topic(&legacy, "pay.x").idempotence.is_none());
+    assert!(cp.topic(&legacy, "pay.x").get(Check::Idempotence).is_none());
     assert!(cp.first_report(Check::AcksAll, "pay"));
     assert!(!cp.first_report(Check::AcksAll, "pay"));
 }
@@ -240,4 +264,43 @@ policies:
     let r = explain::resolve(&p, &client(Some("c"), "1.2.3.4", None), Some("t"), None);
     assert!(r.contains("acks_all: -> upgrade (rule 'all')"), "{r}");
     assert!(r.contains("idempotence: -> reject (rule 'later')"), "{r}");
+}
+
+/// Every row of the catalogue is read from the config and explained, by its shape alone (a new check
+/// with an existing shape needs no parser change).
+#[test]
+fn every_check_in_the_catalogue_is_parsed_and_explained() {
+    use super::checks::{Shape, ROWS};
+    let mut yaml = String::from("policies:\n");
+    for scope in Scope::ALL {
+        let owner = scope == Scope::Producers;
+        yaml.push_str(&format!("  - name: {}\n", scope.section()));
+        if owner {
+            yaml.push_str("    match: { client_ids: [owner] }\n");
+        }
+        yaml.push_str(&format!("    {}:\n", scope.section()));
+        for row in ROWS.iter().filter(|r| r.scope == scope) {
+            let action = row.actions.last().expect("an action").name();
+            let value = match row.shape {
+                Shape::Action => action.to_string(),
+                Shape::Codecs => format!("{{ allowed: [none], action: {action} }}"),
+                Shape::Limit { min, .. } => format!("{{ limit: {min}, action: {action} }}"),
+                Shape::Bounds => format!("{{ min: 1, max: 2, action: {action} }}"),
+                Shape::Prefixes => format!("{{ prefixes: [p-], action: {action} }}"),
+            };
+            yaml.push_str(&format!("      {}: {value}\n", row.key));
+        }
+    }
+    let p = policies(&yaml);
+    for row in &ROWS {
+        let rule = p
+            .rules
+            .iter()
+            .find(|r| &*r.name == row.scope.section())
+            .expect("rule");
+        let set = rule.settings.get(row.check).expect(row.key);
+        assert_eq!(Some(&set.action), row.actions.last(), "{}", row.key);
+    }
+    let lines: usize = p.rules.iter().map(|r| explain::rule_lines(r).len()).sum();
+    assert_eq!(lines, ROWS.len(), "one explanation line per check");
 }

@@ -147,7 +147,7 @@ fn policy_checks(
                 Violation {
                     transactional_id: Some(txn),
                     error_code: if reject {
-                        codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+                        Check::TransactionalIdOwner.row().error.0
                     } else {
                         0
                     },
@@ -165,14 +165,17 @@ fn policy_checks(
                 true,
             );
             if reject {
-                return answer(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED, 0);
+                return answer(Check::TransactionalIdOwner.row().error.0, 0);
             }
         }
     }
     let pp = policies.producer_policy(&facts);
     let mut out = None;
-    if let (Some(d), Some(txn)) = (&pp.transaction_timeout, req.transactional_id) {
-        let (min, max) = d.value;
+    let timeout = pp.get(Check::TransactionTimeout);
+    if let (Some((d, (min, max))), Some(txn)) = (
+        timeout.and_then(|d| Some((d, d.bounds()?))),
+        req.transactional_id,
+    ) {
         if !(min..=max).contains(&req.timeout_ms) {
             let clamped = req.timeout_ms.clamp(min, max);
             let reject = d.action == Action::Reject;
@@ -188,7 +191,7 @@ fn policy_checks(
                 Violation {
                     transactional_id: Some(txn),
                     error_code: if reject {
-                        codes::INVALID_TRANSACTION_TIMEOUT
+                        Check::TransactionTimeout.row().error.0
                     } else {
                         0
                     },
@@ -197,7 +200,7 @@ fn policy_checks(
                 true,
             );
             match d.action {
-                Action::Reject => return answer(codes::INVALID_TRANSACTION_TIMEOUT, 0),
+                Action::Reject => return answer(Check::TransactionTimeout.row().error.0, 0),
                 Action::Upgrade => {
                     out = Some(patched(frame, req.timeout_at, &clamped.to_be_bytes()));
                 }
@@ -206,7 +209,8 @@ fn policy_checks(
         }
     }
     let mut count_new_ids = None;
-    if let Some(d) = &pp.new_producer_ids_per_minute {
+    let rate_limit = pp.get(Check::NewProducerIdsPerMinute);
+    if let Some((d, limit)) = rate_limit.and_then(|d| Some((d, d.limit()?))) {
         // Checked for every InitProducerId (a bump with a producer id the client never held still gets a
         // new one from the broker); counted only when the broker hands out an id the client did not
         // hold (see the session's InitProducerId answer).
@@ -215,7 +219,7 @@ fn policy_checks(
         let rate = &cx.handles.policies.new_pids;
         let over = buckets
             .iter()
-            .map(|b| (b, rate.check(b, d.value, now)))
+            .map(|b| (b, rate.check(b, limit, now)))
             .find(|(_, a)| *a != crate::policy::rate::Admission::Admitted);
         count_new_ids = Some(NewIdCharge {
             sent_producer_id: req.existing_producer_id.unwrap_or(-1),
@@ -227,7 +231,7 @@ fn policy_checks(
                 Violation {
                     transactional_id: req.transactional_id,
                     error_code: if reject {
-                        codes::THROTTLING_QUOTA_EXCEEDED
+                        Check::NewProducerIdsPerMinute.row().error.0
                     } else {
                         0
                     },
@@ -238,8 +242,7 @@ fn policy_checks(
                         key,
                         format!(
                             "{who} asked for a new producer id with {count} in the last \
-                                 minute (limit {})",
-                            d.value
+                                 minute (limit {limit})"
                         ),
                     )
                 },
@@ -247,7 +250,7 @@ fn policy_checks(
             );
             if reject {
                 let ms = i32::try_from(retry_after.as_millis()).unwrap_or(i32::MAX);
-                return answer(codes::THROTTLING_QUOTA_EXCEEDED, ms);
+                return answer(Check::NewProducerIdsPerMinute.row().error.0, ms);
             }
         }
     }

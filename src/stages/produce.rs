@@ -208,7 +208,9 @@ fn acks_policy(
     for t in &view.topics {
         let facts = cx.identity.facts(cx.info.client_address.ip());
         let tp = cx.state.policies.topic(&facts, t.name);
-        let Some(d) = &tp.acks_all else { continue };
+        let Some(d) = tp.get(Check::AcksAll) else {
+            continue;
+        };
         let detail = format!(
             "topic {} requires acks=all, the request has acks={acks}",
             t.name

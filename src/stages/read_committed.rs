@@ -94,7 +94,7 @@ fn read_isolation(
             },
         };
         let tp = cx.state.policies.topic(&facts, &name);
-        let Some(d) = &tp.read_committed else {
+        let Some(d) = tp.get(Check::ReadCommitted) else {
             continue;
         };
         let event = cx.state.policies.first_report(Check::ReadCommitted, &name);
