@@ -4,9 +4,9 @@
 //! Writing never blocks the data path: events go through a bounded queue to a writer task; when the queue
 //! is full the event is dropped and counted (`dropped()`).
 
+use crate::client::Client;
 use serde::Serialize;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -124,20 +124,12 @@ pub enum Action {
     Observed,
 }
 
-/// Who sent a request, for audit lines.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub client_address: SocketAddr,
-    pub client_id: Option<String>,
-    pub broker_node_id: Option<i32>,
-}
-
 impl AuditEvent {
     /// The event, attributed to the connection it was seen on.
-    pub fn from_conn(self, conn: &ConnInfo) -> AuditEvent {
+    pub fn from_conn(self, conn: &Client) -> AuditEvent {
         AuditEvent {
-            client_id: conn.client_id.clone(),
-            client_address: conn.client_address.to_string(),
+            client_id: conn.client_id_kept().map(str::to_string),
+            client_address: conn.address.to_string(),
             broker_node_id: conn.broker_node_id,
             ..self
         }

@@ -22,6 +22,7 @@
 //! operators see). [`testkit`] and [`fuzzing`] serve the tests, examples, benchmarks and fuzz targets.
 
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod eos;
 pub mod filters;

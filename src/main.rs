@@ -68,11 +68,11 @@ fn main() -> ExitCode {
                         || principal.is_some()
                         || transactional_id.is_some()
                     {
-                        let facts = kafka_eos_proxy::policy::ClientFacts {
-                            client_id: client_id.as_deref(),
+                        let facts = kafka_eos_proxy::client::Client::described(
                             address,
-                            principal: principal.as_deref(),
-                        };
+                            client_id.as_deref(),
+                            principal.as_deref(),
+                        );
                         print!(
                             "{}",
                             kafka_eos_proxy::policy::explain::resolve(

@@ -2,8 +2,8 @@
 //! audited (echoes of one failure once), and the proxy's own per-partition answers merged in.
 
 use super::*;
-use crate::audit::ConnInfo;
 use crate::audit::{Action, Kind, Source};
+use crate::client::Client;
 use crate::eos::Acked;
 use crate::metrics::producer_labels;
 use crate::protocol::codec::decode_response;
@@ -22,7 +22,7 @@ impl Guard {
         frame: Bytes,
         version: i16,
         mut tracking: ProduceTracking,
-        conn: &ConnInfo,
+        conn: &Client,
     ) -> Result<(ResponseHeader, ProduceResponse), String> {
         let (header, mut resp) =
             decode_response::<ProduceResponse>(frame, ApiKey::Produce, version)
@@ -34,7 +34,7 @@ impl Guard {
             .flat_map(|t| t.partition_responses.iter())
             .any(|p| p.error_code == codes::NONE);
         if let (true, true, Some(t)) = (tracking.opens_txn, accepted, &tracking.transactional_id) {
-            self.begin_transaction(t, conn.client_id.as_deref().unwrap_or(""));
+            self.begin_transaction(t, conn.client_id_kept().unwrap_or(""));
         }
         for topic in &resp.responses {
             for p in &topic.partition_responses {
@@ -69,7 +69,7 @@ impl Guard {
                     if self.store.acknowledge(&key, batch, acked, now) {
                         if let Some(m) = &self.metrics {
                             let labels = producer_labels(
-                                conn.client_id.as_deref().unwrap_or(""),
+                                conn.client_id_kept().unwrap_or(""),
                                 tracking.transactional_id.as_deref().unwrap_or(""),
                             );
                             m.producers.admit(labels[0], labels[1]);

@@ -2,7 +2,7 @@
 //! batch size and records), in a fixed order.
 
 use super::*;
-use crate::audit::ConnInfo;
+use crate::client::Client;
 use crate::policy::report::Violation;
 use crate::policy::{codec_list, codec_name, Action as PolicyAction, Check, Decision, TopicPolicy};
 use crate::protocol::batch::BatchInfo;
@@ -19,7 +19,7 @@ impl Guard {
         topic: &str,
         partition: i32,
         info: &BatchInfo,
-        conn: &ConnInfo,
+        conn: &Client,
     ) -> Option<Outcome> {
         // Each failed check as (decision, check, message), in row order.
         let mut fails: Vec<(&Decision, Check, String)> = Vec::new();

@@ -72,7 +72,7 @@ impl Default for GuardConfig {
     }
 }
 
-use crate::audit::ConnInfo;
+use crate::client::Client;
 
 pub struct Guard {
     pub config: GuardConfig,
@@ -238,7 +238,7 @@ impl Guard {
 
     /// The coordinator confirmed the end of a transaction (`committed`: commit or abort; `None`: it was
     /// ended by a new InitProducerId, which aborts whatever was open).
-    pub fn end_transaction(&self, txn_id: &str, committed: Option<bool>, conn: &ConnInfo) {
+    pub fn end_transaction(&self, txn_id: &str, committed: Option<bool>, conn: &Client) {
         let Some(ended) = self.txns.end(txn_id, Instant::now()) else {
             return;
         };
@@ -300,7 +300,7 @@ impl Guard {
     #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
-        conn: &ConnInfo,
+        conn: &Client,
         api_key: i16,
         kind: Kind,
         source: Source,

@@ -3,8 +3,8 @@
 
 use super::answer::merge_local;
 use super::*;
-use crate::audit::ConnInfo;
 use crate::audit::{Action, AuditEvent, Kind, Source};
+use crate::client::Client;
 use crate::eos::{Acked, Batch, Verdict};
 use crate::metrics::producer_labels;
 use crate::policy::TopicPolicy;
@@ -27,7 +27,7 @@ impl Guard {
         &self,
         frame: &[u8],
         head: &RequestHead,
-        conn: &ConnInfo,
+        conn: &Client,
         policy: &mut dyn FnMut(&str) -> Option<Arc<TopicPolicy>>,
     ) -> Result<ProducePlan, String> {
         let body = head
@@ -92,7 +92,7 @@ impl Guard {
         Ok(plan)
     }
 
-    fn audit_repeated(&self, view: &ProduceView, repeated: &[(&str, i32)], conn: &ConnInfo) {
+    fn audit_repeated(&self, view: &ProduceView, repeated: &[(&str, i32)], conn: &Client) {
         let names: Vec<String> = repeated
             .iter()
             .take(8)
@@ -120,7 +120,7 @@ impl Guard {
         view: &ProduceView,
         (topic, partition, alone): (&str, i32, bool),
         records: &[u8],
-        conn: &ConnInfo,
+        conn: &Client,
         demands: Option<&TopicPolicy>,
         opens_txn: &mut bool,
     ) -> Outcome {
@@ -158,9 +158,9 @@ impl Guard {
         if !info.is_idempotent() || !self.config.enabled {
             return Outcome::Pass;
         }
-        let client = conn.client_id.as_deref().unwrap_or("");
+        let client = conn.client_id_kept().unwrap_or("");
         self.store
-            .set_owner(info.producer_id, conn.client_id.as_deref(), txn_id);
+            .set_owner(info.producer_id, conn.client_id_kept(), txn_id);
         if let Some(m) = &self.metrics {
             let labels = producer_labels(client, txn_id.unwrap_or(""));
             m.producers.admit(labels[0], labels[1]);
@@ -354,7 +354,7 @@ impl Guard {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn duplicate(
         &self,
-        conn: &ConnInfo,
+        conn: &Client,
         transactional_id: Option<&str>,
         (topic, partition): (&str, i32),
         key: Key,
@@ -395,7 +395,7 @@ impl Guard {
     }
 
     /// Step 2: wait for the originals of in-flight duplicates, then decide those partitions again.
-    pub async fn resolve_waits(&self, plan: &mut ProducePlan, conn: &ConnInfo) {
+    pub async fn resolve_waits(&self, plan: &mut ProducePlan, conn: &Client) {
         let deadline = tokio::time::Instant::now() + plan.timeout;
         for t in 0..plan.outcomes.len() {
             for p in 0..plan.outcomes[t].len() {

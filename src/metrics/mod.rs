@@ -42,24 +42,14 @@ pub struct ApiHandles {
 
 /// Label values (client ids, transactional ids, topics) are cut to this many bytes, so a series costs
 /// bounded memory whatever a client names itself (the series count is bounded separately).
-pub const MAX_LABEL_BYTES: usize = 128;
+pub const MAX_LABEL_BYTES: usize = crate::client::MAX_KEPT_ID_BYTES;
 
 /// `s` cut to at most [`MAX_LABEL_BYTES`], on a character boundary.
 pub fn bounded_label(s: &str) -> &str {
     cut_to(s, MAX_LABEL_BYTES)
 }
 
-/// `s` cut to at most `max` bytes, on a character boundary.
-pub fn cut_to(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
+pub use crate::protocol::cut_to;
 
 /// The (client id, transactional id) labels of the per-producer series, bounded.
 pub fn producer_labels<'a>(client: &'a str, txn: &'a str) -> [&'a str; 2] {

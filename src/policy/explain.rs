@@ -2,7 +2,8 @@
 //! client resolve when rules overlap.
 
 use super::checks::{Row, ROWS};
-use super::{codec_list, Action, ClientFacts, Decision, Policies, Rule, Value};
+use super::{codec_list, Action, Decision, Policies, Rule, Value};
+use crate::client::Client;
 use std::fmt::Write;
 
 fn what(action: Action, fail: &str, reject: &str, upgrade: &str) -> String {
@@ -109,18 +110,13 @@ fn decided(out: &mut String, row: &Row, d: Option<&Decision>) {
 }
 
 /// How the rules resolve for one topic and client (`check-config --topic ... --client-id ...`).
-pub fn resolve(
-    p: &Policies,
-    client: &ClientFacts,
-    topic: Option<&str>,
-    txn: Option<&str>,
-) -> String {
+pub fn resolve(p: &Policies, client: &Client, topic: Option<&str>, txn: Option<&str>) -> String {
     let mut out = String::new();
     let who = format!(
         "client id {}, address {}, principal {}",
-        client.client_id.unwrap_or("(none)"),
-        client.address,
-        client.principal.unwrap_or("(none)")
+        client.client_id().unwrap_or("(none)"),
+        client.ip(),
+        client.principal().unwrap_or("(none)")
     );
     if let Some(topic) = topic {
         let t = p.topic_policy_explained(client, topic);

@@ -1,6 +1,7 @@
 //! Who and what a rule matches: topic names (exact, prefix, regex), client ids, client address ranges,
-//! SASL principals; and the client facts they are matched against.
+//! SASL principals (matched against a connection's [`Client`]).
 
+use crate::client::Client;
 use regex::RegexSet;
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -137,17 +138,17 @@ pub struct ClientMatch {
 }
 
 impl ClientMatch {
-    pub fn matches(&self, c: &ClientFacts) -> bool {
+    pub fn matches(&self, c: &Client) -> bool {
         if let Some(ids) = &self.ids {
-            if !c.client_id.is_some_and(|id| ids.matches(id)) {
+            if !c.client_id().is_some_and(|id| ids.matches(id)) {
                 return false;
             }
         }
-        if !self.addresses.is_empty() && !self.addresses.iter().any(|n| n.contains(c.address)) {
+        if !self.addresses.is_empty() && !self.addresses.iter().any(|n| n.contains(c.ip())) {
             return false;
         }
         if let Some(p) = &self.principals {
-            if !c.principal.is_some_and(|x| p.contains(x)) {
+            if !c.principal().is_some_and(|x| p.contains(x)) {
                 return false;
             }
         }
@@ -178,12 +179,4 @@ impl ClientMatch {
         }
         parts.join(" and ")
     }
-}
-
-/// What the proxy knows about a client connection.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientFacts<'a> {
-    pub client_id: Option<&'a str>,
-    pub address: IpAddr,
-    pub principal: Option<&'a str>,
 }

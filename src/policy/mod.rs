@@ -25,6 +25,7 @@ pub mod report;
 pub mod sasl;
 pub mod wire;
 
+use crate::client::Client;
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +35,7 @@ pub use checks::{
     codec_list, codec_name, Action, Check, Decision, Decisions, Scope, Setting, Settings, Value,
     CODECS,
 };
-pub use matching::{Cidr, ClientFacts, ClientMatch, NameMatch};
+pub use matching::{Cidr, ClientMatch, NameMatch};
 
 /// One rule from the config, compiled.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,19 +114,19 @@ impl Policies {
     }
 
     /// What the rules demand of `topic` for this client (first matching rule per check decides).
-    pub fn topic_policy(&self, client: &ClientFacts, topic: &str) -> TopicPolicy {
+    pub fn topic_policy(&self, client: &Client, topic: &str) -> TopicPolicy {
         self.topic_policy_among(self.rules.iter(), client, topic, false)
     }
 
     /// As [`Policies::topic_policy`], with `allow` decisions kept (to say which rule exempted what).
-    pub fn topic_policy_explained(&self, client: &ClientFacts, topic: &str) -> TopicPolicy {
+    pub fn topic_policy_explained(&self, client: &Client, topic: &str) -> TopicPolicy {
         self.topic_policy_among(self.rules.iter(), client, topic, true)
     }
 
     fn topic_policy_among<'r>(
         &self,
         rules: impl Iterator<Item = &'r Rule>,
-        client: &ClientFacts,
+        client: &Client,
         topic: &str,
         keep_allow: bool,
     ) -> TopicPolicy {
@@ -136,11 +137,11 @@ impl Policies {
     }
 
     /// What the rules demand at InitProducerId from this client (rules without topics only).
-    pub fn producer_policy(&self, client: &ClientFacts) -> ProducerPolicy {
+    pub fn producer_policy(&self, client: &Client) -> ProducerPolicy {
         self.producer_policy_with(client, false)
     }
 
-    pub fn producer_policy_with(&self, client: &ClientFacts, keep_allow: bool) -> ProducerPolicy {
+    pub fn producer_policy_with(&self, client: &Client, keep_allow: bool) -> ProducerPolicy {
         let matching = self
             .rules
             .iter()
@@ -153,7 +154,7 @@ impl Policies {
     /// rule, the prefix and the action.
     pub fn foreign_transactional_id(
         &self,
-        client: &ClientFacts,
+        client: &Client,
         transactional_id: &str,
     ) -> Option<(&Rule, &str, Action)> {
         let (prefix, i, action) = self
@@ -224,7 +225,7 @@ pub fn cache_evictions() -> u64 {
 
 impl ConnPolicies {
     /// Brings the cache up to date; `facts_version` changes when the client id or principal is learned.
-    pub fn refresh(&mut self, holder: &PolicyHolder, facts_version: u32, client: &ClientFacts) {
+    pub fn refresh(&mut self, holder: &PolicyHolder, facts_version: u32, client: &Client) {
         let generation = holder.generation.load(Ordering::Acquire);
         if generation == self.generation && facts_version == self.facts_version {
             return;
@@ -259,7 +260,7 @@ impl ConnPolicies {
             .map(|r| r.name.clone())
     }
 
-    pub fn topic(&mut self, client: &ClientFacts, topic: &str) -> Arc<TopicPolicy> {
+    pub fn topic(&mut self, client: &Client, topic: &str) -> Arc<TopicPolicy> {
         if let Some(p) = self.topics.get(topic) {
             return p.clone();
         }

@@ -2,8 +2,8 @@
 //! event of kind `policy_violation` naming the rule and the check.
 
 use super::{Action, Check};
-use crate::audit::ConnInfo;
 use crate::audit::{self, AuditEvent, AuditSink, Kind, Source};
+use crate::client::Client;
 use crate::metrics::Metrics;
 
 /// One policy outcome.
@@ -45,7 +45,7 @@ impl<'a> Violation<'a> {
 pub fn report(
     audit: &AuditSink,
     metrics: Option<&Metrics>,
-    conn: &ConnInfo,
+    conn: &Client,
     v: Violation,
     event: bool,
 ) {

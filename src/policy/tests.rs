@@ -17,12 +17,8 @@ fn problems(yaml: &str) -> Vec<String> {
     }
 }
 
-fn client<'a>(id: Option<&'a str>, ip: &str, principal: Option<&'a str>) -> ClientFacts<'a> {
-    ClientFacts {
-        client_id: id,
-        address: ip.parse().expect("ip"),
-        principal,
-    }
+fn client(id: Option<&str>, ip: &str, principal: Option<&str>) -> Client {
+    Client::described(ip.parse().expect("ip"), id, principal)
 }
 
 const RULES: &str = r#"

@@ -23,11 +23,10 @@ pub use crate::stages::{Handles, Hooks};
 pub use close::Close;
 pub use link::Writer;
 
-use crate::audit::ConnInfo;
-use crate::metrics::bounded_label;
+use crate::client::Client;
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
 use crate::protocol::header::{peek_request, response_correlation_id};
-use crate::stages::{ConnState, Exchange, Identity, Request, RequestCx, ResponseCx, Step};
+use crate::stages::{ConnState, Exchange, Request, RequestCx, ResponseCx, Step};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use link::{Activity, Side};
@@ -71,21 +70,8 @@ enum Pending {
 struct Conn<'a> {
     target: Target,
     shared: &'a Handles,
-    info: ConnInfo,
-}
-
-impl Conn<'_> {
-    /// Who sent the current request, for audit lines (the client id cut to a label's length: a 30 KB
-    /// client id is not copied into every audit line and producer record).
-    fn info(&self, identity: &Identity) -> ConnInfo {
-        ConnInfo {
-            client_id: identity
-                .client_id
-                .get()
-                .map(|c| bounded_label(c).to_string()),
-            ..self.info.clone()
-        }
-    }
+    /// Who the client is (learned as requests and answers pass; both pumps read it).
+    client: Client,
 }
 
 pub async fn run(
@@ -98,14 +84,13 @@ pub async fn run(
     let conn = Conn {
         target,
         shared: &shared,
-        info: ConnInfo {
-            client_address: peer,
-            client_id: None,
-            broker_node_id: match target {
+        client: Client::new(
+            peer,
+            match target {
                 Target::Node(id) => Some(id),
                 Target::Bootstrap => None,
             },
-        },
+        ),
     };
     let upstream = match connect_upstream(&conn).await {
         Ok(s) => s,
@@ -142,11 +127,10 @@ pub async fn run(
     let mut to_client = Writer::new(client_write, WRITE_BUFFER, wt, Side::Client, &activity);
     let (tx, rx) = mpsc::channel(limits.max_in_flight_per_connection);
     // Who the client is, learned from its requests and the broker's answers.
-    let identity = Identity::default();
 
     let close = tokio::select! {
-        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &identity, &activity) => c,
-        c = response_pump(&conn, &mut responses, &mut to_client, rx, &identity, &activity) => c,
+        c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &activity) => c,
+        c = response_pump(&conn, &mut responses, &mut to_client, rx, &activity) => c,
         _ = shared.shutdown.cancelled() => Close::Shutdown,
     };
     // Bounded like every write: a client that stopped reading does not hold the slot any longer.
@@ -199,7 +183,6 @@ async fn request_pump(
     requests: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     upstream: &mut Writer<'_>,
     tx: mpsc::Sender<Pending>,
-    identity: &Identity,
     activity: &Activity,
 ) -> Close {
     let idle = conn.shared.limits.idle_timeout;
@@ -235,13 +218,11 @@ async fn request_pump(
         let Some(key) = head.known_key() else {
             return Close::UnknownApiKey(head.api_key);
         };
-        identity.learn_client_id(&frame, &head);
         let mut req = Request::new(frame, head, key);
         let step = {
             let mut cx = RequestCx {
                 handles: conn.shared,
-                identity,
-                info: conn.info(identity),
+                client: &conn.client,
                 state: &mut state,
                 upstream,
             };
@@ -310,7 +291,6 @@ async fn response_pump(
     responses: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     client: &mut Writer<'_>,
     mut rx: mpsc::Receiver<Pending>,
-    identity: &Identity,
     activity: &Activity,
 ) -> Close {
     let metrics = conn.shared.metrics.as_deref();
@@ -358,7 +338,7 @@ async fn response_pump(
                     m.bytes_from_upstream.inc_by(frame.len() as u64);
                     Instant::now()
                 });
-                let out = match process_response(conn, frame, &mut inflight, identity).await {
+                let out = match process_response(conn, frame, &mut inflight).await {
                     Ok(out) => out,
                     Err(close) => return close,
                 };
@@ -400,7 +380,6 @@ async fn process_response(
     conn: &Conn<'_>,
     frame: Bytes,
     inflight: &mut InFlight,
-    identity: &Identity,
 ) -> Result<Bytes, Close> {
     match response_correlation_id(&frame) {
         Ok(id) if id == inflight.correlation_id => {}
@@ -414,8 +393,7 @@ async fn process_response(
     }
     let cx = ResponseCx {
         handles: conn.shared,
-        identity,
-        info: conn.info(identity),
+        client: &conn.client,
     };
     conn.shared
         .chain

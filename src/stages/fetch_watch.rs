@@ -4,7 +4,8 @@
 
 use super::Handles;
 use super::{Exchange, ResponseCx};
-use crate::audit::{Action, AuditEvent, ConnInfo, Kind, Source};
+use crate::audit::{Action, AuditEvent, Kind, Source};
+use crate::client::Client;
 use crate::filters::skim::{self, TopicRef};
 use crate::metrics::lso::LsoChange;
 use bytes::Bytes;
@@ -15,13 +16,13 @@ use tracing::debug;
 
 pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -> Bytes {
     if cx.handles.metrics.is_some() {
-        observe(cx.handles, &frame, exchange.version, &cx.info);
+        observe(cx.handles, &frame, exchange.version, cx.client);
     }
     frame
 }
 
 /// Read-committed lag and stuck last stable offsets, from a fetch answer (walked, never copied).
-fn observe(shared: &Handles, frame: &Bytes, version: i16, info: &ConnInfo) {
+fn observe(shared: &Handles, frame: &Bytes, version: i16, info: &Client) {
     let Some(m) = &shared.metrics else { return };
     let now = Instant::now();
     let mut changes = Vec::new();

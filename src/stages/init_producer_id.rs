@@ -75,13 +75,13 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
                         .set_timeout(t, Duration::from_millis(*timeout_ms as u64));
                 }
                 // A new InitProducerId aborts whatever the transactional id had open.
-                guard.end_transaction(t, None, &cx.info);
+                guard.end_transaction(t, None, cx.client);
             }
         }
         Ok((_, r)) => errors.push((r.error_code, None, (-1, -1))),
         Err(e) => debug!(error = %e, "InitProducerId answer not inspected"),
     }
-    audit_errors(guard, &cx.info, key, txn, errors);
+    audit_errors(guard, cx.client, key, txn, errors);
     frame
 }
 
@@ -107,13 +107,13 @@ pub struct NewIdCharge {
 
 /// The buckets a new producer id is counted in: the client id (cut to a label's length) and the
 /// client's address, so that a client that takes a new client id per connection is limited too.
-pub fn new_id_buckets(facts: &crate::policy::ClientFacts) -> [String; 2] {
+pub fn new_id_buckets(client: &crate::client::Client) -> [String; 2] {
     [
         format!(
             "client:{}",
-            crate::metrics::bounded_label(facts.client_id.unwrap_or(""))
+            crate::metrics::bounded_label(client.client_id().unwrap_or(""))
         ),
-        format!("address:{}", facts.address),
+        format!("address:{}", client.ip()),
     ]
 }
 
@@ -127,7 +127,7 @@ fn policy_checks(
     let req = wire::init_producer_id_request(frame, head)
         .map_err(|e| Close::MalformedRequest(format!("InitProducerId: {e}")))?;
     let policies = cx.state.policies.policies().clone();
-    let facts = cx.identity.facts(cx.info.client_address.ip());
+    let client = cx.client;
     let key = ApiKey::InitProducerId as i16;
     let answer = |code: i16, throttle_ms: i32| -> Result<InitDecision, Close> {
         let resp = InitProducerIdResponse::default()
@@ -141,7 +141,7 @@ fn policy_checks(
             .map_err(|e| Close::MalformedRequest(format!("InitProducerId answer: {e}")))
     };
     if let Some(txn) = req.transactional_id {
-        if let Some((rule, prefix, action)) = policies.foreign_transactional_id(&facts, txn) {
+        if let Some((rule, prefix, action)) = policies.foreign_transactional_id(client, txn) {
             let reject = action == Action::Reject;
             cx.report(
                 Violation {
@@ -169,7 +169,7 @@ fn policy_checks(
             }
         }
     }
-    let pp = policies.producer_policy(&facts);
+    let pp = policies.producer_policy(client);
     let mut out = None;
     let timeout = pp.get(Check::TransactionTimeout);
     if let (Some((d, (min, max))), Some(txn)) = (
@@ -214,7 +214,7 @@ fn policy_checks(
         // Checked for every InitProducerId (a bump with a producer id the client never held still gets a
         // new one from the broker); counted only when the broker hands out an id the client did not
         // hold (see the session's InitProducerId answer).
-        let buckets = new_id_buckets(&facts);
+        let buckets = new_id_buckets(client);
         let now = Instant::now();
         let rate = &cx.handles.policies.new_pids;
         let over = buckets

@@ -29,7 +29,7 @@ pub mod produce;
 pub mod read_committed;
 pub mod txn_fence;
 
-use crate::audit::ConnInfo;
+use crate::client::Client;
 use crate::policy::report::{report, Violation};
 use crate::policy::ConnPolicies;
 use crate::protocol::header::RequestHead;
@@ -38,7 +38,6 @@ use crate::protocol::versions;
 use crate::session::close::Close;
 use crate::session::link::Writer;
 use bytes::Bytes;
-pub use identity::Identity;
 use kafka_protocol::messages::ApiKey;
 use std::sync::Arc;
 
@@ -232,9 +231,11 @@ impl Chain {
         cx: &mut RequestCx<'_, '_>,
         req: &mut Request,
     ) -> Result<Step, Close> {
+        // Every request's header: the ApiVersions version gate, and the client id for the identity.
         if let Some(step) = api_versions::gate(&req.head, req.key)? {
             return Ok(step);
         }
+        identity::learn_client_id(cx.client, &req.frame, &req.head);
         if self.request_stages(req.key).is_empty() {
             return Ok(Step::Continue);
         }
@@ -370,9 +371,8 @@ pub struct ConnState {
 /// What a request's stages may use.
 pub struct RequestCx<'a, 'w> {
     pub handles: &'a Handles,
-    pub identity: &'a Identity,
-    /// Who sent it (client id cut to a label's length).
-    pub info: ConnInfo,
+    /// Who sent it.
+    pub client: &'a Client,
     pub state: &'a mut ConnState,
     /// The upstream connection: a stage that waits (a retry waiting for its original) flushes it first.
     pub upstream: &'a mut Writer<'w>,
@@ -381,18 +381,17 @@ pub struct RequestCx<'a, 'w> {
 impl RequestCx<'_, '_> {
     /// Brings the connection's policy view up to date (a reload, a client id or principal learned).
     fn refresh_policies(&mut self) {
-        let facts = self.identity.facts(self.info.client_address.ip());
-        let version = self.identity.facts_version();
+        let version = self.client.facts_version();
         self.state
             .policies
-            .refresh(&self.handles.policies, version, &facts);
+            .refresh(&self.handles.policies, version, self.client);
     }
 
     fn report(&self, violation: Violation, event: bool) {
         report(
             &self.handles.guard.audit,
             self.handles.metrics.as_deref(),
-            &self.info,
+            self.client,
             violation,
             event,
         );
@@ -402,8 +401,7 @@ impl RequestCx<'_, '_> {
 /// What a response's stages may use.
 pub struct ResponseCx<'a> {
     pub handles: &'a Handles,
-    pub identity: &'a Identity,
-    pub info: ConnInfo,
+    pub client: &'a Client,
 }
 
 #[cfg(test)]

@@ -62,21 +62,21 @@ pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result
     if !guard.config.enabled && !policies.produce_checks {
         return Ok(Step::Continue);
     }
-    let facts = cx.identity.facts(cx.info.client_address.ip());
+    let client = cx.client;
     let cp = &mut cx.state.policies;
     let mut demands = |topic: &str| {
         policies
             .produce_checks
-            .then(|| cp.topic(&facts, topic))
+            .then(|| cp.topic(client, topic))
             .filter(|p| !p.is_empty())
     };
     let mut plan = guard
-        .plan(&req.frame, &req.head, &cx.info, &mut demands)
+        .plan(&req.frame, &req.head, cx.client, &mut demands)
         .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
     if plan.has_waits() {
         // The originals may still sit in our buffer: send them before waiting on them.
         cx.upstream.flush().await?;
-        guard.resolve_waits(&mut plan, &cx.info).await;
+        guard.resolve_waits(&mut plan, cx.client).await;
     }
     let tracking = match guard.finish(plan, &req.frame, req.head.body_offset.unwrap_or(0)) {
         ProduceAction::Forward(tracking) => tracking,
@@ -126,7 +126,7 @@ fn count_in_flight(cx: &mut RequestCx<'_, '_>) -> InFlightToken {
                  retries beyond the broker's five-batch window cannot be deduplicated"
             )),
             ..AuditEvent::new(Kind::TooManyInFlight, Source::Proxy, Action::Observed)
-                .from_conn(&cx.info)
+                .from_conn(cx.client)
         });
     }
     token
@@ -143,7 +143,7 @@ pub fn on_response(
             let (header, resp) = cx
                 .handles
                 .guard
-                .on_produce_response(frame, version, memo.tracking, &cx.info)
+                .on_produce_response(frame, version, memo.tracking, cx.client)
                 .map_err(Close::MalformedResponse)?;
             encode_response(&header, &resp, ApiKey::Produce, version)
                 .map_err(|e| Close::MalformedResponse(e.to_string()))?
@@ -206,8 +206,8 @@ fn acks_policy(
     let mut upgrade = false;
     let mut refuse: Option<String> = None;
     for t in &view.topics {
-        let facts = cx.identity.facts(cx.info.client_address.ip());
-        let tp = cx.state.policies.topic(&facts, t.name);
+        let client = cx.client;
+        let tp = cx.state.policies.topic(client, t.name);
         let Some(d) = tp.get(Check::AcksAll) else {
             continue;
         };

@@ -55,9 +55,7 @@ fn read_isolation(
     let Some((at, 0)) = req.isolation else {
         return Ok(None); // already read_committed, or a version without isolation levels
     };
-    let identity = cx.identity;
-    let address = cx.info.client_address.ip();
-    let facts = identity.facts(address);
+    let client = cx.client;
     let mut upgrade = key == ApiKey::Fetch && cx.state.policies.read_committed_forced;
     for t in &req.topics {
         let name: std::sync::Arc<str> = match t {
@@ -93,7 +91,7 @@ fn read_isolation(
                 }
             },
         };
-        let tp = cx.state.policies.topic(&facts, &name);
+        let tp = cx.state.policies.topic(client, &name);
         let Some(d) = tp.get(Check::ReadCommitted) else {
             continue;
         };

@@ -4,7 +4,8 @@
 //! their exactly-once errors audited.
 
 use super::{Exchange, Request, RequestCx, ResponseCx, Step};
-use crate::audit::{Action, AuditEvent, ConnInfo, Kind, Source};
+use crate::audit::{Action, AuditEvent, Kind, Source};
+use crate::client::Client;
 use crate::guard::coordinator::{self, CoordinatorRequest};
 use crate::guard::{eos_error_kind, Guard};
 use crate::protocol::codec::decode_response;
@@ -49,7 +50,7 @@ pub fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Step {
         );
         if let Some(current) = stale {
             if let Some(answer) = coordinator::fenced_response(key, head, r) {
-                audit_fenced(guard, &cx.info, key, head, r, current);
+                audit_fenced(guard, cx.client, key, head, r, current);
                 return Step::Answer(Some(answer));
             }
         }
@@ -72,7 +73,7 @@ pub fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Step {
 /// Audits a coordinator request refused at the proxy because its epoch is fenced.
 fn audit_fenced(
     guard: &Guard,
-    info: &ConnInfo,
+    info: &Client,
     key: ApiKey,
     head: &RequestHead,
     req: &CoordinatorRequest,
@@ -101,7 +102,7 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
     };
     let (key, version) = (exchange.key, exchange.version);
     let guard = &cx.handles.guard;
-    let info = &cx.info;
+    let info = cx.client;
     let txn = memo.transactional_id;
     let mut errors: Vec<Found> = Vec::new();
     let decoded = match key {
@@ -159,7 +160,7 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
     }
     if let (true, Some(t)) = (memo.opens, &txn) {
         if !errors.is_empty() && errors.iter().all(|e| e.0 == codes::NONE) {
-            guard.begin_transaction(t, info.client_id.as_deref().unwrap_or(""));
+            guard.begin_transaction(t, info.client_id_kept().unwrap_or(""));
         }
     }
     audit_errors(guard, info, key, txn, errors);
@@ -169,7 +170,7 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
 /// Audits the exactly-once errors among a coordinator's answers.
 pub fn audit_errors(
     guard: &Guard,
-    info: &ConnInfo,
+    info: &Client,
     key: ApiKey,
     txn: Option<String>,
     errors: Vec<Found>,
