@@ -15,16 +15,13 @@
 //!
 //! Time is passed in by the caller (milliseconds on a monotonic clock), so this module reads no clock.
 
-use crate::eos::{self, Acked, Batch, PartitionState, Verdict};
+use crate::eos::{Acked, Batch, PartitionState, Verdict};
 use dashmap::DashMap;
+use entry::{Entry, HAS_STATE};
 use hashbrown::HashTable;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-
-/// At most this many batches per producer and partition are tracked as in flight (a well-behaved
-/// producer has at most 5); beyond that the oldest is forgotten, which only weakens retry detection.
-const MAX_IN_FLIGHT: usize = 8;
 
 /// A topic name as a number, handed out by [`ProducerStore::key`]. Numbers are never reused, so a key
 /// held across a reclaim of unused names can never come to mean another topic.
@@ -36,108 +33,6 @@ pub struct Key {
     pub producer_id: i64,
     pub topic: TopicId,
     pub partition: i32,
-}
-
-/// Batches forwarded and not answered yet, oldest first.
-#[derive(Debug)]
-struct InFlight {
-    len: u8,
-    batches: [Batch; MAX_IN_FLIGHT],
-}
-
-impl InFlight {
-    fn one(batch: Batch) -> Box<InFlight> {
-        Box::new(InFlight {
-            len: 1,
-            batches: [batch; MAX_IN_FLIGHT],
-        })
-    }
-
-    fn as_slice(&self) -> &[Batch] {
-        &self.batches[..self.len as usize]
-    }
-
-    fn push(&mut self, batch: Batch) {
-        if self.len as usize == MAX_IN_FLIGHT {
-            self.batches.copy_within(1.., 0);
-            self.len -= 1;
-        }
-        self.batches[self.len as usize] = batch;
-        self.len += 1;
-    }
-
-    fn remove(&mut self, batch: Batch) {
-        if let Some(i) = self.as_slice().iter().position(|b| *b == batch) {
-            self.batches.copy_within(i + 1..self.len as usize, i);
-            self.len -= 1;
-        }
-    }
-}
-
-/// Bit 63 of `Entry::stamp`: the entry holds an acknowledged state. (Kept in the time stamp rather than as
-/// an `Option<PartitionState>`, which would cost 8 bytes per entry; milliseconds never reach 2^63.)
-const HAS_STATE: u64 = 1 << 63;
-
-#[derive(Debug)]
-struct Entry {
-    state: PartitionState,
-    in_flight: Option<Box<InFlight>>,
-    /// Last use in milliseconds, and [`HAS_STATE`].
-    stamp: u64,
-}
-
-impl Entry {
-    fn new(now_ms: u64) -> Self {
-        Entry {
-            state: PartitionState::new(0),
-            in_flight: None,
-            stamp: now_ms & !HAS_STATE,
-        }
-    }
-
-    fn state(&self) -> Option<&PartitionState> {
-        (self.stamp & HAS_STATE != 0).then_some(&self.state)
-    }
-
-    fn last_used_ms(&self) -> u64 {
-        self.stamp & !HAS_STATE
-    }
-
-    fn touch(&mut self, now_ms: u64) {
-        self.stamp = (self.stamp & HAS_STATE) | (now_ms & !HAS_STATE);
-    }
-
-    fn in_flight(&self) -> &[Batch] {
-        self.in_flight.as_deref().map_or(&[], InFlight::as_slice)
-    }
-
-    /// The verdict on `batch`, tracking it as in flight if it is to be forwarded.
-    fn decide(&mut self, batch: Batch, now_ms: u64) -> Verdict {
-        self.touch(now_ms);
-        let verdict = eos::check(self.state(), self.in_flight(), batch);
-        if verdict.forwards() {
-            self.track(batch);
-        }
-        verdict
-    }
-
-    fn track(&mut self, batch: Batch) {
-        match &mut self.in_flight {
-            Some(list) => list.push(batch),
-            None => self.in_flight = Some(InFlight::one(batch)),
-        }
-    }
-
-    /// Takes `batch` out of flight, and frees the list once it is empty (most of the time nothing is in
-    /// flight, and a million idle entries should not each keep a heap allocation).
-    fn untrack(&mut self, batch: Batch) {
-        if let Some(list) = &mut self.in_flight {
-            list.remove(batch);
-            if list.len == 0 {
-                self.in_flight = None;
-            }
-        }
-    }
 }
 
 /// Topic names and their numbers. Bounded: when full, names no entry uses any more are dropped.
@@ -651,5 +546,6 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+mod entry;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,7 @@
 //! The store against its rules (the slab store's property test against a plain map is among them).
+use super::entry::MAX_IN_FLIGHT;
 use super::*;
+use crate::eos;
 
 impl ProducerStore {
     fn key_for(&self, producer_id: i64, topic: &str, partition: i32) -> Key {
