@@ -1,0 +1,279 @@
+//! One parser per top-level config section (`upstream`, `listen`, `limits`, ...), each reporting its
+//! problems by key path; `policies` is parsed by [`crate::policy::parse`].
+
+use super::*;
+
+pub(super) fn parse_upstream(s: &Section) -> UpstreamConfig {
+    let bootstrap_servers = s.string_list("bootstrap_servers", true, |v| {
+        reader::check_host_port(v).err()
+    });
+    let connect_timeout = s.millis("connect_timeout_ms", 10_000, 1, 600_000);
+    let metadata_refresh = s.millis("metadata_refresh_ms", 30_000, 100, 86_400_000);
+    s.finish(&[
+        "bootstrap_servers",
+        "connect_timeout_ms",
+        "metadata_refresh_ms",
+    ]);
+    UpstreamConfig {
+        bootstrap_servers,
+        connect_timeout,
+        metadata_refresh,
+    }
+}
+
+pub(super) fn parse_listen(s: &Section) -> ListenConfig {
+    let bind_host = s.string("bind_host", Some("0.0.0.0"));
+    let advertised_host = s.string("advertised_host", None);
+    for (key, host) in [
+        ("bind_host", &bind_host),
+        ("advertised_host", &advertised_host),
+    ] {
+        // An empty value is reported as missing by the reader already.
+        if !host.is_empty() {
+            if let Err(message) = reader::check_host(host) {
+                s.problem(key, &message);
+            }
+        }
+    }
+    let bootstrap_port = s.int("bootstrap_port", None, 1, 65535) as u16;
+    let broker_ports = {
+        let bp = s.section("broker_ports", true);
+        let range = bp.optional_section("range").map(|r| {
+            let first_port = r.int("first_port", None, 1, 65535) as u16;
+            let node_id_offset = r.int("node_id_offset", Some(0), -1_000_000, 1_000_000) as i32;
+            let count = r.int("count", Some(100), 1, 10_000) as u16;
+            if u32::from(first_port) + u32::from(count) - 1 > 65535 {
+                r.problem("count", "first_port + count - 1 exceeds 65535");
+            }
+            r.finish(&["first_port", "node_id_offset", "count"]);
+            BrokerPorts::Range {
+                first_port,
+                node_id_offset,
+                count,
+            }
+        });
+        let map = bp
+            .int_map("map", 1, 65535)
+            .map(|m| BrokerPorts::Map(m.into_iter().map(|(k, v)| (k, v as u16)).collect()));
+        let chosen = match (range, map) {
+            (Some(r), None) => r,
+            (None, Some(m)) => m,
+            (Some(r), Some(_)) => {
+                bp.problem_here("set either 'range' or 'map', not both");
+                r
+            }
+            (None, None) => {
+                if s.optional_section("broker_ports").is_some() {
+                    bp.problem_here("needs 'range' or 'map'");
+                }
+                BrokerPorts::Map(BTreeMap::new())
+            }
+        };
+        bp.finish(&["range", "map"]);
+        chosen
+    };
+    s.finish(&[
+        "bind_host",
+        "advertised_host",
+        "bootstrap_port",
+        "broker_ports",
+    ]);
+    ListenConfig {
+        bind_host,
+        advertised_host,
+        bootstrap_port,
+        broker_ports,
+    }
+}
+
+pub(super) fn parse_limits(s: &Section) -> LimitsConfig {
+    let max_frame_bytes = s.int("max_frame_bytes", Some(100 * 1024 * 1024), 1024, 1 << 30) as usize;
+    let idle_timeout = s.millis("idle_timeout_ms", 600_000, 1_000, 86_400_000);
+    let write_timeout = s.millis("write_timeout_ms", 30_000, 100, 3_600_000);
+    let max_connections = s.int("max_connections", Some(10_000), 1, 1_000_000) as usize;
+    let max_in_flight_per_connection =
+        s.int("max_in_flight_per_connection", Some(1_000), 1, 100_000) as usize;
+    s.finish(&[
+        "max_frame_bytes",
+        "idle_timeout_ms",
+        "write_timeout_ms",
+        "max_connections",
+        "max_in_flight_per_connection",
+    ]);
+    LimitsConfig {
+        max_frame_bytes,
+        idle_timeout,
+        write_timeout,
+        max_connections,
+        max_in_flight_per_connection,
+    }
+}
+
+pub(super) fn parse_runtime(s: &Section) -> RuntimeConfig {
+    // 0 (the default): one per core.
+    let worker_threads = s.int("worker_threads", Some(0), 0, 1024) as usize;
+    s.finish(&["worker_threads"]);
+    RuntimeConfig {
+        worker_threads: (worker_threads > 0).then_some(worker_threads),
+    }
+}
+
+pub(super) fn parse_log(s: &Section) -> LogConfig {
+    let format = match s.string("format", Some("text")).as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            s.problem("format", &format!("'{other}' is not one of: text, json"));
+            LogFormat::Text
+        }
+    };
+    let level = s.string("level", Some("info"));
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        s.problem("level", &format!("'{level}' is not a valid log filter"));
+    }
+    s.finish(&["format", "level"]);
+    LogConfig { format, level }
+}
+
+pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
+    let d = GuardConfig::default();
+    let enabled = s.bool("enabled", d.enabled);
+    let mode = match s.string("mode", Some("audit")).as_str() {
+        "audit" => Mode::Audit,
+        "enforce" => Mode::Enforce,
+        other => {
+            s.problem("mode", &format!("'{other}' is not one of: audit, enforce"));
+            Mode::Audit
+        }
+    };
+    let check_crc = s.bool("check_crc", d.check_crc);
+    let max_tracked = s.int("max_tracked", Some(d.max_tracked as i64), 1, 100_000_000) as usize;
+    let idle_expiry = s.millis(
+        "idle_expiry_ms",
+        d.idle_expiry.as_millis() as u64,
+        1_000,
+        30 * 86_400_000,
+    );
+    let in_flight_wait = s.millis(
+        "in_flight_wait_ms",
+        d.in_flight_wait.as_millis() as u64,
+        1,
+        600_000,
+    );
+    s.finish(&[
+        "enabled",
+        "mode",
+        "check_crc",
+        "max_tracked",
+        "idle_expiry_ms",
+        "in_flight_wait_ms",
+    ]);
+    GuardConfig {
+        enabled,
+        mode,
+        check_crc,
+        max_tracked,
+        idle_expiry,
+        in_flight_wait,
+    }
+}
+
+pub(super) fn parse_audit(s: &Section, upstream: &UpstreamConfig) -> AuditConfig {
+    let d = AuditConfig::default();
+    let stdout = s.bool("stdout", d.stdout);
+    let file = s.optional_string("file").map(std::path::PathBuf::from);
+    let queue = s.int("queue", Some(d.queue as i64), 1, 10_000_000) as usize;
+    let kafka = s.optional_section("kafka").map(|k| {
+        let topic = k.string("topic", None);
+        if topic.len() > 249
+            || !topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            k.problem(
+                "topic",
+                &format!("'{topic}' is not a legal Kafka topic name"),
+            );
+        }
+        let servers = k.string_list("bootstrap_servers", false, |v| {
+            reader::check_host_port(v).err()
+        });
+        let queue = k.int("queue", Some(10_000), 1, 10_000_000) as usize;
+        k.finish(&["topic", "bootstrap_servers", "queue"]);
+        KafkaAuditConfig {
+            topic,
+            bootstrap_servers: if servers.is_empty() {
+                upstream.bootstrap_servers.clone()
+            } else {
+                servers
+            },
+            queue,
+        }
+    });
+    s.finish(&["stdout", "file", "queue", "kafka"]);
+    AuditConfig {
+        stdout,
+        file,
+        queue,
+        kafka,
+    }
+}
+
+pub(super) fn parse_metrics(s: &Section) -> MetricsConfig {
+    let enabled = s.bool("enabled", true);
+    let listen = s.optional_string("listen");
+    if let Some(l) = &listen {
+        // Port 0 is allowed here (an ephemeral port, reported in the log): handy for tests.
+        let ok = l
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !ok {
+            s.problem("listen", &format!("'{l}' is not host:port"));
+        }
+    }
+    let max_producer_series = s.int("max_producer_series", Some(1000), 1, 1_000_000) as usize;
+    s.finish(&["enabled", "listen", "max_producer_series"]);
+    MetricsConfig {
+        enabled,
+        listen,
+        max_producer_series,
+    }
+}
+
+pub(super) fn parse_watchdog(s: &Section) -> WatchdogConfig {
+    let margin = s.millis("margin_ms", 10_000, 0, 86_400_000);
+    let interval = s.millis("interval_ms", 1_000, 10, 600_000);
+    let lso_stuck = s.millis("lso_stuck_ms", 60_000, 0, 86_400_000);
+    let max_partitions = s.int("max_partitions", Some(10_000), 1, 10_000_000) as usize;
+    s.finish(&["margin_ms", "interval_ms", "lso_stuck_ms", "max_partitions"]);
+    WatchdogConfig {
+        margin,
+        interval,
+        lso_stuck,
+        max_partitions,
+    }
+}
+
+pub(super) fn cross_check(c: &Config, problems: &mut Vec<Problem>) {
+    let ports = c.listen.broker_ports.ports();
+    if ports.contains(&c.listen.bootstrap_port) {
+        problems.push(Problem {
+            path: "listen.bootstrap_port".into(),
+            message: format!(
+                "port {} is also a broker port in listen.broker_ports",
+                c.listen.bootstrap_port
+            ),
+        });
+    }
+    if let BrokerPorts::Map(m) = &c.listen.broker_ports {
+        let mut seen = BTreeMap::new();
+        for (node, port) in m {
+            if let Some(other) = seen.insert(*port, *node) {
+                problems.push(Problem {
+                    path: format!("listen.broker_ports.map.{node}"),
+                    message: format!("port {port} is also used by node {other}"),
+                });
+            }
+        }
+    }
+}
