@@ -109,13 +109,33 @@ impl RawClient {
     pub async fn connect(addr: &str, client_id: &str) -> io::Result<RawClient> {
         let stream = TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
+        Ok(RawClient::on(stream, client_id))
+    }
+
+    /// A client on a connection made elsewhere (with socket options of its own).
+    pub fn on(stream: TcpStream, client_id: &str) -> RawClient {
         let (read, write) = stream.into_split();
-        Ok(RawClient {
+        RawClient {
             read,
             write,
             next_corr: 1,
             client_id: client_id.to_string(),
-        })
+        }
+    }
+
+    /// The next request's frame and correlation id (sent with [`RawClient::send_bytes`], or not).
+    pub fn encode<R: Encodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &R,
+    ) -> io::Result<(i32, Bytes)> {
+        let corr = self.next_corr;
+        self.next_corr += 1;
+        Ok((
+            corr,
+            request_frame(key, version, corr, &self.client_id, req)?,
+        ))
     }
 
     /// Sends a request without waiting for its answer; returns its correlation id.
@@ -125,11 +145,19 @@ impl RawClient {
         version: i16,
         req: &R,
     ) -> io::Result<i32> {
-        let corr = self.next_corr;
-        self.next_corr += 1;
-        let frame = request_frame(key, version, corr, &self.client_id, req)?;
+        let (corr, frame) = self.encode(key, version, req)?;
         self.write.write_all(&frame).await?;
         Ok(corr)
+    }
+
+    /// Half-closes: the peer reads end of stream after what was sent.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.write.shutdown().await
+    }
+
+    /// Whatever bytes arrive next (0: the peer closed).
+    pub async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read.read(buf).await
     }
 
     /// Writes bytes as they are.

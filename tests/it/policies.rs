@@ -6,6 +6,7 @@ use crate::rdkafka_clients::{client_config, create_topic, read_all};
 use crate::wire::Raw;
 use kafka_eos_proxy::audit::{Action, AuditEvent, Kind};
 use kafka_eos_proxy::config::Config;
+use kafka_eos_proxy::testkit::RawClient;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -870,11 +871,7 @@ policies:
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
             let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
-            Raw {
-                stream,
-                next_corr: 1,
-                client_id: client,
-            }
+            Raw(RawClient::on(stream, &client))
         }
     };
     for i in 0..3 {

@@ -4,21 +4,20 @@
 use crate::common::*;
 use bytes::{Bytes, BytesMut};
 use kafka_eos_proxy::protocol::codec::decode_response;
+use kafka_eos_proxy::testkit::RawClient;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-pub struct Raw {
-    pub stream: TcpStream,
-    pub next_corr: i32,
-    pub client_id: String,
-}
+pub struct Raw(pub RawClient);
 
+/// The shared raw-wire client ([`RawClient`]), with test conveniences: failures panic with what failed,
+/// and reads time out instead of hanging a test.
 impl Raw {
     pub async fn connect(addr: &str) -> Raw {
         Raw::connect_as(addr, "raw-test").await
@@ -26,25 +25,17 @@ impl Raw {
 
     /// A connection whose requests carry `client_id`.
     pub async fn connect_as(addr: &str, client_id: &str) -> Raw {
-        let stream = TcpStream::connect(addr).await.expect("connect to proxy");
-        Raw {
-            stream,
-            next_corr: 1,
-            client_id: client_id.to_string(),
-        }
+        Raw(RawClient::connect(addr, client_id)
+            .await
+            .expect("connect to proxy"))
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write");
+        self.0.send_bytes(bytes).await.expect("write");
     }
 
     pub fn encode<R: Encodable>(&mut self, key: ApiKey, version: i16, req: &R) -> (i32, Bytes) {
-        let corr = self.next_corr;
-        self.next_corr += 1;
-        let frame =
-            kafka_eos_proxy::testkit::request_frame(key, version, corr, &self.client_id, req)
-                .expect("encode request");
-        (corr, frame)
+        self.0.encode(key, version, req).expect("encode request")
     }
 
     /// Encodes at `version` and then claims `wire_version` in the header: for versions the encoder refuses.
@@ -62,25 +53,15 @@ impl Raw {
     }
 
     pub async fn send<R: Encodable>(&mut self, key: ApiKey, version: i16, req: &R) -> i32 {
-        let (corr, bytes) = self.encode(key, version, req);
-        self.send_bytes(&bytes).await;
-        corr
+        self.0.send(key, version, req).await.expect("write request")
     }
 
     /// Next response frame (size prefix included), or None if the proxy closed the connection.
     pub async fn recv_frame(&mut self) -> Option<Bytes> {
-        let read = async {
-            let mut size = [0u8; 4];
-            self.stream.read_exact(&mut size).await.ok()?;
-            let n = i32::from_be_bytes(size) as usize;
-            let mut buf = vec![0u8; 4 + n];
-            buf[..4].copy_from_slice(&size);
-            self.stream.read_exact(&mut buf[4..]).await.ok()?;
-            Some(Bytes::from(buf))
-        };
-        tokio::time::timeout(Duration::from_secs(20), read)
+        tokio::time::timeout(Duration::from_secs(20), self.0.recv())
             .await
             .expect("no response within 20s")
+            .ok()
     }
 
     pub async fn call<R: Encodable, S: Decodable>(
@@ -99,10 +80,15 @@ impl Raw {
         body
     }
 
+    /// Half-closes the connection (the proxy reads end of stream after what was sent).
+    pub async fn shutdown(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+
     /// Asserts the proxy closes this connection (without answering) within a few seconds.
     pub async fn expect_closed(&mut self, what: &str) {
         let mut buf = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(5), self.0.read_some(&mut buf))
             .await
             .unwrap_or_else(|_| panic!("{what}: connection still open after 5s"));
         match n {
@@ -425,7 +411,7 @@ async fn bad_input_closes_only_that_connection() {
         if what.starts_with("random") {
             // Random bytes may announce a frame under the size limit; the proxy then rightly waits for
             // the rest. Half-closing shows the partial frame is dropped and the connection closed.
-            let _ = bad.stream.shutdown().await;
+            bad.shutdown().await;
         }
         bad.expect_closed(what).await;
         healthy(&mut bystander).await;
@@ -436,7 +422,7 @@ async fn bad_input_closes_only_that_connection() {
     truncated
         .send_bytes(&[0, 0, 0, 100, 0, 18, 0, 3, 0, 0])
         .await;
-    truncated.stream.shutdown().await.unwrap();
+    truncated.shutdown().await;
     truncated.expect_closed("truncated frame").await;
     healthy(&mut bystander).await;
 
@@ -498,11 +484,7 @@ async fn clients_that_never_read_are_let_go() {
     })
     .await;
     let addr: std::net::SocketAddr = proxy.bootstrap().parse().unwrap();
-    let mut request = Raw {
-        stream: TcpStream::connect(addr).await.unwrap(),
-        next_corr: 1,
-        client_id: "never-reads".into(),
-    };
+    let mut request = Raw::connect_as(proxy.bootstrap(), "never-reads").await;
     let mut pipelined = Vec::new();
     for _ in 0..20_000 {
         let (_, bytes) = request.encode(ApiKey::ApiVersions, 3, &api_versions_request());
@@ -534,16 +516,11 @@ async fn clients_that_never_read_are_let_go() {
             let Ok(stream) = TcpStream::connect(addr).await else {
                 return false;
             };
-            let mut c = Raw {
-                stream,
-                next_corr: 1,
-                client_id: "reads".into(),
-            };
+            let mut c = Raw(RawClient::on(stream, "reads"));
             let corr = c
                 .send(ApiKey::ApiVersions, 3, &api_versions_request())
                 .await;
-            let mut size = [0u8; 4];
-            let read = tokio::time::timeout(Duration::from_secs(1), c.stream.read_exact(&mut size));
+            let read = tokio::time::timeout(Duration::from_secs(1), c.0.recv());
             let answered = matches!(read.await, Ok(Ok(_)));
             answered && corr == 1
         },
