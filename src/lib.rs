@@ -14,10 +14,10 @@
 //! ```
 //!
 //! Module map, in data-flow order: [`config`] (YAML, validation) → [`server`] (listeners, broker
-//! registry, discovery, watchdog, shutdown) → [`session`] (per-connection pumps) → [`stages`] (one
-//! module per feature, the chain) → [`protocol`] (framing, header peeks, batch headers, produce walker,
+//! registry, discovery, watchdog, shutdown) → [`session`] (per-connection pumps, one [`client::Client`]
+//! each: who is connected) → [`stages`] (one module per feature, the chain) → [`protocol`] (framing, header peeks, batch headers, produce walker,
 //! version table, codecs, error codes) → [`filters`] (address rewrite, ApiVersions clamp, response
-//! skims) → [`policy`] (what each topic demands; reloadable) → [`guard`] (produce guard, producer
+//! skims) → [`policy`] (what each topic demands, one catalogue row per check; reloadable) → [`guard`] (produce guard, producer
 //! state, transaction tracker) → [`eos`] (pure producer-state rules) → [`audit`], [`metrics`] (what
 //! operators see). [`testkit`] and [`fuzzing`] serve the tests, examples, benchmarks and fuzz targets.
 

@@ -152,7 +152,7 @@ pub struct ProducerStore {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub key: Key,
-    /// The topic's name (empty if the name was dropped while the entry lived on; see [`Topics`]).
+    /// The topic's name (empty if the name was dropped while the entry lived on; see the store's topic table).
     pub topic: Arc<str>,
     pub state: Option<PartitionState>,
     pub in_flight: Vec<Batch>,

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! The session knows no feature: the request pump peeks each request header and hands the request to
-//! the [`Chain`] (the stages that asked for its api key: see [`crate::stages`]), which may patch it,
+//! the [`crate::stages::Chain`] (the stages that asked for its api key: see [`crate::stages`]), which may patch it,
 //! leave memos for its answer, or answer it itself. What goes upstream is queued in request order first
 //! (acks=0 produce requests queue nothing, as the broker answers nothing). The response pump takes the
 //! queue in order, reads the matching upstream response, checks its correlation id, runs the chain's

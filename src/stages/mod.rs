@@ -18,7 +18,7 @@
 //! once from those declarations and indexed by api key, so the session asks it for the stages of a key
 //! and runs them, knowing no feature itself. A closed enum rather than boxed trait objects: the stages
 //! are known at compile time, dispatch is a match, and async stages need no boxing. What a request leaves
-//! for its response is one memo per stage, gathered in [`Memos`].
+//! for its response is one memo per stage, carried by [`Memo`].
 
 pub mod addresses;
 pub mod api_versions;
