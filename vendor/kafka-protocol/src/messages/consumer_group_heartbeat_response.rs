@@ -99,7 +99,10 @@ impl Decodable for Assignment {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -311,7 +314,10 @@ impl Decodable for ConsumerGroupHeartbeatResponse {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -450,7 +456,10 @@ impl Decodable for TopicPartitions {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;

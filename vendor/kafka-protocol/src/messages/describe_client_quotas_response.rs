@@ -179,7 +179,10 @@ impl Decodable for DescribeClientQuotasResponse {
         if version >= 1 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -342,7 +345,10 @@ impl Decodable for EntityData {
         if version >= 1 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -503,7 +509,10 @@ impl Decodable for EntryData {
         if version >= 1 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -650,7 +659,10 @@ impl Decodable for ValueData {
         if version >= 1 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;

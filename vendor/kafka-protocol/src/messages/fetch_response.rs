@@ -120,7 +120,10 @@ impl Decodable for AbortedTransaction {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -287,7 +290,10 @@ impl Decodable for EpochEndOffset {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -547,7 +553,10 @@ impl Decodable for FetchResponse {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -758,7 +767,10 @@ impl Decodable for FetchableTopicResponse {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -927,7 +939,10 @@ impl Decodable for LeaderIdAndEpoch {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -1160,7 +1175,10 @@ impl Decodable for NodeEndpoint {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -1589,7 +1607,10 @@ impl Decodable for PartitionData {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -1755,7 +1776,10 @@ impl Decodable for SnapshotId {
         if version >= 12 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -228,7 +228,10 @@ impl Decodable for InitProducerIdRequest {
         if version >= 2 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -291,7 +291,10 @@ impl Decodable for MetadataResponse {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -502,7 +505,10 @@ impl Decodable for MetadataResponseBroker {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -779,7 +785,10 @@ impl Decodable for MetadataResponsePartition {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -1049,7 +1058,10 @@ impl Decodable for MetadataResponseTopic {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -164,7 +164,10 @@ impl Decodable for BatchIndexAndErrorMessage {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -331,7 +334,10 @@ impl Decodable for LeaderIdAndEpoch {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -564,7 +570,10 @@ impl Decodable for NodeEndpoint {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -891,7 +900,10 @@ impl Decodable for PartitionProduceResponse {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -1116,7 +1128,10 @@ impl Decodable for ProduceResponse {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -1325,7 +1340,10 @@ impl Decodable for TopicProduceResponse {
         if version >= 9 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
             if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-                bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+                bail!(
+                    "{num_tagged_fields} tagged fields exceed the limit of {}",
+                    crate::protocol::MAX_TAGGED_FIELDS
+                );
             }
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -183,7 +183,10 @@ impl Decodable for PartitionResult {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -303,7 +306,10 @@ impl Decodable for ReadShareGroupStateSummaryResponse {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -431,7 +437,10 @@ impl Decodable for ReadStateSummaryResult {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;

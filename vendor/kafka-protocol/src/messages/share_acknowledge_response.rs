@@ -115,7 +115,10 @@ impl Decodable for LeaderIdAndEpoch {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -278,7 +281,10 @@ impl Decodable for NodeEndpoint {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -445,7 +451,10 @@ impl Decodable for PartitionData {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -631,7 +640,10 @@ impl Decodable for ShareAcknowledgeResponse {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -767,7 +779,10 @@ impl Decodable for ShareAcknowledgeTopicResponse {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -132,7 +132,10 @@ impl Decodable for AcknowledgementBatch {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -280,7 +283,10 @@ impl Decodable for FetchPartition {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -412,7 +418,10 @@ impl Decodable for FetchTopic {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -541,7 +550,10 @@ impl Decodable for ForgottenTopic {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -807,7 +819,10 @@ impl Decodable for ShareFetchRequest {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -180,7 +180,10 @@ impl Decodable for NodeEndpoint {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -362,7 +365,10 @@ impl Decodable for PartitionData {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -498,7 +504,10 @@ impl Decodable for TopicData {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -680,7 +689,10 @@ impl Decodable for VoteResponse {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         if num_tagged_fields > crate::protocol::MAX_TAGGED_FIELDS {
-            bail!("{num_tagged_fields} tagged fields exceed the limit of {}", crate::protocol::MAX_TAGGED_FIELDS);
+            bail!(
+                "{num_tagged_fields} tagged fields exceed the limit of {}",
+                crate::protocol::MAX_TAGGED_FIELDS
+            );
         }
         for _ in 0..num_tagged_fields {
             let tag: u32 = types::UnsignedVarInt.decode(buf)?;
