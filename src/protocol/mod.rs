@@ -1,6 +1,7 @@
 //! Wire-level building blocks: framing, header peeks, bounds-checked primitives, the version table, and
 //! helpers to decode and re-encode the few responses the proxy changes.
 
+pub mod api_table;
 pub mod batch;
 pub mod codec;
 pub mod codes;

@@ -13,7 +13,7 @@ use kafka_protocol::messages::ApiKey;
 /// broker answers a version it does not know (UNSUPPORTED_VERSION with the range to retry with); any
 /// other unreadable version closes the connection, as a broker does.
 pub fn gate(head: &RequestHead, key: ApiKey) -> Result<Option<Step>, Close> {
-    if versions::accepts(key, head.api_version) {
+    if versions::accepts(key as i16, head.api_version) {
         return Ok(None);
     }
     if key == ApiKey::ApiVersions && head.api_version > 0 {

@@ -3,6 +3,7 @@
 
 mod brokers;
 mod common;
+mod definitions;
 mod fuzz_replay;
 mod java_client;
 mod policies;

@@ -184,6 +184,55 @@ async fn api_versions_are_capped_and_unknown_keys_hidden() {
     proxy.stop().await;
 }
 
+/// ApiVersions v5 (KIP-1242): the client names the cluster and the node it means to reach, and a broker that
+/// is not that node answers REBOOTSTRAP_REQUIRED. The proxy passes the request as sent: the connection for
+/// node N reaches broker N, so a client that is right is told so, and one that is wrong is told what the
+/// broker tells it directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_versions_v5_reaches_the_node_the_client_names() {
+    const REBOOTSTRAP_REQUIRED: i16 = 129;
+    let proxy = start_proxy(Cluster::Three).await;
+    let mut raw = Raw::connect(proxy.bootstrap()).await;
+    let md: MetadataResponse = raw
+        .call(ApiKey::Metadata, 12, &MetadataRequest::default())
+        .await;
+    let cluster = md.cluster_id.clone();
+    assert!(cluster.is_some());
+    let v5 = |cluster: Option<StrBytes>, node: i32| {
+        api_versions_request()
+            .with_cluster_id(cluster)
+            .with_node_id(node)
+    };
+    async fn code(addr: &str, req: &ApiVersionsRequest) -> i16 {
+        let mut c = Raw::connect(addr).await;
+        let r: ApiVersionsResponse = c.call(ApiKey::ApiVersions, 5, req).await;
+        r.error_code
+    }
+    for node in 1..=3 {
+        let via = format!("{PROXY_HOST}:{}", proxy.broker_port(node));
+        let direct = format!("127.0.0.1:{}", 29092 + 100 * node);
+        let right = v5(cluster.clone(), node);
+        assert_eq!(code(&via, &right).await, 0, "node {node} through the proxy");
+        let other = node % 3 + 1;
+        let wrong_node = v5(cluster.clone(), other);
+        assert_eq!(code(&direct, &wrong_node).await, REBOOTSTRAP_REQUIRED);
+        assert_eq!(
+            code(&via, &wrong_node).await,
+            REBOOTSTRAP_REQUIRED,
+            "node {node}'s port asked for node {other}"
+        );
+        let wrong_cluster = v5(Some(StrBytes::from_static_str("another-cluster")), node);
+        assert_eq!(
+            code(&via, &wrong_cluster).await,
+            code(&direct, &wrong_cluster).await,
+            "another cluster's id, through the proxy as directly"
+        );
+    }
+    // The bootstrap connection: a client that knows no node yet names none.
+    assert_eq!(code(proxy.bootstrap(), &v5(None, -1)).await, 0);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_offered_version_of_address_apis_is_rewritten() {
     let proxy = start_proxy(Cluster::Three).await;
