@@ -185,3 +185,19 @@ policies:
     assert_eq!(one(&results, "consumed"), 25);
     proxy.stop().await;
 }
+
+/// Share groups (KIP-932): ShareFetch and ShareAcknowledge through the proxy, every record delivered once
+/// between two share consumers, and the coordinator the admin client learns is a proxy address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_share_consumers_get_every_record_once() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("share", &proxy).await;
+    assert_eq!(one(&r, "share_delivered"), 300);
+    assert_eq!(
+        one(&r, "share_from_first") + one(&r, "share_from_second"),
+        300,
+        "no record delivered twice"
+    );
+    assert_proxy_address(&proxy, &r["share_coordinator"][0]);
+    proxy.stop().await;
+}

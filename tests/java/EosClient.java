@@ -10,6 +10,9 @@
 //   txn          one committed and one aborted transaction, checked with read_committed
 //   ctp          consume-transform-produce with sendOffsetsToTransaction
 //   group        two consumers in a group, a rebalance, committed offsets
+//   share        two share consumers (KIP-932 share group) on one topic: every record delivered and
+//                acknowledged once between them, through ShareFetch/ShareAcknowledge; prints the
+//                addresses the consumers were sent to
 //   policy       (through a proxy with the test's policy) a non-idempotent producer is refused with
 //                PolicyViolationException and writes nothing; a read_uncommitted consumer sees no
 //                aborted records
@@ -20,6 +23,7 @@ import org.apache.kafka.clients.admin.*;
 import org.apache.kafka.clients.consumer.*;
 import org.apache.kafka.clients.producer.*;
 import org.apache.kafka.common.*;
+import org.apache.kafka.common.config.ConfigResource;
 import org.apache.kafka.common.serialization.*;
 
 public class EosClient {
@@ -38,6 +42,7 @@ public class EosClient {
             case "ctp": ctp(); break;
             case "group": group(); break;
             case "policy": policy(); break;
+            case "share": share(); break;
             default: throw new IllegalArgumentException("unknown scenario " + args[0]);
         }
         System.out.println("RESULT ok=true");
@@ -316,5 +321,57 @@ public class EosClient {
         }
         check(committed == 600, "committed offsets cover every record, got " + committed);
         System.out.println("RESULT consumed=" + seen.size());
+    }
+
+    static KafkaShareConsumer<String, String> shareConsumer(String group) {
+        Properties p = base();
+        p.put("key.deserializer", StringDeserializer.class.getName());
+        p.put("value.deserializer", StringDeserializer.class.getName());
+        p.put("group.id", group);
+        return new KafkaShareConsumer<>(p);
+    }
+
+    static void share() throws Exception {
+        String topic = prefix + "-share", group = prefix + "-share-group";
+        createTopic(topic, 3, 3);
+        // A share group starts at the latest offset unless told otherwise (a group config).
+        try (Admin a = admin_client()) {
+            ConfigResource g = new ConfigResource(ConfigResource.Type.GROUP, group);
+            a.incrementalAlterConfigs(Map.of(g, List.of(new AlterConfigOp(
+                    new ConfigEntry("share.auto.offset.reset", "earliest"), AlterConfigOp.OpType.SET))))
+                .all().get(60, TimeUnit.SECONDS);
+        }
+        List<String> values = numbered("js", 300);
+        try (KafkaProducer<String, String> p = producer(new Properties())) { sendAll(p, topic, values); }
+        Map<String, Integer> seen = new HashMap<>();
+        int fromA = 0, fromB = 0;
+        try (KafkaShareConsumer<String, String> a = shareConsumer(group);
+             KafkaShareConsumer<String, String> b = shareConsumer(group)) {
+            a.subscribe(List.of(topic));
+            b.subscribe(List.of(topic));
+            long deadline = System.currentTimeMillis() + 90_000;
+            while (seen.size() < values.size() && System.currentTimeMillis() < deadline) {
+                for (ConsumerRecord<String, String> r : a.poll(Duration.ofMillis(200))) { seen.merge(r.value(), 1, Integer::sum); fromA++; }
+                a.commitSync();
+                for (ConsumerRecord<String, String> r : b.poll(Duration.ofMillis(200))) { seen.merge(r.value(), 1, Integer::sum); fromB++; }
+                b.commitSync();
+            }
+            // A few more polls: nothing acknowledged may come back.
+            for (int i = 0; i < 5; i++) {
+                for (ConsumerRecord<String, String> r : a.poll(Duration.ofMillis(200))) seen.merge(r.value(), 1, Integer::sum);
+                a.commitSync();
+                for (ConsumerRecord<String, String> r : b.poll(Duration.ofMillis(200))) seen.merge(r.value(), 1, Integer::sum);
+                b.commitSync();
+            }
+        }
+        check(seen.size() == values.size(), "every record delivered, got " + seen.size());
+        for (Map.Entry<String, Integer> e : seen.entrySet()) check(e.getValue() == 1, "delivered twice: " + e.getKey());
+        try (Admin a = admin_client()) {
+            ShareGroupDescription d = a.describeShareGroups(List.of(group)).all().get(60, TimeUnit.SECONDS).get(group);
+            System.out.println("RESULT share_coordinator=" + d.coordinator().host() + ":" + d.coordinator().port());
+        }
+        System.out.println("RESULT share_delivered=" + seen.size());
+        System.out.println("RESULT share_from_first=" + fromA);
+        System.out.println("RESULT share_from_second=" + fromB);
     }
 }
