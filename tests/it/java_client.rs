@@ -201,3 +201,33 @@ async fn java_share_consumers_get_every_record_once() {
     assert_proxy_address(&proxy, &r["share_coordinator"][0]);
     proxy.stop().await;
 }
+
+/// Kafka Streams (kafka-streams 4.4.0) with processing.guarantee=exactly_once_v2 through the proxy, on the
+/// classic group protocol and on the streams group protocol (KIP-1071, StreamsGroupHeartbeat and
+/// StreamsGroupDescribe passing through): every input record in the output exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_streams_exactly_once_v2() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let heartbeats = || {
+        let metrics = proxy.proxy.as_ref().unwrap().shared().metrics.clone();
+        let text = metrics.expect("metrics on").render();
+        text.lines()
+            .find(|l| l.contains("api=\"StreamsGroupHeartbeat\"") && l.contains("requests_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let r = run_java("streams", &proxy).await;
+    assert_eq!(one(&r, "streams_output"), 500, "classic");
+    assert_eq!(
+        heartbeats(),
+        0.0,
+        "the classic protocol sends no streams heartbeats"
+    );
+    let r = run_java("streams-protocol", &proxy).await;
+    assert_eq!(one(&r, "streams_output"), 500, "streams protocol");
+    assert!(
+        heartbeats() > 0.0,
+        "the streams protocol went through the proxy"
+    );
+    proxy.stop().await;
+}

@@ -13,6 +13,9 @@
 //   share        two share consumers (KIP-932 share group) on one topic: every record delivered and
 //                acknowledged once between them, through ShareFetch/ShareAcknowledge; prints the
 //                addresses the consumers were sent to
+//   streams      a Kafka Streams application with processing.guarantee=exactly_once_v2 (classic group
+//                protocol): every input record in the output exactly once (read_committed)
+//   streams-protocol  the same with group.protocol=streams (KIP-1071: StreamsGroupHeartbeat/Describe)
 //   policy       (through a proxy with the test's policy) a non-idempotent producer is refused with
 //                PolicyViolationException and writes nothing; a read_uncommitted consumer sees no
 //                aborted records
@@ -25,6 +28,9 @@ import org.apache.kafka.clients.producer.*;
 import org.apache.kafka.common.*;
 import org.apache.kafka.common.config.ConfigResource;
 import org.apache.kafka.common.serialization.*;
+import org.apache.kafka.streams.KafkaStreams;
+import org.apache.kafka.streams.StreamsBuilder;
+import org.apache.kafka.streams.StreamsConfig;
 
 public class EosClient {
     static String bootstrap;
@@ -43,6 +49,8 @@ public class EosClient {
             case "group": group(); break;
             case "policy": policy(); break;
             case "share": share(); break;
+            case "streams": streams("classic"); break;
+            case "streams-protocol": streams("streams"); break;
             default: throw new IllegalArgumentException("unknown scenario " + args[0]);
         }
         System.out.println("RESULT ok=true");
@@ -373,5 +381,40 @@ public class EosClient {
         System.out.println("RESULT share_delivered=" + seen.size());
         System.out.println("RESULT share_from_first=" + fromA);
         System.out.println("RESULT share_from_second=" + fromB);
+    }
+
+    static void streams(String protocol) throws Exception {
+        String in = prefix + "-streams-in", out = prefix + "-streams-out";
+        createTopic(in, 3, 3);
+        createTopic(out, 3, 3);
+        List<String> values = numbered("jk", 500);
+        try (KafkaProducer<String, String> p = producer(new Properties())) { sendAll(p, in, values); }
+        Properties sp = base();
+        sp.put(StreamsConfig.APPLICATION_ID_CONFIG, prefix + "-app");
+        sp.put(StreamsConfig.PROCESSING_GUARANTEE_CONFIG, StreamsConfig.EXACTLY_ONCE_V2);
+        sp.put(StreamsConfig.DEFAULT_KEY_SERDE_CLASS_CONFIG, Serdes.StringSerde.class);
+        sp.put(StreamsConfig.DEFAULT_VALUE_SERDE_CLASS_CONFIG, Serdes.StringSerde.class);
+        sp.put(StreamsConfig.consumerPrefix(ConsumerConfig.AUTO_OFFSET_RESET_CONFIG), "earliest");
+        sp.put(StreamsConfig.COMMIT_INTERVAL_MS_CONFIG, 100);
+        sp.put(StreamsConfig.STATE_DIR_CONFIG,
+               java.nio.file.Files.createTempDirectory("eos-streams").toString());
+        sp.put(StreamsConfig.GROUP_PROTOCOL_CONFIG, protocol);
+        StreamsBuilder b = new StreamsBuilder();
+        b.<String, String>stream(in).mapValues(v -> v + "-out").to(out);
+        List<String> expected = new ArrayList<>();
+        for (String v : values) expected.add(v + "-out");
+        KafkaStreams ks = new KafkaStreams(b.build(), sp);
+        try {
+            ks.start();
+            List<String> first = readAll(out, "read_committed", values.size());
+            check(first.size() >= values.size(), "the application wrote its output, got " + first.size());
+        } finally {
+            ks.close(Duration.ofSeconds(30));
+        }
+        // Read everything again once the application has stopped: nothing twice, nothing missing.
+        List<String> all = readAll(out, "read_committed", values.size());
+        sameSet(all, expected, "exactly once through Kafka Streams (" + protocol + ")");
+        System.out.println("RESULT streams_output=" + all.size());
+        System.out.println("RESULT streams_state=" + ks.state());
     }
 }
