@@ -85,9 +85,12 @@ pub fn kafka_script(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The pinned Kafka's libraries (the Java client and Kafka Streams are always the pinned release, also
+/// when the brokers are another one: KAFKA_VERSION in the compatibility runs).
 pub fn kafka_libs() -> PathBuf {
     let out = Command::new(repo_root().join("scripts/kafka"))
         .arg("libs")
+        .env_remove("KAFKA_VERSION")
         .output()
         .expect("run scripts/kafka libs");
     assert!(out.status.success());

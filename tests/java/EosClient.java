@@ -73,6 +73,26 @@ public class EosClient {
     static void createTopic(String topic, int partitions, int rf) throws Exception {
         try (Admin a = admin_client()) {
             a.createTopics(List.of(new NewTopic(topic, partitions, (short) rf))).all().get(60, TimeUnit.SECONDS);
+            describe(a, topic, partitions);
+        }
+    }
+
+    /// A topic just created is known to the controller before every broker has it (each broker applies
+    /// the metadata a moment later, and brokers of older releases lag longer): describe it, retrying while
+    /// the broker asked does not know it yet, until every partition has a leader.
+    static TopicDescription describe(Admin a, String topic, int partitions) throws Exception {
+        long deadline = System.currentTimeMillis() + 30_000;
+        while (true) {
+            try {
+                TopicDescription d = a.describeTopics(List.of(topic)).allTopicNames()
+                    .get(30, TimeUnit.SECONDS).get(topic);
+                if (d.partitions().size() == partitions
+                        && d.partitions().stream().allMatch(p -> p.leader() != null && p.leader().id() >= 0)) return d;
+            } catch (java.util.concurrent.ExecutionException e) {
+                if (!(e.getCause() instanceof org.apache.kafka.common.errors.UnknownTopicOrPartitionException)) throw e;
+            }
+            if (System.currentTimeMillis() > deadline) throw new AssertionError(topic + " has no leaders after 30 s");
+            Thread.sleep(50);
         }
     }
 
@@ -176,7 +196,7 @@ public class EosClient {
         String topic = prefix + "-admin";
         createTopic(topic, 4, 1);
         try (Admin a = admin_client()) {
-            TopicDescription d = a.describeTopics(List.of(topic)).allTopicNames().get(60, TimeUnit.SECONDS).get(topic);
+            TopicDescription d = describe(a, topic, 4);
             check(d.partitions().size() == 4, "4 partitions");
             for (TopicPartitionInfo p : d.partitions())
                 System.out.println("RESULT leader=" + p.leader().host() + ":" + p.leader().port());
