@@ -262,6 +262,14 @@ impl ProducerStore {
             .fetch_add(gone as u64, Ordering::Relaxed);
     }
 
+    /// A topic was deleted and created again under `name` (a Metadata answer named it with a new topic
+    /// id): its producer state belongs to the old topic. The name gets a new number at its next use, so
+    /// no batch of the new topic is ever checked against the old one's windows (the old entries are no
+    /// longer reachable and leave by idle expiry or eviction). Returns whether the name was in use.
+    pub fn forget_topic(&self, name: &str) -> bool {
+        self.topics.ids.remove(name).is_some()
+    }
+
     /// The name behind a topic number (empty if dropped).
     pub fn topic_name(&self, topic: TopicId) -> Arc<str> {
         self.topics

@@ -1,11 +1,13 @@
 //! Every broker address in an answer rewritten to the proxy's listener for that node, so no client
-//! ever connects past the proxy (see [`crate::filters::addresses`]).
+//! ever connects past the proxy (see [`crate::filters::addresses`]); Metadata answers also teach topic
+//! ids, and a topic re-created under its name drops the old one's producer state.
 
 use super::{Exchange, ResponseCx, Side};
 use crate::filters::addresses::rewrite_response;
 use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
+use tracing::info;
 
 /// The answers that can carry broker addresses.
 pub const INTERESTS: &[(ApiKey, Side)] = &[
@@ -23,7 +25,18 @@ pub async fn on_response(
     exchange: &Exchange,
     frame: Bytes,
 ) -> Result<Bytes, Close> {
-    rewrite_response(frame, exchange.key, exchange.version, &cx.handles.brokers)
+    let brokers = &cx.handles.brokers;
+    let out = rewrite_response(frame, exchange.key, exchange.version, brokers)
         .await
-        .map_err(|e| Close::MalformedResponse(e.to_string()))
+        .map_err(|e| Close::MalformedResponse(e.to_string()))?;
+    if exchange.key == ApiKey::Metadata {
+        // A topic deleted and created again under its name: the producer state of the old one must
+        // never answer for the new one (a retry would get an offset of the deleted topic).
+        for name in brokers.take_recreated() {
+            if cx.handles.guard.store.forget_topic(&name) {
+                info!(topic = %name, "topic re-created (new topic id): its old producer state is dropped");
+            }
+        }
+    }
+    Ok(out)
 }

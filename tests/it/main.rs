@@ -4,6 +4,7 @@
 mod brokers;
 mod common;
 mod definitions;
+mod franz_go;
 mod fuzz_replay;
 mod java_client;
 mod policies;

@@ -755,3 +755,96 @@ async fn a_batch_behind_a_retriable_failure_is_left_to_the_broker() {
     assert_eq!(values.len(), 50, "every batch exactly once");
     proxy.stop().await;
 }
+
+/// A topic deleted and created again under its name starts with no producer state at the proxy: a batch
+/// the old topic acknowledged is written to the new one (the broker's offset), never answered from the
+/// old topic's window with the old offset. The proxy learns of the new topic from the Metadata answer a
+/// client gets (here the raw client asks, as a client does when its writes fail during the deletion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_starts_without_the_old_ones_state() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let proxy = start_proxy(Cluster::Single).await;
+    let topic = unique_topic("recreated");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let metadata = MetadataRequest::default()
+        .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
+        )
+        .with_name(Some(TopicName(StrBytes::from_string(topic.clone()))))]));
+    let md: MetadataResponse = raw.call(ApiKey::Metadata, 12, &metadata).await;
+    let first_id = md.topics[0].topic_id;
+    // Three plain records first, so the idempotent batch lands at offset 3.
+    let plain = send_produce(
+        &mut raw,
+        &produce(
+            &topic,
+            None,
+            vec![(0, batch(-1, -1, -1, 3, false, "plain"))],
+        ),
+    )
+    .await;
+    assert_eq!(plain, vec![(0, 0, 0, None)]);
+    let (pid, epoch) = init_producer_id(&mut raw, None).await;
+    let req = produce(&topic, None, vec![(0, batch(pid, epoch, 0, 2, false, "r"))]);
+    assert_eq!(send_produce(&mut raw, &req).await, vec![(0, 0, 3, None)]);
+    assert_eq!(
+        send_produce(&mut raw, &req).await,
+        vec![(0, 0, 3, None)],
+        "a retry on the old topic is answered with its offset"
+    );
+
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(proxy.bootstrap()).create().expect("admin");
+    admin
+        .delete_topics(&[topic.as_str()], &AdminOptions::new())
+        .await
+        .expect("delete");
+    // The name is free once the deletion is through.
+    let mut created = false;
+    for _ in 0..100 {
+        let r = admin
+            .create_topics(
+                &[rdkafka::admin::NewTopic::new(
+                    &topic,
+                    1,
+                    rdkafka::admin::TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("create_topics");
+        if r.iter().all(|r| r.is_ok()) {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(created, "the topic was created again");
+    let mut new_id = first_id;
+    for _ in 0..100 {
+        let md: MetadataResponse = raw.call(ApiKey::Metadata, 12, &metadata).await;
+        if md.topics[0].error_code == 0 && md.topics[0].topic_id != first_id {
+            new_id = md.topics[0].topic_id;
+            if md.topics[0].partitions.iter().all(|p| p.leader_id.0 >= 0) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(new_id, first_id, "the new topic has a new id");
+    let mut again = Vec::new();
+    for _ in 0..50 {
+        again = send_produce(&mut raw, &req).await;
+        if again[0].1 != 3 && again[0].1 != 6 {
+            break; // not UNKNOWN_TOPIC_OR_PARTITION / NOT_LEADER while the new topic settles
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        again,
+        vec![(0, 0, 0, None)],
+        "written to the new topic at its first offset, not answered with the old topic's offset 3"
+    );
+    proxy.stop().await;
+}

@@ -245,3 +245,24 @@ mod against_a_map {
         }
     }
 }
+
+#[test]
+fn a_recreated_topic_starts_without_the_old_ones_state() {
+    let s = ProducerStore::new(100, 1000);
+    let old = s.key_for(7, "t", 0);
+    s.check_and_track(&old, b(0, 4), 0);
+    s.acknowledge(&old, b(0, 4), acked(0, 4, 10), 1);
+    assert!(matches!(
+        s.check_and_track(&old, b(0, 4), 2),
+        Verdict::Duplicate(_)
+    ));
+    assert!(s.forget_topic("t"));
+    let new = s.key_for(7, "t", 0);
+    assert_ne!(new.topic, old.topic, "the name has a new number");
+    assert_eq!(
+        s.check_and_track(&new, b(0, 4), 3),
+        Verdict::Unknown,
+        "the old topic's window does not answer for the new one"
+    );
+    assert!(!s.forget_topic("never-seen"));
+}

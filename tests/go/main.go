@@ -1,0 +1,190 @@
+// franz-go (github.com/twmb/franz-go) driven by the integration tests, through the proxy.
+//
+//	go run . <scenario> <bootstrap> <name-prefix>
+//
+// Each scenario checks its own outcome and exits 1 if anything is off; on success it prints
+// `RESULT key=value` lines the Rust test asserts on as well. Scenarios:
+//
+//	produce  an idempotent producer (franz-go's default) writes 500 records; a consumer group reads
+//	         each exactly once; the brokers the client learns are printed
+//	txn      one committed and one aborted transaction; read_committed sees only the committed one,
+//	         read_uncommitted sees both
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+var bootstrap, prefix string
+
+func fail(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, format+"\n", args...)
+	os.Exit(1)
+}
+
+func check(ok bool, format string, args ...any) {
+	if !ok {
+		fail(format, args...)
+	}
+}
+
+func client(opts ...kgo.Opt) *kgo.Client {
+	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(bootstrap), kgo.RequestTimeoutOverhead(20 * time.Second)}, opts...)...)
+	if err != nil {
+		fail("client: %v", err)
+	}
+	return cl
+}
+
+func createTopic(ctx context.Context, topic string, partitions int32, rf int16) {
+	cl := client()
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	resp, err := adm.CreateTopic(ctx, partitions, rf, nil, topic)
+	if err != nil || resp.Err != nil {
+		fail("create %s: %v %v", topic, err, resp.Err)
+	}
+	// Wait until every partition has a leader (a new topic reaches the brokers a moment later).
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		md, err := adm.Metadata(ctx, topic)
+		if err == nil {
+			if t, ok := md.Topics[topic]; ok && t.Err == nil && len(t.Partitions) == int(partitions) {
+				ready := true
+				for _, p := range t.Partitions {
+					ready = ready && p.Leader >= 0 && p.Err == nil
+				}
+				if ready {
+					return
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fail("%s has no leaders after 30 s", topic)
+}
+
+func numbered(p string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s-%05d", p, i)
+	}
+	return out
+}
+
+func produceAll(ctx context.Context, cl *kgo.Client, topic string, values []string) {
+	records := make([]*kgo.Record, len(values))
+	for i, v := range values {
+		records[i] = &kgo.Record{Topic: topic, Key: []byte(v), Value: []byte(v)}
+	}
+	if err := cl.ProduceSync(ctx, records...).FirstErr(); err != nil {
+		fail("produce: %v", err)
+	}
+}
+
+// readAll reads the topic from the start until `want` records arrived or 60 s passed.
+func readAll(ctx context.Context, topic string, level kgo.IsolationLevel, want int, extra ...kgo.Opt) []string {
+	opts := append([]kgo.Opt{kgo.ConsumeTopics(topic), kgo.FetchIsolationLevel(level),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart())}, extra...)
+	cl := client(opts...)
+	defer cl.Close()
+	var out []string
+	deadline := time.Now().Add(60 * time.Second)
+	for len(out) < want && time.Now().Before(deadline) {
+		pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		fetches := cl.PollFetches(pctx)
+		cancel()
+		fetches.EachRecord(func(r *kgo.Record) { out = append(out, string(r.Value)) })
+		if len(extra) > 0 {
+			if err := cl.CommitUncommittedOffsets(ctx); err != nil {
+				fail("commit: %v", err)
+			}
+		}
+	}
+	// A moment more: nothing may come twice.
+	pctx, cancel := context.WithTimeout(ctx, time.Second)
+	cl.PollFetches(pctx).EachRecord(func(r *kgo.Record) { out = append(out, string(r.Value)) })
+	cancel()
+	return out
+}
+
+func sameSet(got, want []string, what string) {
+	g := append([]string(nil), got...)
+	w := append([]string(nil), want...)
+	sort.Strings(g)
+	sort.Strings(w)
+	check(len(g) == len(w), "%s: got %d records, want %d", what, len(g), len(w))
+	for i := range g {
+		check(g[i] == w[i], "%s: %s where %s was expected", what, g[i], w[i])
+	}
+}
+
+func produce(ctx context.Context) {
+	topic := prefix + "-produce"
+	createTopic(ctx, topic, 3, 3)
+	cl := client(kgo.DefaultProduceTopic(topic))
+	values := numbered("gp", 500)
+	produceAll(ctx, cl, topic, values)
+	adm := kadm.NewClient(cl)
+	md, err := adm.BrokerMetadata(ctx)
+	if err != nil {
+		fail("metadata: %v", err)
+	}
+	for _, b := range md.Brokers {
+		fmt.Printf("RESULT broker=%d@%s:%d\n", b.NodeID, b.Host, b.Port)
+	}
+	cl.Close()
+	got := readAll(ctx, topic, kgo.ReadUncommitted(), len(values), kgo.ConsumerGroup(prefix+"-group"))
+	sameSet(got, values, "every record once through a consumer group")
+	fmt.Printf("RESULT consumed=%d\n", len(got))
+}
+
+func txn(ctx context.Context) {
+	topic := prefix + "-txn"
+	createTopic(ctx, topic, 2, 3)
+	cl := client(kgo.TransactionalID(prefix+"-txn-id"), kgo.DefaultProduceTopic(topic))
+	defer cl.Close()
+	for _, step := range []struct {
+		values []string
+		commit kgo.TransactionEndTry
+	}{{numbered("gc", 25), kgo.TryCommit}, {numbered("ga", 10), kgo.TryAbort}} {
+		if err := cl.BeginTransaction(); err != nil {
+			fail("begin: %v", err)
+		}
+		produceAll(ctx, cl, topic, step.values)
+		if err := cl.EndTransaction(ctx, step.commit); err != nil {
+			fail("end: %v", err)
+		}
+	}
+	committed := readAll(ctx, topic, kgo.ReadCommitted(), 25)
+	sameSet(committed, numbered("gc", 25), "read_committed sees only the committed transaction")
+	all := readAll(ctx, topic, kgo.ReadUncommitted(), 35)
+	sameSet(all, append(numbered("gc", 25), numbered("ga", 10)...), "read_uncommitted sees both")
+	fmt.Printf("RESULT committed=%d\n", len(committed))
+	fmt.Printf("RESULT uncommitted=%d\n", len(all))
+}
+
+func main() {
+	if len(os.Args) != 4 {
+		fail("usage: eosclient scenario bootstrap prefix")
+	}
+	bootstrap, prefix = os.Args[2], os.Args[3]
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	switch os.Args[1] {
+	case "produce":
+		produce(ctx)
+	case "txn":
+		txn(ctx)
+	default:
+		fail("unknown scenario %s", os.Args[1])
+	}
+	fmt.Println("RESULT ok=true")
+}

@@ -1,0 +1,87 @@
+//! franz-go (github.com/twmb/franz-go 1.22, the Go client; it opens with ApiVersions v5) against real
+//! Kafka, through the proxy. tests/go/main.go holds the scenarios; each checks itself and prints RESULT
+//! lines.
+
+use crate::common::*;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn built_client() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = repo_root().join("target/go-eosclient");
+        let status = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(repo_root().join("tests/go"))
+            .status()
+            .expect("go build (is Go installed?)");
+        assert!(status.success(), "go build failed");
+        out
+    })
+    .clone()
+}
+
+async fn run_go(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<String>> {
+    let bin = built_client();
+    let bootstrap = proxy.bootstrap().to_string();
+    let prefix = unique_topic(&format!("go-{scenario}"));
+    let scenario = scenario.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args([&scenario, &bootstrap, &prefix])
+            .output()
+            .expect("run the Go client")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "Go scenario failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let mut results: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in stdout.lines() {
+        if let Some((k, v)) = line.strip_prefix("RESULT ").and_then(|l| l.split_once('=')) {
+            results
+                .entry(k.to_string())
+                .or_default()
+                .push(v.to_string());
+        }
+    }
+    assert_eq!(
+        results.get("ok").map(|v| v[0].as_str()),
+        Some("true"),
+        "{stdout}"
+    );
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn franz_go_idempotent_producer_and_group_through_the_proxy() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_go("produce", &proxy).await;
+    assert_eq!(r["consumed"], vec!["500"]);
+    let brokers = &r["broker"];
+    assert_eq!(brokers.len(), 3, "{brokers:?}");
+    for b in brokers {
+        let addr = b.rsplit('@').next().unwrap();
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        assert_eq!(host, PROXY_HOST, "{b}");
+        assert!(proxy.is_proxy_port(port.parse().unwrap()), "{b}");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn franz_go_transactions_commit_and_abort() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_go("txn", &proxy).await;
+    assert_eq!(r["committed"], vec!["25"]);
+    assert_eq!(r["uncommitted"], vec!["35"]);
+    proxy.stop().await;
+}
