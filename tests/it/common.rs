@@ -335,3 +335,34 @@ where
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+/// The `RESULT key=value` lines a client program printed (tests/java, tests/go), every value of a repeated
+/// key kept; fails unless the program said `RESULT ok=true`.
+pub fn client_results(stdout: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut results: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for line in stdout.lines() {
+        if let Some((k, v)) = line.strip_prefix("RESULT ").and_then(|l| l.split_once('=')) {
+            results
+                .entry(k.to_string())
+                .or_default()
+                .push(v.to_string());
+        }
+    }
+    assert_eq!(
+        results.get("ok").map(|v| v[0].as_str()),
+        Some("true"),
+        "{stdout}"
+    );
+    results
+}
+
+/// `[id@]host:port` in a client's RESULT value must be a proxy address.
+pub fn assert_proxy_address(proxy: &TestProxy, value: &str) {
+    let addr = value.rsplit('@').next().unwrap_or(value);
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    assert_eq!(host, PROXY_HOST, "{value}");
+    assert!(
+        proxy.is_proxy_port(port.parse().expect("a port")),
+        "{value} is not a proxy port"
+    );
+}

@@ -44,21 +44,7 @@ async fn run_go(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<Strin
         out.status.success(),
         "Go scenario failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
-    let mut results: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in stdout.lines() {
-        if let Some((k, v)) = line.strip_prefix("RESULT ").and_then(|l| l.split_once('=')) {
-            results
-                .entry(k.to_string())
-                .or_default()
-                .push(v.to_string());
-        }
-    }
-    assert_eq!(
-        results.get("ok").map(|v| v[0].as_str()),
-        Some("true"),
-        "{stdout}"
-    );
-    results
+    client_results(&stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,10 +55,7 @@ async fn franz_go_idempotent_producer_and_group_through_the_proxy() {
     let brokers = &r["broker"];
     assert_eq!(brokers.len(), 3, "{brokers:?}");
     for b in brokers {
-        let addr = b.rsplit('@').next().unwrap();
-        let (host, port) = addr.rsplit_once(':').unwrap();
-        assert_eq!(host, PROXY_HOST, "{b}");
-        assert!(proxy.is_proxy_port(port.parse().unwrap()), "{b}");
+        assert_proxy_address(&proxy, b);
     }
     proxy.stop().await;
 }

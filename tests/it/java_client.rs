@@ -62,21 +62,7 @@ async fn run_java(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<Str
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let mut results: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in stdout.lines() {
-        if let Some((k, v)) = line.strip_prefix("RESULT ").and_then(|l| l.split_once('=')) {
-            results
-                .entry(k.to_string())
-                .or_default()
-                .push(v.to_string());
-        }
-    }
-    assert_eq!(
-        results.get("ok").map(|v| v[0].as_str()),
-        Some("true"),
-        "{stdout}"
-    );
-    results
+    client_results(&stdout)
 }
 
 fn one(results: &BTreeMap<String, Vec<String>>, key: &str) -> i64 {
@@ -85,17 +71,6 @@ fn one(results: &BTreeMap<String, Vec<String>>, key: &str) -> i64 {
         .and_then(|v| v.first())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no numeric RESULT {key} in {results:?}"))
-}
-
-/// `host:port` in a RESULT value must be a proxy address.
-fn assert_proxy_address(proxy: &TestProxy, value: &str) {
-    let addr = value.rsplit('@').next().unwrap();
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    assert_eq!(host, PROXY_HOST, "{value}");
-    assert!(
-        proxy.is_proxy_port(port.parse().unwrap()),
-        "{value} is not a proxy port"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
