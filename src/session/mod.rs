@@ -126,7 +126,6 @@ pub async fn run(
     let mut to_upstream = Writer::new(upstream_write, WRITE_BUFFER, wt, Side::Upstream, &activity);
     let mut to_client = Writer::new(client_write, WRITE_BUFFER, wt, Side::Client, &activity);
     let (tx, rx) = mpsc::channel(limits.max_in_flight_per_connection);
-    // Who the client is, learned from its requests and the broker's answers.
 
     let close = tokio::select! {
         c = request_pump(&conn, &mut requests, &mut to_upstream, tx, &activity) => c,
