@@ -276,4 +276,28 @@ mod tests {
         let (_, r) = decode_response::<MetadataResponse>(out, ApiKey::Metadata, 12).unwrap();
         assert!(r.brokers.is_empty(), "dropped, not leaked");
     }
+
+    #[test]
+    fn a_name_seen_with_a_new_topic_id_is_a_recreated_topic() {
+        let b = brokers();
+        b.learn_topic([1; 16], "t");
+        b.learn_topic([1; 16], "t");
+        b.learn_topic([2; 16], "u");
+        assert!(b.take_recreated().is_empty(), "first sightings and repeats");
+        b.learn_topic([3; 16], "t");
+        let taken: Vec<String> = b.take_recreated().iter().map(|n| n.to_string()).collect();
+        assert_eq!(taken, vec!["t".to_string()]);
+        assert!(b.take_recreated().is_empty(), "taken once");
+        assert_eq!(b.topic_name(&[3; 16]).as_deref(), Some("t"));
+        assert_eq!(
+            b.topic_name(&[1; 16]),
+            None,
+            "the deleted topic's id names nothing"
+        );
+        b.learn_topic([0; 16], "t");
+        assert!(
+            b.take_recreated().is_empty(),
+            "no id (old Metadata versions) says nothing"
+        );
+    }
 }
