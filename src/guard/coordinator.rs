@@ -25,9 +25,16 @@ pub struct CoordinatorRequest {
     pub transactional_id: String,
     pub producer_id: i64,
     pub producer_epoch: i16,
-    pub topics: Vec<(String, Vec<i32>)>,
+    pub topics: Vec<(Topic, Vec<i32>)>,
     /// EndTxn only: commit (true) or abort.
     pub committed: Option<bool>,
+}
+
+/// A topic as a request names it: by name, or by topic id (TxnOffsetCommit v6+, KIP-1319).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    Name(String),
+    Id([u8; 16]),
 }
 
 struct Walk<'a> {
@@ -114,12 +121,13 @@ pub fn parse_add_partitions(frame: &[u8], head: &RequestHead) -> Option<Coordina
             parts.push(w.r.i32().ok()?);
         }
         w.tagged().ok()?;
-        req.topics.push((name, parts));
+        req.topics.push((Topic::Name(name), parts));
     }
     Some(req)
 }
 
-/// TxnOffsetCommit: id, group id, producer, (v3+ generation, member, instance), topics with partitions.
+/// TxnOffsetCommit: id, group id, producer, (v3+ generation, member, instance), topics (by name, by id
+/// from v6) with partitions.
 pub fn parse_txn_offset_commit(frame: &[u8], head: &RequestHead) -> Option<CoordinatorRequest> {
     let mut w = walk(frame, head, ApiKey::TxnOffsetCommit)?;
     let id = w.string().ok()??.to_string();
@@ -133,7 +141,11 @@ pub fn parse_txn_offset_commit(frame: &[u8], head: &RequestHead) -> Option<Coord
     }
     let mut topics = Vec::new();
     for _ in 0..w.array_len().ok()? {
-        let name = w.string().ok()??.to_string();
+        let topic = if head.api_version >= 6 {
+            Topic::Id(w.r.take(16).ok()?.try_into().ok()?)
+        } else {
+            Topic::Name(w.string().ok()??.to_string())
+        };
         let mut parts = Vec::new();
         for _ in 0..w.array_len().ok()? {
             parts.push(w.r.i32().ok()?);
@@ -145,7 +157,7 @@ pub fn parse_txn_offset_commit(frame: &[u8], head: &RequestHead) -> Option<Coord
             w.tagged().ok()?;
         }
         w.tagged().ok()?;
-        topics.push((name, parts));
+        topics.push((topic, parts));
     }
     Some(CoordinatorRequest {
         transactional_id: id,
@@ -172,7 +184,15 @@ pub fn fenced_response(key: ApiKey, head: &RequestHead, req: &CoordinatorRequest
     let code = fenced_code(key, head.api_version);
     let header = ResponseHeader::default().with_correlation_id(head.correlation_id);
     let v = head.api_version;
-    let name = |n: &str| TopicName(StrBytes::from_string(n.to_string()));
+    // AddPartitionsToTxn names topics; TxnOffsetCommit by name up to v5, by id from v6.
+    let name = |t: &Topic| match t {
+        Topic::Name(n) => TopicName(StrBytes::from_string(n.clone())),
+        Topic::Id(_) => TopicName::default(),
+    };
+    let id = |t: &Topic| match t {
+        Topic::Id(id) => uuid::Uuid::from_bytes(*id),
+        Topic::Name(_) => uuid::Uuid::nil(),
+    };
     match key {
         ApiKey::EndTxn => {
             let body = EndTxnResponse::default()
@@ -218,6 +238,7 @@ pub fn fenced_response(key: ApiKey, head: &RequestHead, req: &CoordinatorRequest
                 .map(|(t, parts)| {
                     TxnOffsetCommitResponseTopic::default()
                         .with_name(name(t))
+                        .with_topic_id(id(t))
                         .with_partitions(
                             parts
                                 .iter()
@@ -276,7 +297,10 @@ mod tests {
             transactional_id: "tx".into(),
             producer_id: 42,
             producer_epoch: 7,
-            topics: vec![("a".into(), vec![0, 2]), ("b".into(), vec![5])],
+            topics: vec![
+                (Topic::Name("a".into()), vec![0, 2]),
+                (Topic::Name("b".into()), vec![5]),
+            ],
             committed: None,
         }
     }
@@ -306,7 +330,7 @@ mod tests {
 
     #[test]
     fn reads_txn_offset_commit_in_every_version() {
-        for v in 0..=5 {
+        for v in 0..=6 {
             let part = |i| {
                 TxnOffsetCommitRequestPartition::default()
                     .with_partition_index(i)
@@ -320,18 +344,37 @@ mod tests {
                 .with_topics(vec![
                     TxnOffsetCommitRequestTopic::default()
                         .with_name(TopicName(StrBytes::from_static_str("a")))
+                        .with_topic_id(uuid::Uuid::from_bytes([0xa; 16]))
                         .with_partitions(vec![part(0), part(2)]),
                     TxnOffsetCommitRequestTopic::default()
                         .with_name(TopicName(StrBytes::from_static_str("b")))
+                        .with_topic_id(uuid::Uuid::from_bytes([0xb; 16]))
                         .with_partitions(vec![part(5)]),
                 ]);
             let f = frame(ApiKey::TxnOffsetCommit, v, &body);
             let head = peek_request(&f).unwrap();
-            assert_eq!(
-                parse_txn_offset_commit(&f, &head).unwrap(),
-                expected(),
-                "v{v}"
-            );
+            let mut want = expected();
+            if v >= 6 {
+                want.topics[0].0 = Topic::Id([0xa; 16]);
+                want.topics[1].0 = Topic::Id([0xb; 16]);
+            }
+            let got = parse_txn_offset_commit(&f, &head).unwrap();
+            assert_eq!(got, want, "v{v}");
+            // The fenced answer names the topics the way the request did, and reads back.
+            let answer = fenced_response(ApiKey::TxnOffsetCommit, &head, &got).expect("answer");
+            let (_, r): (_, TxnOffsetCommitResponse) =
+                crate::protocol::codec::decode_response(answer, ApiKey::TxnOffsetCommit, v)
+                    .unwrap();
+            let named: Vec<(String, [u8; 16])> = r
+                .topics
+                .iter()
+                .map(|t| (t.name.0.to_string(), *t.topic_id.as_bytes()))
+                .collect();
+            if v >= 6 {
+                assert_eq!(named[0].1, [0xa; 16], "v{v}");
+            } else {
+                assert_eq!(named[0].0, "a", "v{v}");
+            }
             // truncations never panic
             for cut in 0..f.len() {
                 if let Ok(h) = peek_request(&f[..cut]) {

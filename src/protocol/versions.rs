@@ -79,15 +79,10 @@ pub const PRODUCE_MAX: i16 = 12;
 /// offers v0-1, which carry node ids only.
 pub const DESCRIBE_QUORUM_MAX: i16 = 1;
 
-/// TxnOffsetCommit v6 (KIP-1319) names topics by id; the transaction fence reads and answers topics by
-/// name, so it is offered up to v5 until it reads ids.
-pub const TXN_OFFSET_COMMIT_MAX: i16 = 5;
-
 /// Versions held below what the proxy could decode, and why (see the constants).
 const CAPS: &[(ApiKey, i16)] = &[
     (ApiKey::Produce, PRODUCE_MAX),
     (ApiKey::DescribeQuorum, DESCRIBE_QUORUM_MAX),
-    (ApiKey::TxnOffsetCommit, TXN_OFFSET_COMMIT_MAX),
 ];
 
 /// How the proxy treats `key`; `None`: hidden and refused.
@@ -219,7 +214,8 @@ mod tests {
         assert_eq!(offered(3, 14, 20), None);
         // share groups in every version the proxy decodes
         assert_eq!(offered(78, 1, 2), Some((1, 2)));
-        assert_eq!(offered(28, 0, 6), Some((0, 5)));
+        // TxnOffsetCommit v6 names topics by id, which the transaction fence reads
+        assert_eq!(offered(28, 0, 6), Some((0, 6)));
     }
 
     #[test]

@@ -142,10 +142,21 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
         ApiKey::TxnOffsetCommit => {
             decode_response::<TxnOffsetCommitResponse>(frame.clone(), key, version).map(|(_, r)| {
                 for t in &r.topics {
+                    // v6+ names the topic by id: named for the audit line when a Metadata answer
+                    // taught the id, else shown as the id.
+                    let topic = if version >= 6 {
+                        let id = *t.topic_id.as_bytes();
+                        cx.handles
+                            .brokers
+                            .topic_name(&id)
+                            .map_or_else(|| t.topic_id.to_string(), |n| n.to_string())
+                    } else {
+                        t.name.0.to_string()
+                    };
                     for p in &t.partitions {
                         errors.push((
                             p.error_code,
-                            Some((t.name.0.to_string(), p.partition_index)),
+                            Some((topic.clone(), p.partition_index)),
                             (-1, -1),
                         ));
                     }

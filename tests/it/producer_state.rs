@@ -349,7 +349,8 @@ async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
         .with_committed(true);
     let resp: EndTxnResponse = raw.call(ApiKey::EndTxn, 3, &end).await;
     assert_eq!(resp.error_code, 90);
-    // And its AddPartitionsToTxn (PRODUCER_FENCED from v2) and TxnOffsetCommit (INVALID_PRODUCER_EPOCH),
+    // And its AddPartitionsToTxn (PRODUCER_FENCED from v2) and TxnOffsetCommit (INVALID_PRODUCER_EPOCH, by
+    // name and, from v6, by topic id),
     // answered for every partition it named.
     let add = AddPartitionsToTxnRequest::default()
         .with_v3_and_below_transactional_id(StrBytes::from_string(txn.clone()).into())
@@ -383,7 +384,31 @@ async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
         ]);
     let resp: TxnOffsetCommitResponse = raw.call(ApiKey::TxnOffsetCommit, 3, &commit).await;
     assert_eq!(resp.topics[0].partitions[0].error_code, 47);
-    assert_eq!(events(&proxy, Kind::FencedEpoch).len(), 4);
+    // TxnOffsetCommit v6 names the topic by id (KIP-1319): the answer names it the same way.
+    let md: MetadataResponse = raw
+        .call(
+            ApiKey::Metadata,
+            12,
+            &MetadataRequest::default()
+                .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
+                )
+                .with_name(Some(TopicName(StrBytes::from_string(topic.clone()))))])),
+        )
+        .await;
+    let id = md.topics[0].topic_id;
+    let by_id = commit.clone().with_topics(vec![
+        txn_offset_commit_request::TxnOffsetCommitRequestTopic::default()
+            .with_topic_id(id)
+            .with_partitions(vec![
+                txn_offset_commit_request::TxnOffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(1),
+            ]),
+    ]);
+    let resp: TxnOffsetCommitResponse = raw.call(ApiKey::TxnOffsetCommit, 6, &by_id).await;
+    assert_eq!(resp.topics[0].topic_id, id);
+    assert_eq!(resp.topics[0].partitions[0].error_code, 47);
+    assert_eq!(events(&proxy, Kind::FencedEpoch).len(), 5);
 
     let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 0);
     assert!(
