@@ -799,17 +799,20 @@ async fn a_topic_created_again_starts_without_the_old_ones_state() {
         .with_name(Some(TopicName(StrBytes::from_string(topic.clone()))))]));
     let md: MetadataResponse = raw.call(ApiKey::Metadata, 12, &metadata).await;
     let first_id = md.topics[0].topic_id;
-    // Three plain records first, so the idempotent batch lands at offset 3.
-    let plain = send_produce(
-        &mut raw,
-        &produce(
-            &topic,
-            None,
-            vec![(0, batch(-1, -1, -1, 3, false, "plain"))],
-        ),
-    )
-    .await;
-    assert_eq!(plain, vec![(0, 0, 0, None)]);
+    // Three plain records first (one batch each: plain records carry no sequence to chain them), so
+    // the idempotent batch lands at offset 3.
+    for offset in 0..3 {
+        let plain = send_produce(
+            &mut raw,
+            &produce(
+                &topic,
+                None,
+                vec![(0, batch(-1, -1, -1, 1, false, "plain"))],
+            ),
+        )
+        .await;
+        assert_eq!(plain, vec![(0, 0, offset, None)]);
+    }
     let (pid, epoch) = init_producer_id(&mut raw, None).await;
     let req = produce(&topic, None, vec![(0, batch(pid, epoch, 0, 2, false, "r"))]);
     assert_eq!(send_produce(&mut raw, &req).await, vec![(0, 0, 3, None)]);
