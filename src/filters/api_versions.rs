@@ -14,7 +14,8 @@ use crate::protocol::codes::UNSUPPORTED_VERSION;
 /// to an ApiVersions version it does not know: UNSUPPORTED_VERSION in a v0 body that lists only the
 /// ApiVersions range the proxy reads. Clients (the Java client, librdkafka, franz-go) then retry with the
 /// highest version listed. The request never reaches the broker, so its answer, in a form the proxy
-/// cannot read, never comes back (kafka-clients 4.4 opens with ApiVersions v5).
+/// cannot read, never comes back (kafka-clients 4.4 opened with ApiVersions v5 before the codecs knew
+/// it; a client newer than the pinned Kafka will do the same with v6).
 pub fn unsupported_version_answer(correlation_id: i32) -> Result<Bytes, CodecError> {
     let key = ApiKey::ApiVersions;
     let range = key.valid_versions();
