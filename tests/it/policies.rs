@@ -781,17 +781,7 @@ async fn read_committed_holds_for_topics_named_by_id() {
 
     // The topic id, asked of the broker directly: the proxy never sees it in an answer.
     let mut broker = Raw::connect(&direct()).await;
-    let meta: MetadataResponse = broker
-        .call(
-            ApiKey::Metadata,
-            12,
-            &MetadataRequest::default()
-                .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
-                )
-                .with_name(Some(TopicName(StrBytes::from_string(topic.clone()))))])),
-        )
-        .await;
-    let topic_id = meta.topics[0].topic_id;
+    let topic_id = broker.topic_metadata(&topic).await.topics[0].topic_id;
     let fetch = FetchRequest::default()
         .with_max_wait_ms(500)
         .with_min_bytes(1)

@@ -385,17 +385,7 @@ async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
     let resp: TxnOffsetCommitResponse = raw.call(ApiKey::TxnOffsetCommit, 3, &commit).await;
     assert_eq!(resp.topics[0].partitions[0].error_code, 47);
     // TxnOffsetCommit v6 names the topic by id (KIP-1319): the answer names it the same way.
-    let md: MetadataResponse = raw
-        .call(
-            ApiKey::Metadata,
-            12,
-            &MetadataRequest::default()
-                .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
-                )
-                .with_name(Some(TopicName(StrBytes::from_string(topic.clone()))))])),
-        )
-        .await;
-    let id = md.topics[0].topic_id;
+    let id = raw.topic_metadata(&topic).await.topics[0].topic_id;
     let by_id = commit.clone().with_topics(vec![
         txn_offset_commit_request::TxnOffsetCommitRequestTopic::default()
             .with_topic_id(id)
@@ -702,11 +692,7 @@ async fn echoes_of_one_gap_are_audited_once() {
 /// The partition's leader and one follower, as node ids, asked through the proxy.
 async fn leader_and_follower(raw: &mut Raw, topic: &str) -> (i32, i32) {
     for _ in 0..50 {
-        let req = MetadataRequest::default()
-            .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
-            )
-            .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]));
-        let resp: MetadataResponse = raw.call(ApiKey::Metadata, 12, &req).await;
+        let resp = raw.topic_metadata(topic).await;
         if let Some(p) = resp.topics.first().and_then(|t| t.partitions.first()) {
             let leader = p.leader_id.0;
             if let Some(f) = p
@@ -793,12 +779,7 @@ async fn a_topic_created_again_starts_without_the_old_ones_state() {
     let topic = unique_topic("recreated");
     create_topic(proxy.bootstrap(), &topic, 1, 1).await;
     let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
-    let metadata = MetadataRequest::default()
-        .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
-        )
-        .with_name(Some(TopicName(StrBytes::from_string(topic.clone()))))]));
-    let md: MetadataResponse = raw.call(ApiKey::Metadata, 12, &metadata).await;
-    let first_id = md.topics[0].topic_id;
+    let first_id = raw.topic_metadata(&topic).await.topics[0].topic_id;
     // Three plain records first (one batch each: plain records carry no sequence to chain them), so
     // the idempotent batch lands at offset 3.
     for offset in 0..3 {
@@ -851,7 +832,7 @@ async fn a_topic_created_again_starts_without_the_old_ones_state() {
     assert!(created, "the topic was created again");
     let mut new_id = first_id;
     for _ in 0..100 {
-        let md: MetadataResponse = raw.call(ApiKey::Metadata, 12, &metadata).await;
+        let md = raw.topic_metadata(&topic).await;
         if md.topics[0].error_code == 0 && md.topics[0].topic_id != first_id {
             new_id = md.topics[0].topic_id;
             if md.topics[0].partitions.iter().all(|p| p.leader_id.0 >= 0) {

@@ -80,6 +80,15 @@ impl Raw {
         body
     }
 
+    /// Metadata (v12) for one topic: its id, partitions and leaders as this connection's broker sees them.
+    pub async fn topic_metadata(&mut self, topic: &str) -> MetadataResponse {
+        let req = MetadataRequest::default()
+            .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
+            )
+            .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]));
+        self.call(ApiKey::Metadata, 12, &req).await
+    }
+
     /// Half-closes the connection (the proxy reads end of stream after what was sent).
     pub async fn shutdown(&mut self) {
         let _ = self.0.shutdown().await;
