@@ -206,3 +206,30 @@ async fn java_streams_exactly_once_v2() {
     );
     proxy.stop().await;
 }
+
+/// A zombie transactional producer (kafka-clients 4.4.0) fenced at the proxy: the proxy's own answer
+/// (INVALID_PRODUCER_EPOCH on Produce, PRODUCER_FENCED on EndTxn, as the broker answers) makes the client
+/// fail fatally and at once, with no retry loop, and nothing of the zombie is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_zombie_is_fenced_by_the_proxys_answer() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_java("zombie", &proxy).await;
+    let error = &r["zombie_error"][0];
+    eprintln!("zombie: {error} after {} ms", r["zombie_ms"][0]);
+    assert!(
+        error == "ProducerFencedException" || error == "InvalidProducerEpochException",
+        "a fencing error, got {error}"
+    );
+    let fenced = proxy
+        .audits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == kafka_eos_proxy::audit::Kind::FencedEpoch)
+        .count();
+    assert!(
+        fenced > 0,
+        "the zombie was answered by the proxy, not the broker"
+    );
+    proxy.stop().await;
+}

@@ -10,6 +10,9 @@
 //   txn          one committed and one aborted transaction, checked with read_committed
 //   ctp          consume-transform-produce with sendOffsetsToTransaction
 //   group        two consumers in a group, a rebalance, committed offsets
+//   zombie       a transactional producer fenced by a newer instance of its transactional.id: its next
+//                write or commit fails with a fatal fencing error (no retry loop), nothing of it is
+//                read committed; prints the exception class
 //   share        two share consumers (KIP-932 share group) on one topic: every record delivered and
 //                acknowledged once between them, through ShareFetch/ShareAcknowledge; prints the
 //                addresses the consumers were sent to
@@ -49,6 +52,7 @@ public class EosClient {
             case "group": group(); break;
             case "policy": policy(); break;
             case "share": share(); break;
+            case "zombie": zombie(); break;
             case "streams": streams("classic"); break;
             case "streams-protocol": streams("streams"); break;
             default: throw new IllegalArgumentException("unknown scenario " + args[0]);
@@ -436,5 +440,42 @@ public class EosClient {
         sameSet(all, expected, "exactly once through Kafka Streams (" + protocol + ")");
         System.out.println("RESULT streams_output=" + all.size());
         System.out.println("RESULT streams_state=" + ks.state());
+    }
+
+    static void zombie() throws Exception {
+        String topic = prefix + "-zombie", id = prefix + "-zombie-id";
+        createTopic(topic, 1, 3);
+        KafkaProducer<String, String> old = txnProducer(id);
+        old.beginTransaction();
+        sendAll(old, topic, numbered("zo", 5));
+        // A new instance of the same transactional.id fences the old one (and aborts its transaction).
+        try (KafkaProducer<String, String> fresh = txnProducer(id)) {
+            fresh.beginTransaction();
+            sendAll(fresh, topic, numbered("zn", 5));
+            fresh.commitTransaction();
+        }
+        long started = System.currentTimeMillis();
+        String error = "none";
+        try {
+            sendAll(old, topic, numbered("zz", 1));
+            old.commitTransaction();
+        } catch (Exception e) {
+            Throwable t = e;
+            while (t.getCause() != null && !(t instanceof KafkaException && t.getCause() == null)) {
+                if (t instanceof org.apache.kafka.common.errors.ProducerFencedException
+                        || t instanceof org.apache.kafka.common.errors.InvalidProducerEpochException) break;
+                t = t.getCause();
+            }
+            error = t.getClass().getSimpleName();
+        } finally {
+            try { old.close(Duration.ofSeconds(5)); } catch (Exception ignored) { }
+        }
+        long tookMs = System.currentTimeMillis() - started;
+        check(!error.equals("none"), "the zombie's commit went through");
+        check(tookMs < 60_000, "the zombie gave up in time, took " + tookMs + " ms");
+        List<String> committed = readAll(topic, "read_committed", 5);
+        sameSet(committed, numbered("zn", 5), "only the new instance's transaction is committed");
+        System.out.println("RESULT zombie_error=" + error);
+        System.out.println("RESULT zombie_ms=" + tookMs);
     }
 }
