@@ -9,6 +9,8 @@
 //	         each exactly once; the brokers the client learns are printed
 //	txn      one committed and one aborted transaction; read_committed sees only the committed one,
 //	         read_uncommitted sees both
+//	zombie   a transactional client fenced by a newer one with the same transactional id: its next
+//	         write or commit fails at once (no retry loop) and nothing of it is read committed
 package main
 
 import (
@@ -171,6 +173,40 @@ func txn(ctx context.Context) {
 	fmt.Printf("RESULT uncommitted=%d\n", len(all))
 }
 
+func zombie(ctx context.Context) {
+	topic := prefix + "-zombie"
+	createTopic(ctx, topic, 1, 3)
+	id := prefix + "-zombie-id"
+	old := client(kgo.TransactionalID(id), kgo.DefaultProduceTopic(topic))
+	defer old.Close()
+	if err := old.BeginTransaction(); err != nil {
+		fail("begin: %v", err)
+	}
+	produceAll(ctx, old, topic, numbered("zo", 5))
+	fresh := client(kgo.TransactionalID(id), kgo.DefaultProduceTopic(topic))
+	if err := fresh.BeginTransaction(); err != nil {
+		fail("begin (new instance): %v", err)
+	}
+	produceAll(ctx, fresh, topic, numbered("zn", 5))
+	if err := fresh.EndTransaction(ctx, kgo.TryCommit); err != nil {
+		fail("commit (new instance): %v", err)
+	}
+	fresh.Close()
+	started := time.Now()
+	records := []*kgo.Record{{Topic: topic, Value: []byte("zz-00000")}}
+	err := old.ProduceSync(ctx, records...).FirstErr()
+	if err == nil {
+		err = old.EndTransaction(ctx, kgo.TryCommit)
+	}
+	took := time.Since(started)
+	check(err != nil, "the zombie's commit went through")
+	check(took < 60*time.Second, "the zombie gave up in time, took %v", took)
+	committed := readAll(ctx, topic, kgo.ReadCommitted(), 5)
+	sameSet(committed, numbered("zn", 5), "only the new instance's transaction is committed")
+	fmt.Printf("RESULT zombie_error=%v\n", err)
+	fmt.Printf("RESULT zombie_ms=%d\n", took.Milliseconds())
+}
+
 func main() {
 	if len(os.Args) != 4 {
 		fail("usage: eosclient scenario bootstrap prefix")
@@ -183,6 +219,8 @@ func main() {
 		produce(ctx)
 	case "txn":
 		txn(ctx)
+	case "zombie":
+		zombie(ctx)
 	default:
 		fail("unknown scenario %s", os.Args[1])
 	}

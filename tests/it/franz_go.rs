@@ -68,3 +68,29 @@ async fn franz_go_transactions_commit_and_abort() {
     assert_eq!(r["uncommitted"], vec!["35"]);
     proxy.stop().await;
 }
+
+/// A zombie transactional client (franz-go) fenced at the proxy: the proxy's own answer (the broker's
+/// codes) makes it fail at once, with no retry loop, and nothing of it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn franz_go_zombie_is_fenced_by_the_proxys_answer() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let r = run_go("zombie", &proxy).await;
+    let error = &r["zombie_error"][0];
+    eprintln!("zombie: {error} after {} ms", r["zombie_ms"][0]);
+    assert!(
+        error.contains("INVALID_PRODUCER_EPOCH") || error.contains("PRODUCER_FENCED"),
+        "a fencing error, got {error}"
+    );
+    let fenced = proxy
+        .audits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == kafka_eos_proxy::audit::Kind::FencedEpoch)
+        .count();
+    assert!(
+        fenced > 0,
+        "the zombie was answered by the proxy, not the broker"
+    );
+    proxy.stop().await;
+}

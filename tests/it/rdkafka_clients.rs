@@ -444,3 +444,60 @@ async fn consumer_group_rebalances_across_three_brokers() {
     assert_eq!(committed, 600, "committed offsets cover every record");
     proxy.stop().await;
 }
+
+/// A zombie transactional producer (librdkafka) fenced at the proxy: the proxy's own answer (the broker's
+/// codes) makes the commit fail at once, as a fatal error, with no retry loop; nothing of it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_is_fenced_by_the_proxys_answer() {
+    let proxy = start_proxy(Cluster::Three).await;
+    let topic = unique_topic("rd-zombie");
+    create_topic(proxy.bootstrap(), &topic, 1, 3).await;
+    let bootstrap = proxy.bootstrap().to_string();
+    let t = topic.clone();
+    let (fatal, took) = tokio::task::spawn_blocking(move || {
+        let id = unique_topic("rd-zombie-id");
+        let old = transactional_producer(&bootstrap, &id);
+        old.begin_transaction().unwrap();
+        for v in numbered("old", 5) {
+            old.send(BaseRecord::to(&t).key(&v).payload(&v)).unwrap();
+        }
+        old.flush(T).unwrap();
+        let fresh = transactional_producer(&bootstrap, &id);
+        fresh.begin_transaction().unwrap();
+        for v in numbered("new", 5) {
+            fresh.send(BaseRecord::to(&t).key(&v).payload(&v)).unwrap();
+        }
+        fresh
+            .commit_transaction(T)
+            .expect("the new instance commits");
+        let started = Instant::now();
+        let v = "zombie".to_string();
+        let _ = old.send(BaseRecord::to(&t).key(&v).payload(&v));
+        let result = old.commit_transaction(T);
+        let took = started.elapsed();
+        let err = result.expect_err("the zombie's commit went through");
+        let fatal = match &err {
+            KafkaError::Transaction(e) => e.is_fatal(),
+            _ => false,
+        };
+        (fatal, took)
+    })
+    .await
+    .unwrap();
+    assert!(fatal, "librdkafka treats the fencing as fatal");
+    assert!(took < Duration::from_secs(30), "gave up in time: {took:?}");
+    let fenced = proxy
+        .audits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == kafka_eos_proxy::audit::Kind::FencedEpoch)
+        .count();
+    assert!(
+        fenced > 0,
+        "the zombie was answered by the proxy, not the broker"
+    );
+    let committed = read_all(proxy.bootstrap(), &topic, "read_committed", 5);
+    assert_eq!(sorted(committed), numbered("new", 5));
+    proxy.stop().await;
+}
