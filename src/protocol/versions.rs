@@ -48,9 +48,9 @@ pub fn api(key: i16) -> Option<&'static Api> {
 pub enum Inspection {
     /// Bytes pass through untouched, in every version the broker offers.
     PassThrough,
-    /// Only the versions up to `max` are let through: the proxy decodes them (or a newer version would
+    /// Only the versions `min..=max` are let through: the proxy decodes them (or a newer version would
     /// carry something it has to rewrite).
-    Limited { max: i16 },
+    Limited { min: i16, max: i16 },
 }
 
 /// The keys whose answers (or requests) the proxy decodes: broker addresses, producer ids and epochs,
@@ -94,6 +94,7 @@ pub fn inspection(key: i16) -> Option<Inspection> {
     match (decoded, api.addresses, cap) {
         // Never beyond what the pinned Kafka defines as stable, even where the codecs know more.
         (Some(k), _, cap) => Some(Inspection::Limited {
+            min: k.valid_versions().min.max(api.min),
             max: k
                 .valid_versions()
                 .max
@@ -101,7 +102,7 @@ pub fn inspection(key: i16) -> Option<Inspection> {
                 .min(cap.unwrap_or(i16::MAX)),
         }),
         (None, Addresses::Broker(_), _) => None,
-        (None, _, Some(max)) => Some(Inspection::Limited { max }),
+        (None, _, Some(max)) => Some(Inspection::Limited { min: api.min, max }),
         (None, _, None) => Some(Inspection::PassThrough),
     }
 }
@@ -110,12 +111,7 @@ pub fn inspection(key: i16) -> Option<Inspection> {
 pub fn offered(api_key: i16, broker_min: i16, broker_max: i16) -> Option<(i16, i16)> {
     let (min, max) = match inspection(api_key)? {
         Inspection::PassThrough => (broker_min, broker_max),
-        Inspection::Limited { max } => {
-            let min = ApiKey::try_from(api_key)
-                .map(|k| k.valid_versions().min)
-                .unwrap_or(0);
-            (broker_min.max(min), broker_max.min(max))
-        }
+        Inspection::Limited { min, max } => (broker_min.max(min), broker_max.min(max)),
     };
     (min <= max).then_some((min, max))
 }
@@ -128,12 +124,7 @@ pub fn accepts(key: i16, version: i16) -> bool {
     match inspection(key) {
         None => false,
         Some(Inspection::PassThrough) => version >= 0,
-        Some(Inspection::Limited { max }) => {
-            let min = ApiKey::try_from(key)
-                .map(|k| k.valid_versions().min)
-                .unwrap_or(0);
-            version >= min && version <= max
-        }
+        Some(Inspection::Limited { min, max }) => (min..=max).contains(&version),
     }
 }
 
@@ -180,6 +171,18 @@ mod tests {
             assert!(r.min <= api.min && api.max <= r.max, "{}", api.name);
         }
         assert!(APIS.windows(2).all(|w| w[0].key < w[1].key), "sorted");
+    }
+
+    /// Every key whose answers the proxy decodes is among the fuzz targets' inspected keys, so a decoder
+    /// added here is fuzzed too.
+    #[test]
+    fn every_decoded_key_is_fuzzed() {
+        for key in DECODED {
+            assert!(
+                crate::fuzzing::INSPECTED_RESPONSES.contains(key),
+                "{key:?} is decoded but not in fuzzing::INSPECTED_RESPONSES"
+            );
+        }
     }
 
     /// Every answer that carries a broker address is decoded (so rewritten) or hidden.

@@ -85,6 +85,15 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
     frame
 }
 
+/// The error a check's outcome gives the client: its reject error if it refused, else none.
+fn refusal_code(check: Check, reject: bool) -> i16 {
+    if reject {
+        check.row().error.0
+    } else {
+        0
+    }
+}
+
 /// What to do with an InitProducerId request.
 enum InitDecision {
     /// Forward (the frame patched if the timeout was clamped). `count_new_ids`: the rate buckets to
@@ -146,11 +155,7 @@ fn policy_checks(
             cx.report(
                 Violation {
                     transactional_id: Some(txn),
-                    error_code: if reject {
-                        Check::TransactionalIdOwner.row().error.0
-                    } else {
-                        0
-                    },
+                    error_code: refusal_code(Check::TransactionalIdOwner, reject),
                     ..Violation::new(
                         &rule.name,
                         Check::TransactionalIdOwner,
@@ -190,11 +195,7 @@ fn policy_checks(
             cx.report(
                 Violation {
                     transactional_id: Some(txn),
-                    error_code: if reject {
-                        Check::TransactionTimeout.row().error.0
-                    } else {
-                        0
-                    },
+                    error_code: refusal_code(Check::TransactionTimeout, reject),
                     ..Violation::new(&d.rule, Check::TransactionTimeout, d.action, key, detail)
                 },
                 true,
@@ -230,11 +231,7 @@ fn policy_checks(
             cx.report(
                 Violation {
                     transactional_id: req.transactional_id,
-                    error_code: if reject {
-                        Check::NewProducerIdsPerMinute.row().error.0
-                    } else {
-                        0
-                    },
+                    error_code: refusal_code(Check::NewProducerIdsPerMinute, reject),
                     ..Violation::new(
                         &d.rule,
                         Check::NewProducerIdsPerMinute,

@@ -151,6 +151,20 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// The audit events of one kind the proxy emitted so far.
+    pub fn events(
+        &self,
+        kind: kafka_eos_proxy::audit::Kind,
+    ) -> Vec<kafka_eos_proxy::audit::AuditEvent> {
+        self.audits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == kind)
+            .cloned()
+            .collect()
+    }
+
     /// The bootstrap.servers a client should use.
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap

@@ -221,12 +221,8 @@ async fn java_zombie_is_fenced_by_the_proxys_answer() {
         "a fencing error, got {error}"
     );
     let fenced = proxy
-        .audits
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.kind == kafka_eos_proxy::audit::Kind::FencedEpoch)
-        .count();
+        .events(kafka_eos_proxy::audit::Kind::FencedEpoch)
+        .len();
     assert!(
         fenced > 0,
         "the zombie was answered by the proxy, not the broker"

@@ -6,7 +6,7 @@ use crate::common::*;
 use crate::rdkafka_clients::{client_config, create_topic, read_all};
 use crate::wire::Raw;
 use bytes::Bytes;
-use kafka_eos_proxy::audit::{Action, AuditEvent, Kind, Source};
+use kafka_eos_proxy::audit::{Action, Kind, Source};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use std::collections::HashSet;
@@ -130,17 +130,6 @@ async fn start_in_mode(cluster: Cluster, mode: &str) -> TestProxy {
     start_proxy_with(cluster, move |c| c.producer_state.mode = mode).await
 }
 
-fn events(proxy: &TestProxy, kind: Kind) -> Vec<AuditEvent> {
-    proxy
-        .audits
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.kind == kind)
-        .cloned()
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_response_retry_lands_once_with_the_original_offset() {
     let dropped: Arc<Mutex<HashSet<i32>>> = Arc::default();
@@ -183,7 +172,7 @@ async fn lost_response_retry_lands_once_with_the_original_offset() {
     // The client retries the identical batch: answered by the proxy with the original offset.
     let retry = send_produce(&mut raw, &first).await;
     assert_eq!(retry, vec![(0, 0, 0, None)]);
-    let answered = events(&proxy, Kind::DuplicateAnswered);
+    let answered = proxy.events(Kind::DuplicateAnswered);
     assert_eq!(answered.len(), 1, "{answered:?}");
     assert_eq!(answered[0].producer_id, pid);
     assert_eq!(answered[0].action, Action::Answered);
@@ -213,7 +202,7 @@ async fn lost_response_retry_lands_once_with_the_original_offset() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(send_produce(&mut raw, &weak).await, vec![(0, 0, 5, None)]);
     assert_eq!(
-        events(&proxy, Kind::DuplicateAnswered).len(),
+        proxy.events(Kind::DuplicateAnswered).len(),
         1,
         "not answered by the proxy"
     );
@@ -247,7 +236,7 @@ async fn sequence_gap_is_audited_and_refused_in_enforce_mode() {
         )
         .await;
         assert_eq!(gap[0].1, 45, "{mode}: OUT_OF_ORDER_SEQUENCE_NUMBER");
-        let seen = events(&proxy, Kind::OutOfOrderSequence);
+        let seen = proxy.events(Kind::OutOfOrderSequence);
         let by_proxy: Vec<_> = seen.iter().filter(|e| e.source == Source::Proxy).collect();
         assert_eq!(by_proxy.len(), 1, "{mode}: {seen:?}");
         let e = by_proxy[0];
@@ -289,7 +278,7 @@ async fn sequence_gap_is_audited_and_refused_in_enforce_mode() {
             )
             .await;
             assert_eq!(gap2[0].1, 45);
-            let seen2 = events(&other, Kind::OutOfOrderSequence);
+            let seen2 = other.events(Kind::OutOfOrderSequence);
             assert_eq!(seen2.len(), 1, "{seen2:?}");
             assert_eq!(
                 (seen2[0].source, seen2[0].action),
@@ -334,7 +323,7 @@ async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
             .starts_with("kafka-eos-proxy:"),
         "{answer:?}"
     );
-    let fenced = events(&proxy, Kind::FencedEpoch);
+    let fenced = proxy.events(Kind::FencedEpoch);
     assert_eq!(fenced.len(), 1, "{fenced:?}");
     assert_eq!(fenced[0].source, Source::Proxy);
     assert_eq!(fenced[0].action, Action::Refused);
@@ -398,7 +387,7 @@ async fn zombie_transactional_producer_is_fenced_at_the_proxy() {
     let resp: TxnOffsetCommitResponse = raw.call(ApiKey::TxnOffsetCommit, 6, &by_id).await;
     assert_eq!(resp.topics[0].topic_id, id);
     assert_eq!(resp.topics[0].partitions[0].error_code, 47);
-    assert_eq!(events(&proxy, Kind::FencedEpoch).len(), 5);
+    assert_eq!(proxy.events(Kind::FencedEpoch).len(), 5);
 
     let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 0);
     assert!(
@@ -447,7 +436,7 @@ async fn malformed_batches_are_refused_per_partition_and_the_rest_goes_through()
         answer[0].2, 0,
         "the healthy partition was written at offset 0"
     );
-    assert_eq!(events(&proxy, Kind::InvalidBatch).len(), 4);
+    assert_eq!(proxy.events(Kind::InvalidBatch).len(), 4);
     // The connection carries on.
     let next = send_produce(
         &mut raw,
@@ -509,7 +498,7 @@ async fn librdkafka_idempotent_producer_with_lost_responses_writes_exactly_once(
     values.dedup();
     assert_eq!(values.len(), 3000);
     assert!(seen.load(Ordering::Relaxed) > 5, "responses were dropped");
-    let answered = events(&proxy, Kind::DuplicateAnswered).len();
+    let answered = proxy.events(Kind::DuplicateAnswered).len();
     assert!(
         answered > 0,
         "retries were answered by the proxy with the original offsets"
@@ -542,7 +531,7 @@ async fn more_than_five_idempotent_requests_in_flight_are_audited() {
     for _ in 0..5 {
         raw.recv_frame().await.expect("answer");
     }
-    assert!(events(&proxy, Kind::TooManyInFlight).is_empty());
+    assert!(proxy.events(Kind::TooManyInFlight).is_empty());
     // Seven at once (one write, so they are all read before any answer can come back): audited (once
     // for the connection), and every batch still lands in order.
     let mut burst = Vec::new();
@@ -570,7 +559,7 @@ async fn more_than_five_idempotent_requests_in_flight_are_audited() {
         let p = &resp.responses[0].partition_responses[0];
         assert_eq!((p.error_code, p.base_offset), (0, expected_offset));
     }
-    let seen = events(&proxy, Kind::TooManyInFlight);
+    let seen = proxy.events(Kind::TooManyInFlight);
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].client_id.as_deref(), Some("raw-test"));
     assert!(seen[0]
@@ -622,7 +611,7 @@ async fn a_partition_named_twice_gets_what_the_broker_gives() {
         seen[1].2[0].1, 0,
         "the retry of A was answered as written: {seen:?}"
     );
-    let flagged = events(&proxy, Kind::DuplicatePartition);
+    let flagged = proxy.events(Kind::DuplicatePartition);
     assert_eq!(flagged.len(), 1, "{flagged:?}");
     assert_eq!(flagged[0].partition, Some(0));
     proxy.stop().await;
@@ -673,8 +662,8 @@ async fn echoes_of_one_gap_are_audited_once() {
                 "{mode}"
             );
         }
-        let gaps = events(&proxy, Kind::OutOfOrderSequence);
-        let echoes = events(&proxy, Kind::OutOfOrderCascade);
+        let gaps = proxy.events(Kind::OutOfOrderSequence);
+        let echoes = proxy.events(Kind::OutOfOrderCascade);
         assert_eq!(gaps.len(), 1, "{mode}: one gap: {gaps:?}");
         assert_eq!(gaps[0].received_sequence, Some(15));
         assert_eq!(echoes.len(), 1, "{mode}: its echoes once: {echoes:?}");
@@ -758,9 +747,9 @@ async fn a_batch_behind_a_retriable_failure_is_left_to_the_broker() {
             0
         );
     }
-    let gaps = events(&proxy, Kind::OutOfOrderSequence);
+    let gaps = proxy.events(Kind::OutOfOrderSequence);
     assert!(gaps.is_empty(), "no gap anywhere: {gaps:?}");
-    assert_eq!(events(&proxy, Kind::OutOfOrderCascade).len(), 2);
+    assert_eq!(proxy.events(Kind::OutOfOrderCascade).len(), 2);
     // 0..29 at the first epoch, 0..19 at the next: each batch once.
     let values = read_all(proxy.bootstrap(), &topic, "read_uncommitted", 50);
     assert_eq!(values.len(), 50, "every batch exactly once");

@@ -487,12 +487,8 @@ async fn zombie_is_fenced_by_the_proxys_answer() {
     assert!(fatal, "librdkafka treats the fencing as fatal");
     assert!(took < Duration::from_secs(30), "gave up in time: {took:?}");
     let fenced = proxy
-        .audits
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.kind == kafka_eos_proxy::audit::Kind::FencedEpoch)
-        .count();
+        .events(kafka_eos_proxy::audit::Kind::FencedEpoch)
+        .len();
     assert!(
         fenced > 0,
         "the zombie was answered by the proxy, not the broker"
