@@ -60,11 +60,13 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("produce_walk", |b| {
         let head = peek_request(&frame).expect("peek");
+        let names = produce::TopicNames::new();
         b.iter(|| {
             produce::parse(
                 std::hint::black_box(&frame),
                 head.body_offset.unwrap_or(0),
                 11,
+                &names,
             )
             .expect("walk")
             .partition_count()

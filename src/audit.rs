@@ -52,13 +52,17 @@ pub enum Kind {
     /// of them and answers once, so the proxy cannot tie that answer to one batch: it steps aside for
     /// those partitions (no dedup, no sequence verdicts) and forgets what it knew of their producers.
     DuplicatePartition,
+    /// A Produce request (v13+) naming a topic id the proxy could not name (no Metadata answer taught it
+    /// and the cluster could not be asked, or does not know it): forwarded for the broker to judge,
+    /// untracked, no topic policy applied. Once per id per lookup.
+    UnknownTopicId,
     /// A request that breaks a configured policy (see `rule` and `check`): refused, upgraded or audited.
     PolicyViolation,
 }
 
 impl Kind {
     /// Every kind, for tests and for anything that lists them.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::OutOfOrderSequence,
         Kind::OutOfOrderCascade,
         Kind::FencedEpoch,
@@ -74,6 +78,7 @@ impl Kind {
         Kind::StuckPartitionCleared,
         Kind::TooManyInFlight,
         Kind::DuplicatePartition,
+        Kind::UnknownTopicId,
         Kind::PolicyViolation,
     ];
 
@@ -95,6 +100,7 @@ impl Kind {
             Kind::StuckPartitionCleared => "stuck_partition_cleared",
             Kind::TooManyInFlight => "too_many_in_flight",
             Kind::DuplicatePartition => "duplicate_partition",
+            Kind::UnknownTopicId => "unknown_topic_id",
             Kind::PolicyViolation => "policy_violation",
         }
     }

@@ -164,10 +164,10 @@ pub fn response(data: &[u8]) {
     });
     match key {
         ApiKey::ApiVersions => {
-            let _ = api_versions::clamp_api_versions(frame.clone(), version);
+            let _ = api_versions::clamp_api_versions(frame.clone(), version, true);
         }
         ApiKey::Produce => {
-            let _ = skim::produce_has_node_endpoints(&frame);
+            let _ = skim::produce_has_node_endpoints(&frame, version);
             let _ = crate::stages::produce::refusal(&frame, version);
         }
         ApiKey::Fetch => {
@@ -220,7 +220,9 @@ fn request_frame(key: ApiKey, frame: &Bytes, head: &RequestHead) {
         ApiKey::Produce => {
             let _ = produce_acks(frame, head);
             if let Some(body) = head.body_offset {
-                if let Ok(view) = produce::parse(frame, body, head.api_version) {
+                if let Ok(view) =
+                    produce::parse(frame, body, head.api_version, &produce::TopicNames::new())
+                {
                     for t in &view.topics {
                         for p in &t.partitions {
                             if let Some(records) = p.records {

@@ -72,6 +72,10 @@ pub struct UpstreamConfig {
     pub bootstrap_servers: Vec<String>,
     pub connect_timeout: Duration,
     pub metadata_refresh: Duration,
+    /// Offer the pinned Kafka release's unstable latest versions of the keys the proxy decodes, where its
+    /// codecs read them (Kafka 4.4: InitProducerId v6, two-phase commit), to brokers run with
+    /// `unstable.api.versions.enable=true`.
+    pub unstable_api_versions: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

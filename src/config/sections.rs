@@ -9,15 +9,18 @@ pub(super) fn parse_upstream(s: &Section) -> UpstreamConfig {
     });
     let connect_timeout = s.millis("connect_timeout_ms", 10_000, 1, 600_000);
     let metadata_refresh = s.millis("metadata_refresh_ms", 30_000, 100, 86_400_000);
+    let unstable_api_versions = s.bool("unstable_api_versions", false);
     s.finish(&[
         "bootstrap_servers",
         "connect_timeout_ms",
         "metadata_refresh_ms",
+        "unstable_api_versions",
     ]);
     UpstreamConfig {
         bootstrap_servers,
         connect_timeout,
         metadata_refresh,
+        unstable_api_versions,
     }
 }
 

@@ -33,7 +33,9 @@ pub fn unsupported_version_answer(correlation_id: i32) -> Result<Bytes, CodecErr
     )
 }
 
-pub fn clamp_api_versions(frame: Bytes, version: i16) -> Result<Bytes, CodecError> {
+/// The broker's ApiVersions answer with every range clamped to what the proxy offers (`unstable`: see
+/// [`crate::protocol::versions::inspection`]).
+pub fn clamp_api_versions(frame: Bytes, version: i16, unstable: bool) -> Result<Bytes, CodecError> {
     let key = ApiKey::ApiVersions;
     let max_known = key.valid_versions().max;
     // Decode at the requested version (the session only forwards versions the proxy reads); a broker that
@@ -51,7 +53,12 @@ pub fn clamp_api_versions(frame: Bytes, version: i16) -> Result<Bytes, CodecErro
         None => (decode_response::<ApiVersionsResponse>(frame, key, 0)?, 0),
     };
     body.api_keys.retain_mut(|entry| {
-        match offered(entry.api_key, entry.min_version, entry.max_version) {
+        match offered(
+            entry.api_key,
+            entry.min_version,
+            entry.max_version,
+            unstable,
+        ) {
             Some((min, max)) => {
                 entry.min_version = min;
                 entry.max_version = max;
@@ -77,7 +84,7 @@ mod tests {
         ApiVersionsResponse::default()
             .with_error_code(error)
             .with_api_keys(vec![
-                entry(0, 3, 13),     // Produce: capped to 12
+                entry(0, 0, 13),     // Produce: v0-2 are not in the codecs
                 entry(3, 0, 13),     // Metadata: kept
                 entry(8, 2, 10),     // OffsetCommit: passes through as is
                 entry(55, 0, 2),     // DescribeQuorum: capped to 1
@@ -104,10 +111,10 @@ mod tests {
                 v,
             )
             .unwrap();
-            let out = clamp_api_versions(frame, v).unwrap();
+            let out = clamp_api_versions(frame, v, false).unwrap();
             assert_eq!(
                 ranges(out, v),
-                vec![(0, 3, 12), (3, 0, 13), (8, 2, 10), (55, 0, 1)],
+                vec![(0, 3, 13), (3, 0, 13), (8, 2, 10), (55, 0, 1)],
                 "v{v}"
             );
         }
@@ -123,7 +130,7 @@ mod tests {
         )
         .unwrap();
         // the client asked for a version newer than anyone knows; the broker answered v0
-        let out = clamp_api_versions(frame, 9).unwrap();
+        let out = clamp_api_versions(frame, 9, false).unwrap();
         assert_eq!(ranges(out, 0).len(), 4);
     }
 
@@ -157,10 +164,10 @@ mod tests {
         )
         .unwrap();
         // a v3+ body read as v0 (the old code path for versions above what the proxy knew)
-        let _ = clamp_api_versions(v3.clone(), 0);
-        let _ = clamp_api_versions(v3, 9);
+        let _ = clamp_api_versions(v3.clone(), 0, false);
+        let _ = clamp_api_versions(v3, 9, false);
         // a body whose array count claims ~2^31 entries with none present
         let hostile = vec![0, 0, 0, 10, 0, 0, 0, 1, 0, 0, 0x7f, 0xff, 0xff, 0xff];
-        assert!(clamp_api_versions(Bytes::from(hostile), 0).is_err());
+        assert!(clamp_api_versions(Bytes::from(hostile), 0, false).is_err());
     }
 }

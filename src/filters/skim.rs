@@ -19,10 +19,14 @@ fn compact_len(r: &mut Reader) -> Result<usize, WireError> {
 }
 
 /// Produce response, version >= 10.
-pub fn produce_has_node_endpoints(frame: &[u8]) -> Result<bool, WireError> {
+pub fn produce_has_node_endpoints(frame: &[u8], version: i16) -> Result<bool, WireError> {
     let mut r = after_flexible_header(frame)?;
     for _topic in 0..compact_len(&mut r)? {
-        r.compact_nullable_bytes()?; // name (v13+: topic id handled by the version cap)
+        if version >= 13 {
+            r.uuid()?; // topic id
+        } else {
+            r.compact_nullable_bytes()?; // name
+        }
         for _p in 0..compact_len(&mut r)? {
             r.skip(4 + 2 + 8 + 8 + 8)?; // index, error, base offset, append time, log start offset
             for _e in 0..compact_len(&mut r)? {
@@ -173,6 +177,7 @@ mod tests {
         let mut resp =
             ProduceResponse::default().with_responses(vec![TopicProduceResponse::default()
                 .with_name(TopicName(StrBytes::from_static_str("t")))
+                .with_topic_id(uuid::Uuid::from_bytes([7; 16]))
                 .with_partition_responses(vec![
                     PartitionProduceResponse::default()
                         .with_index(0)
@@ -206,9 +211,9 @@ mod tests {
 
     #[test]
     fn finds_node_endpoints_exactly_when_present() {
-        for v in 10..=12 {
-            assert!(produce_has_node_endpoints(&produce(true, v)).unwrap());
-            assert!(!produce_has_node_endpoints(&produce(false, v)).unwrap());
+        for v in 10..=13 {
+            assert!(produce_has_node_endpoints(&produce(true, v), v).unwrap());
+            assert!(!produce_has_node_endpoints(&produce(false, v), v).unwrap());
         }
         assert!(fetch_has_node_endpoints(&fetch(true)).unwrap());
         assert!(!fetch_has_node_endpoints(&fetch(false)).unwrap());
@@ -253,9 +258,11 @@ mod tests {
         for cut in 0..full.len() {
             let _ = fetch_has_node_endpoints(&full[..cut]);
         }
-        let full = produce(true, 11);
-        for cut in 0..full.len() {
-            assert!(produce_has_node_endpoints(&full[..cut]).is_err() || cut == full.len());
+        for v in [11, 13] {
+            let full = produce(true, v);
+            for cut in 0..full.len() {
+                assert!(produce_has_node_endpoints(&full[..cut], v).is_err());
+            }
         }
     }
 }

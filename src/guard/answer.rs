@@ -8,6 +8,7 @@ use crate::eos::Acked;
 use crate::metrics::producer_labels;
 use crate::protocol::codec::decode_response;
 use crate::protocol::codes;
+use crate::protocol::produce::OwnedWireTopic;
 use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ApiKey, ProduceResponse, ResponseHeader, TopicName};
@@ -38,15 +39,15 @@ impl Guard {
         }
         for topic in &resp.responses {
             for p in &topic.partition_responses {
-                let name = topic.name.0.as_str();
                 let Some(i) = tracking
                     .tracked
                     .iter()
-                    .position(|t| t.topic == name && t.partition == p.index)
+                    .position(|t| names(&t.wire, topic) && t.partition == p.index)
                 else {
                     continue;
                 };
                 let Tracked {
+                    name,
                     key,
                     batch,
                     max_timestamp: max_ts,
@@ -118,7 +119,7 @@ impl Guard {
                             p.error_code,
                             (key.producer_id, batch.epoch),
                             tracking.transactional_id.as_deref(),
-                            Some((name, p.index)),
+                            Some((&name, p.index)),
                             (expected, Some(batch.first_seq)),
                             None,
                             detail,
@@ -136,9 +137,17 @@ impl Guard {
     }
 }
 
+/// Whether the answer's topic entry is the topic the request named so.
+fn names(wire: &OwnedWireTopic, answer: &TopicProduceResponse) -> bool {
+    match wire {
+        OwnedWireTopic::Name(n) => answer.name.0.as_str() == &**n,
+        OwnedWireTopic::Id(id) => answer.topic_id.as_bytes() == id,
+    }
+}
+
 pub(super) fn merge_local(
     resp: &mut ProduceResponse,
-    local: &[(String, i32, LocalAnswer)],
+    local: &[(OwnedWireTopic, i32, LocalAnswer)],
     version: i16,
 ) {
     for (topic, partition, answer) in local {
@@ -151,17 +160,18 @@ pub(super) fn merge_local(
         if version >= 8 {
             p.error_message = answer.message.clone().map(StrBytes::from_string);
         }
-        match resp
-            .responses
-            .iter_mut()
-            .find(|t| t.name.0.as_str() == topic)
-        {
+        match resp.responses.iter_mut().find(|t| names(topic, t)) {
             Some(t) => t.partition_responses.push(p),
-            None => resp.responses.push(
-                TopicProduceResponse::default()
-                    .with_name(TopicName(StrBytes::from_string(topic.clone())))
-                    .with_partition_responses(vec![p]),
-            ),
+            None => {
+                let entry = match topic {
+                    OwnedWireTopic::Name(n) => TopicProduceResponse::default()
+                        .with_name(TopicName(StrBytes::from_string(n.to_string()))),
+                    OwnedWireTopic::Id(id) => {
+                        TopicProduceResponse::default().with_topic_id(uuid::Uuid::from_bytes(*id))
+                    }
+                };
+                resp.responses.push(entry.with_partition_responses(vec![p]));
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::audit::{Action, AuditEvent, AuditSink, Kind, Source};
 use crate::eos::Batch;
 use crate::metrics::{producer_labels, Metrics};
 use crate::protocol::header::RequestHead;
-use crate::protocol::wire::Reader;
+use crate::protocol::produce::OwnedWireTopic;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,7 +124,8 @@ enum Outcome {
 /// The guard's decision for one Produce request, partition by partition (same order as the request).
 pub struct ProducePlan {
     outcomes: Vec<Vec<Outcome>>,
-    topics: Vec<String>,
+    /// Each topic as the request names it, and its name (`None`: a topic id the proxy cannot name).
+    topics: Vec<(OwnedWireTopic, Option<String>)>,
     partitions: Vec<Vec<i32>>,
     acks: i16,
     timeout: Duration,
@@ -157,7 +158,9 @@ pub enum ProduceAction {
 
 /// A forwarded batch awaiting its answer.
 struct Tracked {
-    topic: String,
+    /// The topic as the request (and so the answer) names it.
+    wire: OwnedWireTopic,
+    name: String,
     partition: i32,
     key: Key,
     batch: Batch,
@@ -170,7 +173,7 @@ struct Tracked {
 pub struct ProduceTracking {
     guard: Arc<Guard>,
     tracked: Vec<Tracked>,
-    local: Vec<(String, i32, LocalAnswer)>,
+    local: Vec<(OwnedWireTopic, i32, LocalAnswer)>,
     acks_all: bool,
     transactional_id: Option<String>,
     /// A transactional batch was forwarded: a broker success opens the transaction at the proxy.
@@ -350,18 +353,25 @@ pub fn eos_error_kind(code: i16) -> Option<Kind> {
     })
 }
 
-/// The transactional id of an InitProducerId request (None for idempotent producers).
-/// The transactional id and transaction timeout of an InitProducerId request (no id for idempotent
-/// producers).
-pub fn init_producer_id_txn(frame: &[u8], head: &RequestHead) -> Option<(String, i32)> {
-    let mut r = Reader::at(frame, head.body_offset?);
-    let id = if head.api_version >= 2 {
-        r.compact_nullable_bytes().ok()?
-    } else {
-        r.nullable_string().ok()?
-    }?;
-    let timeout = r.i32().ok()?;
-    std::str::from_utf8(id)
-        .ok()
-        .map(|s| (s.to_string(), timeout))
+/// What a transactional InitProducerId asks of the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnInit {
+    pub transactional_id: String,
+    pub timeout_ms: i32,
+    /// Two-phase commit (v6, KIP-939): its transactions never time out.
+    pub two_phase: bool,
+    /// Keep the transaction the id has prepared (two-phase commit recovery) instead of aborting it.
+    pub keep_prepared: bool,
+}
+
+/// The transactional part of an InitProducerId request (`None` for idempotent producers, or a request
+/// that cannot be read).
+pub fn init_producer_id_txn(frame: &[u8], head: &RequestHead) -> Option<TxnInit> {
+    let req = crate::policy::wire::init_producer_id_request(frame, head).ok()?;
+    Some(TxnInit {
+        transactional_id: req.transactional_id?.to_string(),
+        timeout_ms: req.timeout_ms,
+        two_phase: req.enable_2pc,
+        keep_prepared: req.keep_prepared_txn,
+    })
 }

@@ -12,7 +12,7 @@ use crate::protocol::batch::validate_client_records;
 use crate::protocol::codec::encode_response;
 use crate::protocol::codes;
 use crate::protocol::header::RequestHead;
-use crate::protocol::produce::{self, ProduceView};
+use crate::protocol::produce::{self, ProduceView, TopicNames, WireTopic};
 use crate::protocol::MAX_TOPIC_NAME_BYTES;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ProduceResponse, ResponseHeader};
@@ -28,15 +28,21 @@ impl Guard {
         frame: &[u8],
         head: &RequestHead,
         conn: &Client,
+        names: &TopicNames,
         policy: &mut dyn FnMut(&str) -> Option<Arc<TopicPolicy>>,
     ) -> Result<ProducePlan, String> {
         let body = head
             .body_offset
             .ok_or("produce request without a known header")?;
-        let view = produce::parse(frame, body, head.api_version).map_err(|e| e.to_string())?;
+        let view =
+            produce::parse(frame, body, head.api_version, names).map_err(|e| e.to_string())?;
         let mut plan = ProducePlan {
             outcomes: Vec::with_capacity(view.topics.len()),
-            topics: view.topics.iter().map(|t| t.name.to_string()).collect(),
+            topics: view
+                .topics
+                .iter()
+                .map(|t| (t.wire.to_owned(), t.name.map(str::to_string)))
+                .collect(),
             partitions: view
                 .topics
                 .iter()
@@ -56,7 +62,14 @@ impl Guard {
         }
         for topic in &view.topics {
             let mut outcomes = Vec::with_capacity(topic.partitions.len());
-            if topic.name.len() > MAX_TOPIC_NAME_BYTES {
+            let Some(name) = topic.name else {
+                // A topic id the proxy cannot name (the stage resolved what it could, and audited the
+                // rest): the broker judges it, the proxy tracks nothing it could not name.
+                outcomes.extend(topic.partitions.iter().map(|_| Outcome::Pass));
+                plan.outcomes.push(outcomes);
+                continue;
+            };
+            if name.len() > MAX_TOPIC_NAME_BYTES {
                 // The broker knows no such topic and answers UNKNOWN_TOPIC_OR_PARTITION; the proxy does
                 // the same before it keeps anything (a name, a policy lookup) for it.
                 outcomes.extend(topic.partitions.iter().map(|_| {
@@ -72,14 +85,14 @@ impl Guard {
                 plan.outcomes.push(outcomes);
                 continue;
             }
-            let demands = policy(topic.name);
+            let demands = policy(name);
             for p in &topic.partitions {
-                let alone = !repeated.contains(&(topic.name, p.index));
+                let alone = !repeated.contains(&(topic.wire, p.index));
                 outcomes.push(match p.records {
                     None => Outcome::Pass,
                     Some(records) => self.decide_partition(
                         &view,
-                        (topic.name, p.index, alone),
+                        (name, p.index, alone),
                         records,
                         conn,
                         demands.as_deref(),
@@ -92,16 +105,27 @@ impl Guard {
         Ok(plan)
     }
 
-    fn audit_repeated(&self, view: &ProduceView, repeated: &[(&str, i32)], conn: &Client) {
+    fn audit_repeated(&self, view: &ProduceView, repeated: &[(WireTopic, i32)], conn: &Client) {
+        let name = |t: &WireTopic| {
+            let named = view
+                .topics
+                .iter()
+                .find(|v| v.wire == *t)
+                .and_then(|v| v.name);
+            match (named, t) {
+                (Some(n), _) | (None, &WireTopic::Name(n)) => format!("{n:.255}"),
+                (None, WireTopic::Id(id)) => uuid::Uuid::from_bytes(*id).to_string(),
+            }
+        };
         let names: Vec<String> = repeated
             .iter()
             .take(8)
-            .map(|(t, p)| format!("{t:.255}-{p}"))
+            .map(|(t, p)| format!("{}-{p}", name(t)))
             .collect();
         self.audit.emit(AuditEvent {
             api_key: ApiKey::Produce as i16,
             transactional_id: view.transactional_id.map(str::to_string),
-            topic: repeated.first().map(|(t, _)| t.to_string()),
+            topic: repeated.first().map(|(t, _)| name(t)),
             partition: repeated.first().map(|(_, p)| *p),
             detail: Some(format!(
                 "produce request names {} more than once ({} partition(s)); the broker writes only the \
@@ -410,7 +434,8 @@ impl Guard {
                 while self.store.in_flight(&key, batch) && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let topic = plan.topics[t].clone();
+                // Only named topics are tracked, so only they wait.
+                let topic = plan.topics[t].1.clone().unwrap_or_default();
                 let partition = plan.partitions[t][p];
                 plan.outcomes[t][p] = match self.store.check_and_track(&key, batch, self.now()) {
                     Verdict::Duplicate(acked) => self.duplicate(
@@ -447,7 +472,7 @@ impl Guard {
         let total: usize = plan.outcomes.iter().map(Vec::len).sum();
         for (t, outcomes) in plan.outcomes.iter().enumerate() {
             for (p, o) in outcomes.iter().enumerate() {
-                let (topic, partition) = (plan.topics[t].clone(), plan.partitions[t][p]);
+                let ((wire, name), partition) = (&plan.topics[t], plan.partitions[t][p]);
                 match o {
                     Outcome::Pass | Outcome::Wait { .. } => forwarded += 1,
                     Outcome::Track {
@@ -462,7 +487,8 @@ impl Guard {
                     } => {
                         forwarded += 1;
                         tracked.push(Tracked {
-                            topic,
+                            wire: wire.clone(),
+                            name: name.clone().unwrap_or_default(),
                             partition,
                             key: *key,
                             batch: *batch,
@@ -470,7 +496,7 @@ impl Guard {
                             already_audited: matches!(o, Outcome::Watch { .. }),
                         });
                     }
-                    Outcome::Local(answer) => local.push((topic, partition, answer.clone())),
+                    Outcome::Local(answer) => local.push((wire.clone(), partition, answer.clone())),
                 }
             }
         }
@@ -502,7 +528,8 @@ impl Guard {
             };
         }
         // Mixed: forward the rest, byte for byte.
-        let Ok(view) = produce::parse(frame, view_frame_body, plan.version) else {
+        let no_names = TopicNames::new();
+        let Ok(view) = produce::parse(frame, view_frame_body, plan.version, &no_names) else {
             return ProduceAction::Forward(Some(tracking));
         };
         let keep = |t: usize, p: usize| !matches!(plan.outcomes[t][p], Outcome::Local(_));
@@ -517,19 +544,19 @@ impl Guard {
 /// earlier one. Only the last entry's records are validated and appended, and the answer has one entry
 /// per topic partition. No client library sends this; a proxy that credited that one answer to the first
 /// batch would later answer a retry of a batch that was never written.
-fn repeated_partitions<'a>(view: &ProduceView<'a>) -> Vec<(&'a str, i32)> {
+fn repeated_partitions<'a>(view: &ProduceView<'a>) -> Vec<(WireTopic<'a>, i32)> {
     // Most requests name one partition: nothing to collect or sort then (this runs on every request).
     let count: usize = view.topics.iter().map(|t| t.partitions.len()).sum();
     if count < 2 {
         return Vec::new();
     }
-    let mut all: Vec<(&str, i32)> = view
+    let mut all: Vec<(WireTopic, i32)> = view
         .topics
         .iter()
-        .flat_map(|t| t.partitions.iter().map(move |p| (t.name, p.index)))
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.wire, p.index)))
         .collect();
     all.sort_unstable();
-    let mut repeated: Vec<(&str, i32)> = all
+    let mut repeated: Vec<(WireTopic, i32)> = all
         .windows(2)
         .filter(|w| w[0] == w[1])
         .map(|w| w[0])

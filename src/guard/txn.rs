@@ -36,6 +36,8 @@ struct Known {
     producer_id: i64,
     epoch: i16,
     timeout: Option<Duration>,
+    /// Two-phase commit (KIP-939): the coordinator never times its transactions out, by design.
+    two_phase: bool,
     last_used: Instant,
 }
 
@@ -106,6 +108,7 @@ impl TxnTracker {
             producer_id: -1,
             epoch: -1,
             timeout: None,
+            two_phase: false,
             last_used: Instant::now(),
         };
         update(&mut k);
@@ -166,6 +169,15 @@ impl TxnTracker {
         self.upsert(txn_id, |k| k.timeout = Some(timeout));
     }
 
+    /// Whether the id's transactions are two-phase (they never time out, so never hang by timeout).
+    pub fn set_two_phase(&self, txn_id: &str, two_phase: bool) {
+        self.upsert(txn_id, |k| k.two_phase = two_phase);
+    }
+
+    fn two_phase(&self, txn_id: &str) -> bool {
+        self.known.get(txn_id).is_some_and(|k| k.two_phase)
+    }
+
     pub fn timeout(&self, txn_id: &str) -> Duration {
         self.known
             .get(txn_id)
@@ -214,12 +226,13 @@ impl TxnTracker {
     }
 
     /// Transactions open longer than their timeout plus `margin` and not yet flagged: flags and returns
-    /// them (transactional id, client id, how long open).
+    /// them (transactional id, client id, how long open). Two-phase transactions have no timeout: an
+    /// external coordinator decides when they end.
     pub fn newly_hanging(&self, margin: Duration, now: Instant) -> Vec<(String, String, Duration)> {
         let mut out = Vec::new();
         for mut e in self.open.iter_mut() {
             let open_for = now.saturating_duration_since(e.started);
-            if !e.hanging && open_for > self.timeout(e.key()) + margin {
+            if !e.hanging && !self.two_phase(e.key()) && open_for > self.timeout(e.key()) + margin {
                 e.hanging = true;
                 out.push((e.key().to_string(), e.client_id.clone(), open_for));
             }
@@ -250,9 +263,17 @@ mod tests {
         assert!(t.begin("b", "c2", t0).opened);
         let later = t0 + Duration::from_secs(15);
         // a: 15 s > 10 s + 2 s margin; b: default 60 s timeout, not yet
+        // c: two-phase commit, open for ever by design
+        t.set_timeout("c", Duration::from_secs(1));
+        t.set_two_phase("c", true);
+        assert!(t.begin("c", "c3", t0).opened);
         let hanging = t.newly_hanging(Duration::from_secs(2), later);
         assert_eq!(hanging.len(), 1);
         assert_eq!(hanging[0].0, "a");
+        let much_later = t0 + Duration::from_secs(86_400);
+        let hanging = t.newly_hanging(Duration::from_secs(2), much_later);
+        assert_eq!(hanging.len(), 1, "b only: {hanging:?}");
+        assert_eq!(hanging[0].0, "b");
         assert!(
             t.newly_hanging(Duration::from_secs(2), later).is_empty(),
             "flagged once"
@@ -261,7 +282,7 @@ mod tests {
         assert!(ended.was_hanging);
         assert_eq!(ended.duration, Duration::from_secs(15));
         assert!(t.end("a", later).is_none());
-        assert_eq!(t.open_count(), 1);
+        assert_eq!(t.open_count(), 2, "b and c");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Handles {
     pub metrics: Option<Arc<super::Metrics>>,
     pub guard: Arc<crate::guard::Guard>,
     pub policies: Arc<crate::policy::PolicyHolder>,
+    /// Brokers and topic ids (for the `state_bytes` of the topic-id table).
+    pub brokers: Arc<crate::server::brokers::Brokers>,
     /// The upstream cluster answered the last metadata refresh (`/readyz`).
     pub upstream_ready: Arc<std::sync::atomic::AtomicBool>,
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -192,6 +194,9 @@ fn refresh_gauges(shared: &Handles) {
         m.state_bytes
             .with_label_values(&["transactions"])
             .set(txns.approx_bytes() as i64);
+        m.state_bytes
+            .with_label_values(&["topic_ids"])
+            .set(shared.brokers.topics.bytes() as i64);
         let dropped = shared.guard.audit.dropped();
         let seen = m.audit_dropped.get();
         if dropped > seen {

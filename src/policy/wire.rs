@@ -160,14 +160,19 @@ pub fn list_offsets_request<'a>(
     Ok(ReadRequest { isolation, topics })
 }
 
-/// InitProducerId: the transactional id, the timeout and where it sits, and whether the request asks
-/// for a new producer id (no existing producer id given, v3+).
+/// InitProducerId: the transactional id, the timeout and where it sits, whether the request asks
+/// for a new producer id (no existing producer id given, v3+), and the two-phase commit flags (v6+,
+/// KIP-939).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitProducerIdRequest<'a> {
     pub transactional_id: Option<&'a str>,
     pub timeout_at: usize,
     pub timeout_ms: i32,
     pub existing_producer_id: Option<i64>,
+    /// The client takes part in two-phase commit: its transactions never time out at the coordinator.
+    pub enable_2pc: bool,
+    /// Keep the transaction the id has prepared instead of aborting it (recovery after a restart).
+    pub keep_prepared_txn: bool,
 }
 
 pub fn init_producer_id_request<'a>(
@@ -193,15 +198,24 @@ pub fn init_producer_id_request<'a>(
     let timeout_at = r.position();
     let timeout_ms = r.i32()?;
     let existing_producer_id = if v >= 3 {
-        Some(r.i64()?).filter(|pid| *pid >= 0)
+        let pid = r.i64()?;
+        r.i16()?; // producer epoch
+        Some(pid).filter(|pid| *pid >= 0)
     } else {
         None
+    };
+    let (enable_2pc, keep_prepared_txn) = if v >= 6 {
+        (r.i8()? != 0, r.i8()? != 0)
+    } else {
+        (false, false)
     };
     Ok(InitProducerIdRequest {
         transactional_id,
         timeout_at,
         timeout_ms,
         existing_producer_id,
+        enable_2pc,
+        keep_prepared_txn,
     })
 }
 

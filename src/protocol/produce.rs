@@ -1,6 +1,7 @@
-//! Zero-copy walk over a Produce request (v3-v12): transactional id, acks, and for every partition its
+//! Zero-copy walk over a Produce request (v3-v13): transactional id, acks, and for every partition its
 //! records bytes and the raw byte range of its entry, so a request can be rebuilt without some partitions
-//! by copying the others verbatim (their batches are never altered).
+//! by copying the others verbatim (their batches are never altered). Up to v12 a topic is named by its
+//! name; from v13 by its topic id, whose name the caller resolves (see [`TopicNames`]).
 //!
 //! Written by hand rather than with kafka-protocol's decoder: the decoder pre-allocates arrays from the
 //! counts on the wire, so a 100-byte request claiming 2^31 topics could make the proxy abort. Here every
@@ -9,7 +10,42 @@
 use super::frame::SIZE_PREFIX;
 use super::wire::{Reader, WireError};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
+
+/// The first Produce version that names topics by topic id (KIP-516 on produce, Kafka 4.1).
+pub const TOPIC_ID_VERSION: i16 = 13;
+
+/// Names of the topic ids a v13+ request carries, as the proxy knows them; an id missing here is a
+/// topic the proxy cannot name.
+pub type TopicNames = HashMap<[u8; 16], Arc<str>>;
+
+/// A topic as the request names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WireTopic<'a> {
+    /// v3-v12.
+    Name(&'a str),
+    /// v13+.
+    Id([u8; 16]),
+}
+
+impl WireTopic<'_> {
+    /// The owned form, to match the broker's answer later.
+    pub fn to_owned(self) -> OwnedWireTopic {
+        match self {
+            WireTopic::Name(n) => OwnedWireTopic::Name(n.into()),
+            WireTopic::Id(id) => OwnedWireTopic::Id(id),
+        }
+    }
+}
+
+/// [`WireTopic`] kept past the request (its answer names the topic the same way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedWireTopic {
+    Name(Box<str>),
+    Id([u8; 16]),
+}
 
 #[derive(Debug, Clone)]
 pub struct PartitionView<'a> {
@@ -21,9 +57,13 @@ pub struct PartitionView<'a> {
 
 #[derive(Debug, Clone)]
 pub struct TopicView<'a> {
-    pub name: &'a str,
+    /// The topic as the request names it.
+    pub wire: WireTopic<'a>,
+    /// Its name: as sent (v3-v12), or the name of its topic id (v13+; `None`: an id the proxy cannot
+    /// name).
+    pub name: Option<&'a str>,
     pub partitions: Vec<PartitionView<'a>>,
-    /// The encoded name (length prefix included).
+    /// The encoded name or topic id (length prefix included).
     name_range: Range<usize>,
     /// Tagged fields after the partitions (flexible versions; empty otherwise).
     tagged_range: Range<usize>,
@@ -49,8 +89,14 @@ fn utf8(b: &[u8], at: usize) -> Result<&str, WireError> {
     })
 }
 
-/// Walks a size-prefixed Produce request frame whose body starts at `body_offset`.
-pub fn parse(frame: &[u8], body_offset: usize, version: i16) -> Result<ProduceView<'_>, WireError> {
+/// Walks a size-prefixed Produce request frame whose body starts at `body_offset`; topic ids (v13+)
+/// are named from `names`.
+pub fn parse<'a>(
+    frame: &'a [u8],
+    body_offset: usize,
+    version: i16,
+    names: &'a TopicNames,
+) -> Result<ProduceView<'a>, WireError> {
     let flexible = version >= 9;
     let mut r = Reader::at(frame, body_offset);
     let at = r.position();
@@ -73,16 +119,22 @@ pub fn parse(frame: &[u8], body_offset: usize, version: i16) -> Result<ProduceVi
     let mut topics = Vec::new();
     for _ in 0..topic_count {
         let name_start = r.position();
-        let name = if flexible {
-            r.compact_nullable_bytes()?
+        let (wire, name) = if version >= TOPIC_ID_VERSION {
+            let id = r.uuid()?;
+            (WireTopic::Id(id), names.get(&id).map(|n| &**n))
         } else {
-            r.nullable_string()?
-        }
-        .ok_or(WireError::Invalid {
-            what: "null topic name",
-            offset: name_start,
-        })?;
-        let name = utf8(name, name_start)?;
+            let name = if flexible {
+                r.compact_nullable_bytes()?
+            } else {
+                r.nullable_string()?
+            }
+            .ok_or(WireError::Invalid {
+                what: "null topic name",
+                offset: name_start,
+            })?;
+            let name = utf8(name, name_start)?;
+            (WireTopic::Name(name), Some(name))
+        };
         let name_range = name_start..r.position();
         let count = if flexible {
             r.compact_array_len()?
@@ -113,6 +165,7 @@ pub fn parse(frame: &[u8], body_offset: usize, version: i16) -> Result<ProduceVi
             r.skip_tagged_fields(u32::MAX)?;
         }
         topics.push(TopicView {
+            wire,
             name,
             partitions,
             name_range,
@@ -156,6 +209,22 @@ fn put_len(out: &mut BytesMut, n: usize, flexible: bool) {
 impl ProduceView<'_> {
     pub fn partition_count(&self) -> usize {
         self.topics.iter().map(|t| t.partitions.len()).sum()
+    }
+
+    /// The topic ids (v13+) the request names that `names` did not name.
+    pub fn unnamed_ids(&self) -> Vec<[u8; 16]> {
+        let mut ids: Vec<[u8; 16]> = self
+            .topics
+            .iter()
+            .filter(|t| t.name.is_none())
+            .filter_map(|t| match t.wire {
+                WireTopic::Id(id) => Some(id),
+                WireTopic::Name(_) => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// The same request without the partitions for which `keep(topic, partition)` is false; every kept
@@ -205,6 +274,10 @@ mod tests {
     use kafka_protocol::messages::{ApiKey, ProduceRequest, RequestHeader, TopicName};
     use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
+    const A: [u8; 16] = [0xa; 16];
+    const B: [u8; 16] = [0xb; 16];
+
+    /// Topics a and b, by name up to v12 and by id (A, B) from v13.
     fn request(version: i16) -> Bytes {
         let part = |i: i32, r: &'static [u8]| {
             PartitionProduceData::default()
@@ -218,9 +291,11 @@ mod tests {
             .with_topic_data(vec![
                 TopicProduceData::default()
                     .with_name(TopicName(StrBytes::from_static_str("a")))
+                    .with_topic_id(uuid::Uuid::from_bytes(A))
                     .with_partition_data(vec![part(0, b"a0"), part(1, b"a1")]),
                 TopicProduceData::default()
                     .with_name(TopicName(StrBytes::from_static_str("b")))
+                    .with_topic_id(uuid::Uuid::from_bytes(B))
                     .with_partition_data(vec![part(7, b"b7")]),
             ]);
         let header = RequestHeader::default()
@@ -246,14 +321,25 @@ mod tests {
 
     #[test]
     fn walks_and_rebuilds_every_version() {
-        for v in 3..=12 {
+        // The proxy can name A but not B.
+        let names: TopicNames = [(A, Arc::from("a"))].into_iter().collect();
+        for v in 3..=13 {
             let frame = request(v);
             let head = peek_request(&frame).unwrap();
-            let view = parse(&frame, head.body_offset.unwrap(), v).unwrap();
+            let view = parse(&frame, head.body_offset.unwrap(), v, &names).unwrap();
             assert_eq!(view.transactional_id, Some("tx"));
             assert_eq!((view.acks, view.timeout_ms), (-1, 3000));
             assert_eq!(view.partition_count(), 3);
-            assert_eq!(view.topics[1].name, "b");
+            assert_eq!(view.topics[0].name, Some("a"));
+            if v >= TOPIC_ID_VERSION {
+                assert_eq!(view.topics[1].wire, WireTopic::Id(B));
+                assert_eq!(view.topics[1].name, None, "an id the proxy cannot name");
+                assert_eq!(view.unnamed_ids(), vec![B]);
+            } else {
+                assert_eq!(view.topics[1].wire, WireTopic::Name("b"));
+                assert_eq!(view.topics[1].name, Some("b"));
+                assert!(view.unnamed_ids().is_empty());
+            }
             assert_eq!(view.topics[0].partitions[1].records, Some(&b"a1"[..]));
             // Keep everything: byte-identical.
             assert_eq!(view.rebuild(&frame, |_, _| true), frame, "v{v}");
@@ -261,6 +347,11 @@ mod tests {
             let rebuilt = view.rebuild(&frame, |t, p| t == 0 && p == 0);
             let req = decode(&rebuilt, v);
             assert_eq!(req.topic_data.len(), 1);
+            if v >= TOPIC_ID_VERSION {
+                assert_eq!(req.topic_data[0].topic_id.as_bytes(), &A);
+            } else {
+                assert_eq!(req.topic_data[0].name.0.as_str(), "a");
+            }
             assert_eq!(req.topic_data[0].partition_data.len(), 1);
             assert_eq!(req.topic_data[0].partition_data[0].index, 0);
             assert_eq!(req.acks, -1);
@@ -269,10 +360,13 @@ mod tests {
 
     #[test]
     fn truncations_are_errors() {
-        let frame = request(9);
-        let head = peek_request(&frame).unwrap();
-        for cut in head.body_offset.unwrap()..frame.len() {
-            assert!(parse(&frame[..cut], head.body_offset.unwrap(), 9).is_err());
+        for v in [9, 13] {
+            let frame = request(v);
+            let head = peek_request(&frame).unwrap();
+            for cut in head.body_offset.unwrap()..frame.len() {
+                let cut = &frame[..cut];
+                assert!(parse(cut, head.body_offset.unwrap(), v, &TopicNames::new()).is_err());
+            }
         }
     }
 }

@@ -71,22 +71,21 @@ const DECODED: &[ApiKey] = &[
     ApiKey::TxnOffsetCommit,
 ];
 
-/// Produce v13 names topics by topic id instead of name (KIP-516 on produce). Until the producer state
-/// is keyed by topic id, Produce is capped at v12 so that every produce request it inspects carries names.
-pub const PRODUCE_MAX: i16 = 12;
-
 /// DescribeQuorum v2 returns controller listener addresses; the proxy fronts brokers, not controllers, so it
 /// offers v0-1, which carry node ids only.
 pub const DESCRIBE_QUORUM_MAX: i16 = 1;
 
-/// Versions held below what the proxy could decode, and why (see the constants).
-const CAPS: &[(ApiKey, i16)] = &[
-    (ApiKey::Produce, PRODUCE_MAX),
-    (ApiKey::DescribeQuorum, DESCRIBE_QUORUM_MAX),
-];
+/// Unstable versions of the pinned release the proxy can read, offered only when the operator asks
+/// (`upstream.unstable_api_versions`): InitProducerId v6 (KIP-939, two-phase commit) adds two flags to
+/// the request, which the proxy reads by hand, and two fields to the answer, which the codecs read.
+const UNSTABLE: &[(ApiKey, i16)] = &[(ApiKey::InitProducerId, 6)];
 
-/// How the proxy treats `key`; `None`: hidden and refused.
-pub fn inspection(key: i16) -> Option<Inspection> {
+/// Versions held below what the proxy could decode, and why (see the constants).
+const CAPS: &[(ApiKey, i16)] = &[(ApiKey::DescribeQuorum, DESCRIBE_QUORUM_MAX)];
+
+/// How the proxy treats `key`; `None`: hidden and refused. `unstable`: also the latest versions the
+/// pinned release marks unstable, where the codecs read them (`upstream.unstable_api_versions`).
+pub fn inspection(key: i16, unstable: bool) -> Option<Inspection> {
     let api = api(key).filter(|a| a.broker)?;
     let known = ApiKey::try_from(key).ok();
     let cap = known.and_then(|k| CAPS.iter().find(|(c, _)| *c == k).map(|(_, max)| *max));
@@ -98,7 +97,14 @@ pub fn inspection(key: i16) -> Option<Inspection> {
             max: k
                 .valid_versions()
                 .max
-                .min(api.max)
+                .min(if unstable {
+                    UNSTABLE
+                        .iter()
+                        .find(|(u, _)| *u == k)
+                        .map_or(api.max, |u| u.1)
+                } else {
+                    api.max
+                })
                 .min(cap.unwrap_or(i16::MAX)),
         }),
         (None, Addresses::Broker(_), _) => None,
@@ -108,8 +114,13 @@ pub fn inspection(key: i16) -> Option<Inspection> {
 }
 
 /// The version range the proxy offers for `key`, given what the broker offers; `None` to hide the key.
-pub fn offered(api_key: i16, broker_min: i16, broker_max: i16) -> Option<(i16, i16)> {
-    let (min, max) = match inspection(api_key)? {
+pub fn offered(
+    api_key: i16,
+    broker_min: i16,
+    broker_max: i16,
+    unstable: bool,
+) -> Option<(i16, i16)> {
+    let (min, max) = match inspection(api_key, unstable)? {
         Inspection::PassThrough => (broker_min, broker_max),
         Inspection::Limited { min, max } => (broker_min.max(min), broker_max.min(max)),
     };
@@ -120,8 +131,8 @@ pub fn offered(api_key: i16, broker_min: i16, broker_max: i16) -> Option<(i16, i
 /// is accepted only in the versions it decodes: a newer one is never forwarded, since its answer could not
 /// be read safely (the session answers a newer ApiVersions itself, as a broker would; see
 /// [`crate::filters::api_versions::unsupported_version_answer`]).
-pub fn accepts(key: i16, version: i16) -> bool {
-    match inspection(key) {
+pub fn accepts(key: i16, version: i16, unstable: bool) -> bool {
+    match inspection(key, unstable) {
         None => false,
         Some(Inspection::PassThrough) => version >= 0,
         Some(Inspection::Limited { min, max }) => (min..=max).contains(&version),
@@ -192,7 +203,7 @@ mod tests {
             if let Addresses::Broker(places) = api.addresses {
                 let decoded = ApiKey::try_from(api.key).is_ok_and(|k| DECODED.contains(&k));
                 assert!(
-                    decoded || inspection(api.key).is_none(),
+                    decoded || inspection(api.key, false).is_none(),
                     "{} carries {places} but passes",
                     api.name
                 );
@@ -202,39 +213,52 @@ mod tests {
 
     #[test]
     fn offered_ranges() {
-        assert_eq!(offered(0, 3, 13), Some((3, 12)));
-        assert_eq!(offered(55, 0, 2), Some((0, 1)));
+        // Produce v13 names topics by id: the proxy names them (see stages::produce::topic_names)
+        assert_eq!(offered(0, 3, 13, false), Some((3, 13)));
+        // Produce v0-2 (message format v0/v1, which brokers still offer) are not in the codecs
+        assert_eq!(offered(0, 0, 13, false), Some((3, 13)));
+        assert_eq!(offered(55, 0, 2, false), Some((0, 1)));
         // pass-through keys keep the broker's range, even beyond what the pinned Kafka defines
-        assert_eq!(offered(ApiKey::OffsetCommit as i16, 2, 99), Some((2, 99)));
+        assert_eq!(
+            offered(ApiKey::OffsetCommit as i16, 2, 99, false),
+            Some((2, 99))
+        );
         // Kafka Streams' group protocol: an application endpoint, not a broker's, so it passes
-        assert_eq!(offered(88, 0, 1), Some((0, 1)));
-        assert_eq!(offered(89, 0, 1), Some((0, 1)));
+        assert_eq!(offered(88, 0, 1, false), Some((0, 1)));
+        assert_eq!(offered(89, 0, 1, false), Some((0, 1)));
         // keys the pinned Kafka does not define, and controller-only keys, are hidden
-        assert_eq!(offered(31_000, 0, 1), None);
-        assert_eq!(offered(95, 0, 1), None);
-        assert_eq!(offered(ApiKey::Vote as i16, 0, 2), None);
+        assert_eq!(offered(31_000, 0, 1, false), None);
+        assert_eq!(offered(95, 0, 1, false), None);
+        assert_eq!(offered(ApiKey::Vote as i16, 0, 2, false), None);
         // empty intersection is hidden
-        assert_eq!(offered(3, 14, 20), None);
+        assert_eq!(offered(3, 14, 20, false), None);
         // share groups in every version the proxy decodes
-        assert_eq!(offered(78, 1, 2), Some((1, 2)));
+        assert_eq!(offered(78, 1, 2, false), Some((1, 2)));
         // TxnOffsetCommit v6 names topics by id, which the transaction fence reads
-        assert_eq!(offered(28, 0, 6), Some((0, 6)));
+        assert_eq!(offered(28, 0, 6, false), Some((0, 6)));
     }
 
     #[test]
     fn accepts_only_decodable_versions_of_inspected_keys() {
-        assert!(accepts(ApiKey::Produce as i16, 12));
-        assert!(!accepts(ApiKey::Produce as i16, 13));
-        assert!(accepts(ApiKey::ApiVersions as i16, 5));
-        assert!(!accepts(ApiKey::ApiVersions as i16, 6));
-        assert!(accepts(ApiKey::OffsetCommit as i16, 42));
-        assert!(!accepts(ApiKey::Metadata as i16, -1));
-        assert!(accepts(88, 1));
-        assert!(!accepts(95, 0));
-        assert!(accepts(ApiKey::InitProducerId as i16, 5));
+        assert!(accepts(ApiKey::Produce as i16, 13, false));
+        assert!(!accepts(ApiKey::Produce as i16, 14, false));
+        assert!(!accepts(ApiKey::Produce as i16, 2, false));
+        assert!(accepts(ApiKey::ApiVersions as i16, 5, false));
+        assert!(!accepts(ApiKey::ApiVersions as i16, 6, false));
+        assert!(accepts(ApiKey::OffsetCommit as i16, 42, false));
+        assert!(!accepts(ApiKey::Metadata as i16, -1, false));
+        assert!(accepts(88, 1, false));
+        assert!(!accepts(95, 0, false));
+        assert!(accepts(ApiKey::InitProducerId as i16, 5, false));
         assert!(
-            !accepts(ApiKey::InitProducerId as i16, 6),
+            !accepts(ApiKey::InitProducerId as i16, 6, false),
             "unstable in the pinned Kafka"
         );
+        // ... unless the operator asks for the unstable versions the proxy can read
+        assert!(accepts(ApiKey::InitProducerId as i16, 6, true));
+        assert!(!accepts(ApiKey::InitProducerId as i16, 7, true));
+        assert_eq!(offered(22, 0, 6, true), Some((0, 6)));
+        assert_eq!(offered(22, 0, 6, false), Some((0, 5)));
+        assert_eq!(offered(0, 3, 14, true), Some((3, 13)), "nothing else moves");
     }
 }

@@ -85,6 +85,10 @@ impl<'a> Reader<'a> {
     pub fn i64(&mut self) -> Result<i64, WireError> {
         Ok(i64::from_be_bytes(self.array()?))
     }
+    /// A UUID (topic ids): 16 bytes.
+    pub fn uuid(&mut self) -> Result<[u8; 16], WireError> {
+        self.array()
+    }
 
     /// Unsigned LEB128 varint, at most 5 bytes (Kafka's UNSIGNED_VARINT is a u32).
     pub fn uvarint(&mut self) -> Result<u32, WireError> {

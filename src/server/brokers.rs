@@ -8,7 +8,7 @@
 use crate::config::{BrokerPorts, ListenConfig};
 use dashmap::DashMap;
 use kafka_protocol::protocol::StrBytes;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -29,18 +29,9 @@ pub struct Brokers {
     failed: DashMap<i32, Instant>,
     bind_lock: tokio::sync::Mutex<()>,
     new_listeners: mpsc::UnboundedSender<(i32, TcpListener)>,
-    /// Topic id -> name, from Metadata answers (Fetch v13+ names topics by id).
-    topics: DashMap<[u8; 16], Arc<str>>,
-    /// Topic name -> id, to notice a topic deleted and created again under the same name.
-    names: DashMap<Arc<str>, [u8; 16]>,
-    /// Names whose id changed since they were last taken (see [`Brokers::take_recreated`]).
-    recreated: std::sync::Mutex<Vec<Arc<str>>>,
+    /// Topic ids and names (see [`super::topics`]).
+    pub topics: super::topics::Topics,
 }
-
-/// Most topic ids (and names) remembered; past it the maps start again (Metadata answers refill them).
-const MAX_TOPICS: usize = 1_000_000;
-/// Most re-created topic names waiting to be taken.
-const MAX_RECREATED: usize = 1024;
 
 impl Brokers {
     pub fn new(
@@ -56,50 +47,12 @@ impl Brokers {
             failed: DashMap::new(),
             bind_lock: tokio::sync::Mutex::new(()),
             new_listeners,
-            topics: DashMap::new(),
-            names: DashMap::new(),
-            recreated: std::sync::Mutex::new(Vec::new()),
+            topics: Default::default(),
         }
     }
 
     pub fn advertised_host(&self) -> &StrBytes {
         &self.advertised_host
-    }
-
-    /// Remembers a topic's id (from a Metadata answer). A name that comes back with another id is a
-    /// topic deleted and created again: it is queued for [`Brokers::take_recreated`].
-    pub fn learn_topic(&self, id: [u8; 16], name: &str) {
-        if id == [0; 16] || self.topics.get(&id).is_some_and(|n| &**n == name) {
-            return;
-        }
-        if self.topics.len() >= MAX_TOPICS || self.names.len() >= MAX_TOPICS {
-            self.topics.clear();
-            self.names.clear();
-        }
-        let name: Arc<str> = Arc::from(name);
-        if let Some(old) = self.names.insert(name.clone(), id) {
-            if old != id {
-                self.topics.remove(&old);
-                if let Ok(mut queue) = self.recreated.lock() {
-                    if queue.len() < MAX_RECREATED {
-                        queue.push(name.clone());
-                    }
-                }
-            }
-        }
-        self.topics.insert(id, name);
-    }
-
-    /// The topic names seen with a new id since the last call (usually none: one uncontended lock).
-    pub fn take_recreated(&self) -> Vec<Arc<str>> {
-        match self.recreated.lock() {
-            Ok(mut queue) if !queue.is_empty() => std::mem::take(&mut *queue),
-            _ => Vec::new(),
-        }
-    }
-
-    pub fn topic_name(&self, id: &[u8; 16]) -> Option<Arc<str>> {
-        self.topics.get(id).map(|n| n.clone())
     }
 
     /// Upstream address of a node, as `host:port`.

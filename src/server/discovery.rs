@@ -1,17 +1,22 @@
 //! The proxy's own metadata refresh: at start and every `upstream.metadata_refresh_ms`, ask the cluster
 //! which brokers exist, so that listeners appear for new brokers even before a client asks, and so that
 //! clients reconnecting after a proxy restart find their node ports listening. Its outcome is also the
-//! readiness signal.
+//! readiness signal. Also the proxy's own lookups of topic ids no Metadata answer has named yet.
 
+use super::topics::{Topics, Unnamed, MAX_LOOKUP_IDS};
 use super::Shared;
+use crate::config::UpstreamConfig;
 use crate::protocol::codec::decode_response;
+use crate::protocol::codes;
 use crate::protocol::frame::FrameCodec;
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, RequestHeader};
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
@@ -53,31 +58,14 @@ pub async fn refresh_once(shared: &Shared) -> anyhow::Result<usize> {
 }
 
 async fn fetch_brokers(shared: &Shared, server: &str) -> anyhow::Result<usize> {
-    let up = &shared.config.upstream;
-    let mut stream = tokio::time::timeout(up.connect_timeout, TcpStream::connect(server)).await??;
-    let key = ApiKey::Metadata;
-    let header = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(METADATA_VERSION)
-        .with_correlation_id(1)
-        .with_client_id(Some(StrBytes::from_static_str("kafka-eos-proxy")));
     let body = MetadataRequest::default().with_topics(Some(vec![]));
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    header.encode(&mut buf, key.request_header_version(METADATA_VERSION))?;
-    body.encode(&mut buf, METADATA_VERSION)?;
-    let size = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&size.to_be_bytes());
-    stream.write_all(&buf).await?;
-    let (read, _write) = stream.split();
-    let mut frames = FramedRead::new(
-        read,
-        FrameCodec::new(shared.config.limits.max_frame_bytes, 4),
-    );
-    let frame = tokio::time::timeout(up.connect_timeout, frames.next())
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("closed before answering"))??;
-    let (_, resp) = decode_response::<MetadataResponse>(frame.freeze(), key, METADATA_VERSION)?;
+    let resp = ask_metadata(
+        &shared.config.upstream,
+        shared.config.limits.max_frame_bytes,
+        server,
+        &body,
+    )
+    .await?;
     for b in &resp.brokers {
         shared
             .brokers
@@ -85,4 +73,128 @@ async fn fetch_brokers(shared: &Shared, server: &str) -> anyhow::Result<usize> {
             .await;
     }
     Ok(resp.brokers.len())
+}
+
+/// One Metadata request of the proxy's own, on a connection of its own, answered within the connect
+/// timeout.
+async fn ask_metadata(
+    up: &UpstreamConfig,
+    max_frame_bytes: usize,
+    server: &str,
+    body: &MetadataRequest,
+) -> anyhow::Result<MetadataResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(server).await?;
+        let key = ApiKey::Metadata;
+        let header = RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(METADATA_VERSION)
+            .with_correlation_id(1)
+            .with_client_id(Some(StrBytes::from_static_str("kafka-eos-proxy")));
+        let mut buf = BytesMut::new();
+        buf.put_i32(0);
+        header.encode(&mut buf, key.request_header_version(METADATA_VERSION))?;
+        body.encode(&mut buf, METADATA_VERSION)?;
+        let size = (buf.len() - 4) as i32;
+        buf[..4].copy_from_slice(&size.to_be_bytes());
+        stream.write_all(&buf).await?;
+        let (read, _write) = stream.split();
+        let mut frames = FramedRead::new(read, FrameCodec::new(max_frame_bytes, 4));
+        let frame = frames
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("closed before answering"))??;
+        let (_, resp) = decode_response::<MetadataResponse>(frame.freeze(), key, METADATA_VERSION)?;
+        anyhow::Ok(resp)
+    };
+    tokio::time::timeout(up.connect_timeout, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", up.connect_timeout))?
+}
+
+/// Names the topic ids in `ids` that `topics` cannot name yet, by asking the cluster (Metadata v12 by
+/// topic id, one lookup at a time, the bootstrap servers in turn). Returns the ids left unnamed that
+/// were asked about now (or could not be), with why; ids found unknown lately are not asked again, and
+/// not returned again.
+pub async fn name_topic_ids(
+    topics: &Topics,
+    up: &UpstreamConfig,
+    max_frame_bytes: usize,
+    ids: &[[u8; 16]],
+) -> Vec<([u8; 16], Unnamed)> {
+    let now = Instant::now();
+    let wanted: Vec<[u8; 16]> = ids
+        .iter()
+        .filter(|id| topics.name(id).is_none() && !topics.recently_unknown(id, now))
+        .copied()
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let (asked, too_many) = wanted.split_at(wanted.len().min(MAX_LOOKUP_IDS));
+    let mut unnamed: Vec<([u8; 16], Unnamed)> =
+        too_many.iter().map(|id| (*id, Unnamed::TooMany)).collect();
+    let _one_at_a_time = topics.lookups.lock().await;
+    // Another connection's lookup may have named them meanwhile.
+    let asked: Vec<[u8; 16]> = asked
+        .iter()
+        .filter(|id| topics.name(id).is_none())
+        .copied()
+        .collect();
+    if asked.is_empty() {
+        return unnamed;
+    }
+    let body = MetadataRequest::default()
+        .with_topics(Some(
+            asked
+                .iter()
+                .map(|id| {
+                    MetadataRequestTopic::default().with_topic_id(uuid::Uuid::from_bytes(*id))
+                })
+                .collect(),
+        ))
+        .with_allow_auto_topic_creation(false);
+    let mut last_err = anyhow::anyhow!("no bootstrap servers");
+    let mut answer = None;
+    for server in &up.bootstrap_servers {
+        match ask_metadata(up, max_frame_bytes, server, &body).await {
+            Ok(resp) => {
+                answer = Some(resp);
+                break;
+            }
+            Err(e) => last_err = e.context(format!("bootstrap server {server}")),
+        }
+    }
+    let now = Instant::now();
+    match answer {
+        Some(resp) => {
+            for t in &resp.topics {
+                match &t.name {
+                    Some(name) if t.error_code == 0 => {
+                        topics.learn(*t.topic_id.as_bytes(), name.0.as_str())
+                    }
+                    _ => {}
+                }
+            }
+            for id in asked {
+                if topics.name(&id).is_none() {
+                    let code = resp
+                        .topics
+                        .iter()
+                        .find(|t| t.topic_id.as_bytes() == &id)
+                        .map_or(codes::UNKNOWN_TOPIC_ID, |t| t.error_code);
+                    topics.mark_unknown(id, now);
+                    unnamed.push((id, Unnamed::UnknownToCluster(code)));
+                }
+            }
+        }
+        None => {
+            let why = format!("{last_err:#}");
+            for id in asked {
+                topics.mark_unknown(id, now);
+                unnamed.push((id, Unnamed::LookupFailed(why.clone())));
+            }
+        }
+    }
+    unnamed
 }

@@ -7,6 +7,7 @@
 pub mod brokers;
 pub mod discovery;
 pub mod reload;
+pub mod topics;
 
 use crate::audit::AuditSink;
 use crate::config::Config;
@@ -131,6 +132,7 @@ impl Proxy {
                 metrics: shared.metrics.clone(),
                 guard: shared.guard.clone(),
                 policies: shared.policies.clone(),
+                brokers: shared.brokers.clone(),
                 upstream_ready: shared.upstream_ready.clone(),
                 shutdown: shared.shutdown.clone(),
             });

@@ -30,13 +30,18 @@ pub async fn on_response(
         .await
         .map_err(|e| Close::MalformedResponse(e.to_string()))?;
     if exchange.key == ApiKey::Metadata {
-        // A topic deleted and created again under its name: the producer state of the old one must
-        // never answer for the new one (a retry would get an offset of the deleted topic).
-        for name in brokers.take_recreated() {
-            if cx.handles.guard.store.forget_topic(&name) {
-                info!(topic = %name, "topic re-created (new topic id): its old producer state is dropped");
-            }
-        }
+        drop_recreated(cx.handles);
     }
     Ok(out)
+}
+
+/// A topic deleted and created again under its name (a Metadata answer or a topic-id lookup showed
+/// the name with a new id): the producer state of the old one must never answer for the new one (a
+/// retry would get an offset of the deleted topic).
+pub fn drop_recreated(handles: &super::Handles) {
+    for name in handles.brokers.topics.take_recreated() {
+        if handles.guard.store.forget_topic(&name) {
+            info!(topic = %name, "topic re-created (new topic id): its old producer state is dropped");
+        }
+    }
 }

@@ -32,7 +32,7 @@ fn observe(shared: &Handles, frame: &Bytes, version: i16, info: &Client) {
         }
         let topic = match p.topic {
             TopicRef::Name(n) => Arc::from(n),
-            TopicRef::Id(id) => match shared.brokers.topic_name(&id) {
+            TopicRef::Id(id) => match shared.brokers.topics.name(&id) {
                 Some(n) => n,
                 None => return,
             },

@@ -4,7 +4,7 @@
 
 use super::txn_fence::{audit_errors, Found};
 use super::{Exchange, Request, RequestCx, ResponseCx, Step};
-use crate::guard::init_producer_id_txn;
+use crate::guard::{init_producer_id_txn, TxnInit};
 use crate::policy::report::Violation;
 use crate::policy::wire::{self, patched};
 use crate::policy::{Action, Check};
@@ -20,7 +20,7 @@ use tracing::debug;
 /// What the answer needs: the transactional id and timeout sent (a clamped timeout is the one the
 /// coordinator applies), and the rate buckets to charge for a new producer id.
 pub struct Memo {
-    transactional: Option<(String, i32)>,
+    transactional: Option<TxnInit>,
     charge: Option<NewIdCharge>,
 }
 
@@ -54,7 +54,10 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
     let handles = cx.handles;
     let guard = &handles.guard;
     let key = ApiKey::InitProducerId;
-    let txn = memo.transactional.as_ref().map(|t| t.0.clone());
+    let txn = memo
+        .transactional
+        .as_ref()
+        .map(|t| t.transactional_id.clone());
     let mut errors: Vec<Found> = Vec::new();
     match decode_response::<InitProducerIdResponse>(frame.clone(), key, exchange.version) {
         Ok((_, r)) if r.error_code == codes::NONE => {
@@ -67,15 +70,22 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
                 }
             }
             guard.store.issued(r.producer_id.0, r.producer_epoch);
-            if let Some((t, timeout_ms)) = &memo.transactional {
+            if let Some(init) = &memo.transactional {
+                let t = &init.transactional_id;
                 guard.txns.learn(t, r.producer_id.0, r.producer_epoch);
-                if *timeout_ms > 0 {
+                // Two-phase commit (v6): the coordinator never times the transactions out.
+                guard.txns.set_two_phase(t, init.two_phase);
+                if init.timeout_ms > 0 {
                     guard
                         .txns
-                        .set_timeout(t, Duration::from_millis(*timeout_ms as u64));
+                        .set_timeout(t, Duration::from_millis(init.timeout_ms as u64));
                 }
-                // A new InitProducerId aborts whatever the transactional id had open.
-                guard.end_transaction(t, None, cx.client);
+                // A new InitProducerId aborts whatever the transactional id had open, unless it asks to
+                // keep a prepared transaction (two-phase commit recovery: the external coordinator
+                // commits or aborts it next, and the coordinator answers with its producer id).
+                if !(init.keep_prepared && r.ongoing_txn_producer_id.0 >= 0) {
+                    guard.end_transaction(t, None, cx.client);
+                }
             }
         }
         Ok((_, r)) => errors.push((r.error_code, None, (-1, -1))),
@@ -181,7 +191,36 @@ fn policy_checks(
         timeout.and_then(|d| Some((d, d.bounds()?))),
         req.transactional_id,
     ) {
-        if !(min..=max).contains(&req.timeout_ms) {
+        if req.enable_2pc {
+            // Two-phase commit (KIP-939): the coordinator ignores the timeout and never aborts these
+            // transactions, so no clamp can bound them: refused under `reject`, reported otherwise.
+            let reject = d.action == Action::Reject;
+            let action = if reject {
+                Action::Reject
+            } else {
+                Action::Audit
+            };
+            cx.report(
+                Violation {
+                    transactional_id: Some(txn),
+                    error_code: refusal_code(Check::TransactionTimeout, reject),
+                    ..Violation::new(
+                        &d.rule,
+                        Check::TransactionTimeout,
+                        action,
+                        key,
+                        format!(
+                            "two-phase commit (KIP-939): transactions of {txn} never time out, \
+                             outside {min}..={max}"
+                        ),
+                    )
+                },
+                true,
+            );
+            if reject {
+                return answer(Check::TransactionTimeout.row().error.0, 0);
+            }
+        } else if !(min..=max).contains(&req.timeout_ms) {
             let clamped = req.timeout_ms.clamp(min, max);
             let reject = d.action == Action::Reject;
             let detail = format!(

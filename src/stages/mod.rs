@@ -171,7 +171,7 @@ impl Stage {
         frame: Bytes,
     ) -> Result<Bytes, Close> {
         match self {
-            Stage::ApiVersions => api_versions::on_response(exchange, frame),
+            Stage::ApiVersions => api_versions::on_response(cx, exchange, frame),
             Stage::Identity => Ok(identity::on_response(cx, exchange, frame)),
             Stage::Produce => produce::on_response(cx, exchange, frame),
             Stage::InitProducerId => Ok(init_producer_id::on_response(cx, exchange, frame)),
@@ -232,7 +232,8 @@ impl Chain {
         req: &mut Request,
     ) -> Result<Step, Close> {
         // Every request's header: the ApiVersions version gate, and the client id for the identity.
-        if let Some(step) = api_versions::gate(&req.head, req.key)? {
+        let unstable = cx.handles.upstream.unstable_api_versions;
+        if let Some(step) = api_versions::gate(&req.head, req.key, unstable)? {
             return Ok(step);
         }
         identity::learn_client_id(cx.client, &req.frame, &req.head);
@@ -451,7 +452,7 @@ mod tests {
             }
             assert!(
                 matches!(
-                    versions::inspection(key as i16),
+                    versions::inspection(key as i16, false),
                     Some(versions::Inspection::Limited { .. })
                 ),
                 "{key:?} is decoded by a stage but passes through the version table"

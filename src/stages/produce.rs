@@ -11,7 +11,8 @@ use crate::policy::wire::{self, patched};
 use crate::policy::{Action as PolicyAction, Check};
 use crate::protocol::codec::{decode_response, encode_response};
 use crate::protocol::header::{produce_acks, RequestHead};
-use crate::protocol::produce;
+use crate::protocol::produce::{self, TopicNames};
+use crate::server::discovery;
 use crate::session::close::Close;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ProduceResponse};
@@ -51,17 +52,19 @@ pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result
     let policies = cx.state.policies.policies().clone();
     let mut acks = produce_acks(&req.frame, &req.head)
         .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+    req.expects_response = acks != 0;
+    if !guard.config.enabled && !policies.produce_checks {
+        return Ok(Step::Continue);
+    }
+    let names = topic_names(cx, req).await?;
     if policies.produce_checks {
-        if let (Some(upgraded), swallowed) = acks_policy(cx, &req.frame, &req.head, acks)? {
+        if let (Some(upgraded), swallowed) = acks_policy(cx, &req.frame, &req.head, acks, &names)? {
             req.patch(upgraded);
             acks = -1;
             req.swallow = swallowed;
         }
     }
     req.expects_response = acks != 0;
-    if !guard.config.enabled && !policies.produce_checks {
-        return Ok(Step::Continue);
-    }
     let client = cx.client;
     let cp = &mut cx.state.policies;
     let mut demands = |topic: &str| {
@@ -71,7 +74,7 @@ pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result
             .filter(|p| !p.is_empty())
     };
     let mut plan = guard
-        .plan(&req.frame, &req.head, cx.client, &mut demands)
+        .plan(&req.frame, &req.head, cx.client, &names, &mut demands)
         .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
     if plan.has_waits() {
         // The originals may still sit in our buffer: send them before waiting on them.
@@ -108,6 +111,48 @@ pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result
         });
     }
     Ok(Step::Continue)
+}
+
+/// The names of the topic ids a Produce v13+ request carries: from the Metadata answers the proxy saw,
+/// else asked of the cluster. An id left unnamed is audited (once per lookup) and its partitions go to
+/// the broker untracked: the proxy never refuses a write for what it does not know.
+async fn topic_names(cx: &mut RequestCx<'_, '_>, req: &Request) -> Result<TopicNames, Close> {
+    let mut names = TopicNames::new();
+    if req.head.api_version < produce::TOPIC_ID_VERSION {
+        return Ok(names);
+    }
+    let body = req.head.body_offset.unwrap_or(0);
+    let view = produce::parse(&req.frame, body, req.head.api_version, &names)
+        .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+    let ids = view.unnamed_ids();
+    let topics = &cx.handles.brokers.topics;
+    if ids.iter().any(|id| topics.name(id).is_none()) {
+        let h = cx.handles;
+        let unnamed =
+            discovery::name_topic_ids(topics, &h.upstream, h.limits.max_frame_bytes, &ids).await;
+        for (id, why) in unnamed {
+            h.guard.audit.emit(AuditEvent {
+                api_key: ApiKey::Produce as i16,
+                transactional_id: view.transactional_id.map(str::to_string),
+                topic: Some(uuid::Uuid::from_bytes(id).to_string()),
+                detail: Some(format!(
+                    "produce names topic id {} that the proxy cannot name ({why}): forwarded for \
+                     the broker to judge, untracked, no topic policy applied",
+                    uuid::Uuid::from_bytes(id)
+                )),
+                ..AuditEvent::new(Kind::UnknownTopicId, Source::Proxy, Action::Forwarded)
+                    .from_conn(cx.client)
+            });
+        }
+        // A lookup can reveal a topic created again under its name.
+        super::addresses::drop_recreated(h);
+    }
+    for id in ids {
+        if let Some(name) = topics.name(&id) {
+            names.insert(id, name);
+        }
+    }
+    Ok(names)
 }
 
 /// One more idempotent produce request in flight; more than five on one connection is reported once.
@@ -172,9 +217,13 @@ pub fn refusal(frame: &Bytes, version: i16) -> Option<String> {
             .iter()
             .find(|p| p.error_code != 0)
             .map(|p| {
+                let topic = if version >= produce::TOPIC_ID_VERSION {
+                    t.topic_id.to_string()
+                } else {
+                    t.name.0.to_string()
+                };
                 format!(
-                    "{}-{}: error {}{}",
-                    t.name.0.as_str(),
+                    "{topic}-{}: error {}{}",
                     p.index,
                     p.error_code,
                     p.error_message
@@ -196,25 +245,24 @@ fn acks_policy(
     frame: &Bytes,
     head: &RequestHead,
     acks: i16,
+    names: &TopicNames,
 ) -> Result<(Option<Bytes>, bool), Close> {
     if acks == -1 {
         return Ok((None, false));
     }
     let body = head.body_offset.unwrap_or(0);
-    let view = produce::parse(frame, body, head.api_version)
+    let view = produce::parse(frame, body, head.api_version, names)
         .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
     let mut upgrade = false;
     let mut refuse: Option<String> = None;
-    for t in &view.topics {
+    // A topic id the proxy cannot name was audited as such (see topic_names).
+    for name in view.topics.iter().filter_map(|t| t.name) {
         let client = cx.client;
-        let tp = cx.state.policies.topic(client, t.name);
+        let tp = cx.state.policies.topic(client, name);
         let Some(d) = tp.get(Check::AcksAll) else {
             continue;
         };
-        let detail = format!(
-            "topic {} requires acks=all, the request has acks={acks}",
-            t.name
-        );
+        let detail = format!("topic {name} requires acks=all, the request has acks={acks}");
         let (action, event) = match d.action {
             PolicyAction::Reject if acks == 0 => {
                 refuse.get_or_insert_with(|| format!("policy '{}': {detail}", d.rule));
@@ -225,10 +273,10 @@ fn acks_policy(
                 upgrade = true;
                 (
                     PolicyAction::Upgrade,
-                    cx.state.policies.first_report(Check::AcksAll, t.name),
+                    cx.state.policies.first_report(Check::AcksAll, name),
                 )
             }
-            a => (a, cx.state.policies.first_report(Check::AcksAll, t.name)),
+            a => (a, cx.state.policies.first_report(Check::AcksAll, name)),
         };
         let detail = if action == PolicyAction::Reject {
             format!("{detail}; nothing written, connection closed (acks=0 has no response)")
@@ -239,7 +287,7 @@ fn acks_policy(
         };
         cx.report(
             Violation {
-                topic: Some(t.name),
+                topic: Some(name),
                 transactional_id: view.transactional_id,
                 ..Violation::new(&d.rule, Check::AcksAll, action, 0, detail)
             },

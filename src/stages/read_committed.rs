@@ -60,7 +60,7 @@ fn read_isolation(
     for t in &req.topics {
         let name: std::sync::Arc<str> = match t {
             TopicRef::Name(n) => std::sync::Arc::from(*n),
-            TopicRef::Id(id) => match cx.handles.brokers.topic_name(id) {
+            TopicRef::Id(id) => match cx.handles.brokers.topics.name(id) {
                 Some(n) => n,
                 None => {
                     // An id no Metadata answer through this proxy has named yet (a fresh start, or

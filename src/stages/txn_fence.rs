@@ -148,7 +148,8 @@ pub fn on_response(cx: &ResponseCx<'_>, exchange: &mut Exchange, frame: Bytes) -
                         let id = *t.topic_id.as_bytes();
                         cx.handles
                             .brokers
-                            .topic_name(&id)
+                            .topics
+                            .name(&id)
                             .map_or_else(|| t.topic_id.to_string(), |n| n.to_string())
                     } else {
                         t.name.0.to_string()

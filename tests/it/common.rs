@@ -152,6 +152,36 @@ pub struct TestProxy {
 
 impl TestProxy {
     /// The audit events of one kind the proxy emitted so far.
+    /// The topics the proxy holds producer state for (sorted, each once).
+    pub fn tracked_topics(&self) -> Vec<String> {
+        let proxy = self.proxy.as_ref().expect("running");
+        let mut t: Vec<String> = proxy
+            .shared()
+            .guard
+            .store
+            .snapshot(0)
+            .iter()
+            .map(|s| s.topic.to_string())
+            .collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    }
+
+    /// The Produce versions the proxy sent upstream so far (sorted, each once).
+    pub fn produce_versions(&self) -> Vec<i16> {
+        let mut v: Vec<i16> = self
+            .upstream_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|f| i16::from_be_bytes([f[6], f[7]]))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     pub fn events(
         &self,
         kind: kafka_eos_proxy::audit::Kind,

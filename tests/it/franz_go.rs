@@ -52,6 +52,12 @@ async fn franz_go_idempotent_producer_and_group_through_the_proxy() {
     let proxy = start_proxy(Cluster::Three).await;
     let r = run_go("produce", &proxy).await;
     assert_eq!(r["consumed"], vec!["500"]);
+    // franz-go 1.22 names topics by id (Produce v13); the proxy names them and tracks the producer.
+    assert_eq!(proxy.produce_versions(), vec![13]);
+    assert!(!proxy.tracked_topics().is_empty(), "producer state kept");
+    assert!(proxy
+        .events(kafka_eos_proxy::audit::Kind::UnknownTopicId)
+        .is_empty());
     let brokers = &r["broker"];
     assert_eq!(brokers.len(), 3, "{brokers:?}");
     for b in brokers {

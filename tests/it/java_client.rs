@@ -2,6 +2,7 @@
 //! tests/java/EosClient.java holds the scenarios; each checks itself and prints RESULT lines.
 
 use crate::common::*;
+use kafka_eos_proxy::audit::Kind;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -108,6 +109,10 @@ async fn java_idempotent_producer() {
     let proxy = start_proxy(Cluster::Three).await;
     let r = run_java("idempotent", &proxy).await;
     assert_eq!(one(&r, "consumed"), 1500);
+    // kafka-clients 4.4 names topics by id (Produce v13); the proxy names them and tracks the producer.
+    assert_eq!(proxy.produce_versions(), vec![13]);
+    assert!(!proxy.tracked_topics().is_empty(), "producer state kept");
+    assert!(proxy.events(Kind::UnknownTopicId).is_empty());
     proxy.stop().await;
 }
 

@@ -190,13 +190,15 @@ policies:
     let mut seen = 0;
     for f in &frames {
         let head = kafka_eos_proxy::protocol::header::peek_request(f).expect("request head");
+        let no_names = Default::default();
         let view = kafka_eos_proxy::protocol::produce::parse(
             f,
             head.body_offset.expect("body"),
             head.api_version,
+            &no_names,
         )
         .expect("produce request");
-        if view.topics.iter().any(|t| t.name == topic) {
+        if view.topics.iter().any(|t| t.name == Some(topic.as_str())) {
             assert_eq!(view.acks, -1, "sent upstream as acks=all");
             seen += 1;
         }

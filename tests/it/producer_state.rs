@@ -38,12 +38,30 @@ pub fn produce(topic: &str, txn: Option<&str>, parts: Vec<(i32, Bytes)>) -> Prod
             )])
 }
 
+/// The same request naming its topic by `id` (Produce v13+) instead of by name.
+pub fn by_id(mut req: ProduceRequest, id: uuid::Uuid) -> ProduceRequest {
+    for t in &mut req.topic_data {
+        t.name = Default::default();
+        t.topic_id = id;
+    }
+    req
+}
+
 /// (partition, error code, base offset, error message) of every partition in a produce response.
 pub async fn send_produce(
     raw: &mut Raw,
     req: &ProduceRequest,
 ) -> Vec<(i32, i16, i64, Option<String>)> {
-    let resp: ProduceResponse = raw.call(ApiKey::Produce, PRODUCE_VERSION, req).await;
+    send_produce_v(raw, req, PRODUCE_VERSION).await
+}
+
+/// [`send_produce`] in a given Produce version.
+pub async fn send_produce_v(
+    raw: &mut Raw,
+    req: &ProduceRequest,
+    version: i16,
+) -> Vec<(i32, i16, i64, Option<String>)> {
+    let resp: ProduceResponse = raw.call(ApiKey::Produce, version, req).await;
     let mut out: Vec<_> = resp
         .responses
         .iter()
@@ -71,17 +89,7 @@ pub async fn init_producer_id_timeout(
     timeout_ms: i32,
 ) -> (i64, i16) {
     if let Some(t) = txn {
-        // The first transaction coordinator lookup creates __transaction_state.
-        for _ in 0..100 {
-            let req = FindCoordinatorRequest::default()
-                .with_key_type(1)
-                .with_coordinator_keys(vec![StrBytes::from_string(t.to_string())]);
-            let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 4, &req).await;
-            if resp.coordinators.first().is_some_and(|c| c.error_code == 0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        find_transaction_coordinator(raw, t).await;
     }
     for _ in 0..100 {
         let req = InitProducerIdRequest::default()
@@ -97,6 +105,20 @@ pub async fn init_producer_id_timeout(
         }
     }
     panic!("InitProducerId kept failing");
+}
+
+/// Waits until `txn` has a transaction coordinator (the first lookup creates __transaction_state).
+async fn find_transaction_coordinator(raw: &mut Raw, txn: &str) {
+    for _ in 0..100 {
+        let req = FindCoordinatorRequest::default()
+            .with_key_type(1)
+            .with_coordinator_keys(vec![StrBytes::from_string(txn.to_string())]);
+        let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 4, &req).await;
+        if resp.coordinators.first().is_some_and(|c| c.error_code == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Registers `topic`-`partition` in the transaction (transactions v1: before its first write); returns
@@ -762,8 +784,6 @@ async fn a_batch_behind_a_retriable_failure_is_left_to_the_broker() {
 /// client gets (here the raw client asks, as a client does when its writes fail during the deletion).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_created_again_starts_without_the_old_ones_state() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
     let proxy = start_proxy(Cluster::Single).await;
     let topic = unique_topic("recreated");
     create_topic(proxy.bootstrap(), &topic, 1, 1).await;
@@ -792,44 +812,7 @@ async fn a_topic_created_again_starts_without_the_old_ones_state() {
         "a retry on the old topic is answered with its offset"
     );
 
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(proxy.bootstrap()).create().expect("admin");
-    admin
-        .delete_topics(&[topic.as_str()], &AdminOptions::new())
-        .await
-        .expect("delete");
-    // The name is free once the deletion is through.
-    let mut created = false;
-    for _ in 0..100 {
-        let r = admin
-            .create_topics(
-                &[rdkafka::admin::NewTopic::new(
-                    &topic,
-                    1,
-                    rdkafka::admin::TopicReplication::Fixed(1),
-                )],
-                &AdminOptions::new(),
-            )
-            .await
-            .expect("create_topics");
-        if r.iter().all(|r| r.is_ok()) {
-            created = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(created, "the topic was created again");
-    let mut new_id = first_id;
-    for _ in 0..100 {
-        let md = raw.topic_metadata(&topic).await;
-        if md.topics[0].error_code == 0 && md.topics[0].topic_id != first_id {
-            new_id = md.topics[0].topic_id;
-            if md.topics[0].partitions.iter().all(|p| p.leader_id.0 >= 0) {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let new_id = recreate_topic(proxy.bootstrap(), &topic, &mut raw, first_id).await;
     assert_ne!(new_id, first_id, "the new topic has a new id");
     let mut again = Vec::new();
     for _ in 0..50 {
@@ -844,5 +827,253 @@ async fn a_topic_created_again_starts_without_the_old_ones_state() {
         vec![(0, 0, 0, None)],
         "written to the new topic at its first offset, not answered with the old topic's offset 3"
     );
+    proxy.stop().await;
+}
+
+/// Deletes `topic` and creates it again (one partition) through `bootstrap`; returns the new topic id
+/// once `raw` sees it with a leader.
+async fn recreate_topic(
+    bootstrap: &str,
+    topic: &str,
+    raw: &mut Raw,
+    old_id: uuid::Uuid,
+) -> uuid::Uuid {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(bootstrap).create().expect("admin");
+    admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete");
+    // The name is free once the deletion is through.
+    let mut created = false;
+    for _ in 0..100 {
+        let r = admin
+            .create_topics(
+                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("create_topics");
+        if r.iter().all(|r| r.is_ok()) {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(created, "the topic was created again");
+    let mut new_id = old_id;
+    for _ in 0..100 {
+        let md = raw.topic_metadata(topic).await;
+        if md.topics[0].error_code == 0 && md.topics[0].topic_id != old_id {
+            new_id = md.topics[0].topic_id;
+            if md.topics[0].partitions.iter().all(|p| p.leader_id.0 >= 0) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    new_id
+}
+
+/// Produce v13 names topics by id. The proxy names an id no Metadata answer taught it by asking the
+/// cluster, keeps producer state for it as for a name, and a new id under an old name (the topic
+/// deleted and created again, learned only from the produce request itself) drops the old state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_by_topic_id_is_tracked_and_a_new_id_for_a_name_drops_the_old_state() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let direct = kafka(Cluster::Single);
+    let topic = unique_topic("by-id");
+    // Created, described and re-created on the broker directly: no Metadata answer through the proxy
+    // ever names the topic, so every id reaches the proxy first in a produce request.
+    create_topic(&direct, &topic, 1, 1).await;
+    let mut broker = Raw::connect(&direct).await;
+    let first_id = broker.topic_metadata(&topic).await.topics[0].topic_id;
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    for offset in 0..3 {
+        let plain = by_id(
+            produce(
+                &topic,
+                None,
+                vec![(0, batch(-1, -1, -1, 1, false, "plain"))],
+            ),
+            first_id,
+        );
+        assert_eq!(
+            send_produce_v(&mut raw, &plain, 13).await,
+            vec![(0, 0, offset, None)]
+        );
+    }
+    let (pid, epoch) = init_producer_id(&mut raw, None).await;
+    let req = produce(&topic, None, vec![(0, batch(pid, epoch, 0, 2, false, "r"))]);
+    let old = by_id(req.clone(), first_id);
+    assert_eq!(
+        send_produce_v(&mut raw, &old, 13).await,
+        vec![(0, 0, 3, None)]
+    );
+    assert_eq!(
+        send_produce_v(&mut raw, &old, 13).await,
+        vec![(0, 0, 3, None)]
+    );
+    let answered = proxy.events(Kind::DuplicateAnswered);
+    assert_eq!(answered.len(), 1, "the v13 retry was answered by the proxy");
+    assert_eq!(answered[0].topic.as_deref(), Some(topic.as_str()));
+
+    let new_id = recreate_topic(&direct, &topic, &mut broker, first_id).await;
+    assert_ne!(new_id, first_id, "the new topic has a new id");
+    let new = by_id(req, new_id);
+    let mut again = Vec::new();
+    for _ in 0..50 {
+        again = send_produce_v(&mut raw, &new, 13).await;
+        if ![3, 6, 100].contains(&again[0].1) {
+            break; // not UNKNOWN_TOPIC_OR_PARTITION / NOT_LEADER / UNKNOWN_TOPIC_ID while it settles
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        again,
+        vec![(0, 0, 0, None)],
+        "written to the new topic at its first offset, not answered with the old topic's offset 3"
+    );
+    assert!(proxy.events(Kind::UnknownTopicId).is_empty());
+    proxy.stop().await;
+}
+
+/// A topic id the cluster does not know: the broker's own answer (UNKNOWN_TOPIC_ID) reaches the
+/// client as on a direct connection, the proxy refuses nothing, and audits the id once per lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_id_nobody_knows_gets_the_brokers_answer_and_is_audited_once() {
+    let proxy = start_proxy(Cluster::Single).await;
+    let id = uuid::Uuid::from_bytes(*b"made-up-topic-id");
+    let (pid, epoch) = {
+        let mut raw = Raw::connect(&kafka(Cluster::Single)).await;
+        init_producer_id(&mut raw, None).await
+    };
+    let req = by_id(
+        produce(
+            "ignored",
+            None,
+            vec![(0, batch(pid, epoch, 0, 1, false, "u"))],
+        ),
+        id,
+    );
+    let mut direct = Raw::connect(&kafka(Cluster::Single)).await;
+    let expected = send_produce_v(&mut direct, &req, 13).await;
+    assert_eq!(expected[0].1, 100, "UNKNOWN_TOPIC_ID, directly");
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    for _ in 0..3 {
+        assert_eq!(send_produce_v(&mut raw, &req, 13).await, expected);
+    }
+    let audited = proxy.events(Kind::UnknownTopicId);
+    assert_eq!(
+        audited.len(),
+        1,
+        "once per lookup, not per request: {audited:?}"
+    );
+    assert_eq!(audited[0].topic.as_deref(), Some(id.to_string().as_str()));
+    assert_eq!(audited[0].action, Action::Forwarded);
+    proxy.stop().await;
+}
+
+/// The highest InitProducerId version a connection is offered.
+async fn init_producer_id_max(raw: &mut Raw) -> i16 {
+    let req = ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("raw-test"))
+        .with_client_software_version(StrBytes::from_static_str("1.0"));
+    let resp: ApiVersionsResponse = raw.call(ApiKey::ApiVersions, 3, &req).await;
+    resp.api_keys
+        .iter()
+        .find(|k| k.api_key == ApiKey::InitProducerId as i16)
+        .map(|k| k.max_version)
+        .expect("InitProducerId offered")
+}
+
+/// InitProducerId v6 (two-phase commit) for `txn`, built by hand: the codecs encode requests up to v5
+/// (v6 is unstable in Kafka 4.4), and v6 is v5 plus two flags before the tagged fields.
+async fn init_producer_id_two_phase(raw: &mut Raw, txn: &str, timeout_ms: i32) -> (i64, i16) {
+    find_transaction_coordinator(raw, txn).await;
+    for _ in 0..100 {
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(Some(StrBytes::from_string(txn.to_string()).into()))
+            .with_transaction_timeout_ms(timeout_ms)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+        let (corr, v5) = raw.encode(ApiKey::InitProducerId, 5, &req);
+        let mut v6 = v5[..v5.len() - 1].to_vec();
+        v6.extend_from_slice(&[1, 0, 0]); // enable 2PC, do not keep a prepared transaction, no tags
+        v6[6..8].copy_from_slice(&6i16.to_be_bytes());
+        let size = (v6.len() - 4) as i32;
+        v6[..4].copy_from_slice(&size.to_be_bytes());
+        raw.send_bytes(&v6).await;
+        let frame = raw.recv_frame().await.expect("answered");
+        let (header, resp) = kafka_eos_proxy::protocol::codec::decode_response::<
+            InitProducerIdResponse,
+        >(frame, ApiKey::InitProducerId, 6)
+        .expect("v6 answer");
+        assert_eq!(header.correlation_id, corr);
+        match resp.error_code {
+            0 => {
+                assert_eq!(resp.ongoing_txn_producer_id.0, -1, "nothing prepared");
+                return (resp.producer_id.0, resp.producer_epoch);
+            }
+            14 | 15 | 16 | 51 => tokio::time::sleep(Duration::from_millis(200)).await,
+            e => panic!("InitProducerId v6 failed with {e}"),
+        }
+    }
+    panic!("InitProducerId v6 kept failing");
+}
+
+/// InitProducerId v6 (KIP-939, two-phase commit) is unstable in Kafka 4.4: offered only with
+/// `upstream.unstable_api_versions`, in front of a broker that offers it (the test's dynamic cluster
+/// runs with `unstable.api.versions.enable` and `transaction.two.phase.commit.enable`). Its flags are
+/// read: a two-phase transaction never times out by design, so the watchdog never flags it, while an
+/// ordinary transaction open as long is flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_commit_transactions_are_never_flagged_as_hanging() {
+    let plain = start_proxy(Cluster::Dynamic).await;
+    let mut raw = Raw::connect(plain.bootstrap()).await;
+    assert_eq!(
+        init_producer_id_max(&mut raw).await,
+        5,
+        "stable versions only"
+    );
+    plain.stop().await;
+
+    let proxy = start_proxy_with(Cluster::Dynamic, |c| {
+        c.upstream.unstable_api_versions = true;
+        c.watchdog.margin = Duration::from_millis(0);
+        c.watchdog.interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut raw = Raw::connect(proxy.bootstrap()).await;
+    assert_eq!(init_producer_id_max(&mut raw).await, 6, "the broker's v6");
+    let topic = unique_topic("two-phase");
+    create_topic(proxy.bootstrap(), &topic, 1, 1).await;
+    // Both ask for a 1 s timeout; the coordinator ignores it for the two-phase one.
+    let two_phase = unique_topic("two-phase-txn");
+    let ids = init_producer_id_two_phase(&mut raw, &two_phase, 1000).await;
+    assert_eq!(
+        add_partitions(&mut raw, &two_phase, ids, &topic, 0).await,
+        0
+    );
+    let ordinary = unique_topic("ordinary-txn");
+    let ids = init_producer_id_timeout(&mut raw, Some(&ordinary), 1000).await;
+    assert_eq!(add_partitions(&mut raw, &ordinary, ids, &topic, 0).await, 0);
+    let shared = proxy.proxy.as_ref().unwrap().shared().clone();
+    assert_eq!(shared.guard.txns.open_count(), 2);
+    eventually(
+        "the watchdog to flag the ordinary transaction",
+        Duration::from_secs(10),
+        || async { !proxy.events(Kind::HangingTransaction).is_empty() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let flagged: Vec<_> = proxy
+        .events(Kind::HangingTransaction)
+        .into_iter()
+        .filter_map(|e| e.transactional_id)
+        .collect();
+    assert_eq!(flagged, vec![ordinary], "never the two-phase one");
     proxy.stop().await;
 }

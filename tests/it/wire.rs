@@ -137,9 +137,9 @@ async fn api_versions_are_capped_and_unknown_keys_hidden() {
     let mut raw = Raw::connect(proxy.bootstrap()).await;
     let versions = offered(&mut raw).await;
     assert_eq!(
-        versions[&(ApiKey::Produce as i16)].1,
-        12,
-        "Produce capped at v12"
+        versions[&(ApiKey::Produce as i16)],
+        (3, 13),
+        "Produce v3-13: not v0-2 (message format v0/v1, outside Kafka's definitions)"
     );
     if let Some((_, max)) = versions.get(&(ApiKey::DescribeQuorum as i16)) {
         assert!(*max <= 1);
@@ -188,7 +188,7 @@ async fn api_versions_are_capped_and_unknown_keys_hidden() {
         assert!(retried
             .api_keys
             .iter()
-            .any(|k| k.api_key == ApiKey::Produce as i16 && k.max_version == 12));
+            .any(|k| k.api_key == ApiKey::Produce as i16 && k.max_version == 13));
     }
     proxy.stop().await;
 }
@@ -441,8 +441,14 @@ async fn bad_input_closes_only_that_connection() {
             .to_vec(),
     ));
     cases.push((
-        "Produce v13",
-        r.encode(ApiKey::Produce, 13, &ProduceRequest::default())
+        "Produce v14",
+        r.encode_claiming(ApiKey::Produce, 13, 14, &ProduceRequest::default())
+            .1
+            .to_vec(),
+    ));
+    cases.push((
+        "Produce v2",
+        r.encode_claiming(ApiKey::Produce, 3, 2, &ProduceRequest::default())
             .1
             .to_vec(),
     ));

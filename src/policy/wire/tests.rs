@@ -111,7 +111,6 @@ fn list_offsets_isolation_and_topics() {
 
 #[test]
 fn init_producer_id_fields_and_timeout_clamp() {
-    // kafka-protocol encodes InitProducerId requests up to v5 (v6 adds 2PC fields after the ones we read).
     for v in 0..=5 {
         let body = KpInit::default()
             .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("tx-1"))))
@@ -142,6 +141,41 @@ fn init_producer_id_fields_and_timeout_clamp() {
     let req = init_producer_id_request(&f, &head).expect("walks");
     assert_eq!(req.transactional_id, None);
     assert_eq!(req.existing_producer_id, Some(42));
+    assert!(!req.enable_2pc && !req.keep_prepared_txn, "v4 has no 2PC");
+}
+
+#[test]
+fn init_producer_id_v6_two_phase_flags() {
+    for (enable, keep) in [(false, false), (true, false), (true, true), (false, true)] {
+        // The codecs encode InitProducerId requests up to v5 (v6 is unstable in Kafka 4.4): v6 is v5 with
+        // the two flags before the tagged fields.
+        let body = KpInit::default()
+            .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("2pc"))))
+            .with_transaction_timeout_ms(-1)
+            .with_producer_id(ProducerId(7))
+            .with_producer_epoch(2);
+        let v5 = frame(ApiKey::InitProducerId, 5, &body);
+        let mut f = BytesMut::from(&v5[..v5.len() - 1]);
+        f.put_u8(enable as u8);
+        f.put_u8(keep as u8);
+        f.put_u8(0); // no tagged fields
+        f[6..8].copy_from_slice(&6i16.to_be_bytes());
+        let n = (f.len() - 4) as i32;
+        f[..4].copy_from_slice(&n.to_be_bytes());
+        let f = f.freeze();
+        let head = peek_request(&f).expect("head");
+        let req = init_producer_id_request(&f, &head).expect("walks");
+        assert_eq!((req.enable_2pc, req.keep_prepared_txn), (enable, keep));
+        assert_eq!(req.existing_producer_id, Some(7));
+        assert_eq!(req.transactional_id, Some("2pc"));
+        // Every byte is accounted for up to the request's tagged fields: nothing misread.
+        for cut in head.body_offset.unwrap()..f.len() - 1 {
+            assert!(
+                init_producer_id_request(&f[..cut], &head).is_err(),
+                "cut {cut}"
+            );
+        }
+    }
 }
 
 #[test]
