@@ -38,6 +38,38 @@ impl Counter {
     }
 }
 
+impl Counter {
+    /// How long from `elapsed` into the current minute until one more fits under `limit`, if nothing
+    /// else is counted meanwhile: the hint a throttled client waits for, so it must not be early (a
+    /// client that retries when told would be throttled again).
+    fn room_in(&self, limit: u32, elapsed: Duration) -> Duration {
+        let window = WINDOW.as_secs_f64();
+        let spare = f64::from(limit) - 1.0; // what the estimate may be, counting the one asked for
+                                            // When, `into` the minute with `previous` before it and `current` in it, the estimate falls to
+                                            // `spare` (the previous minute's weight shrinks linearly as the window slides).
+        let at = |previous: u32, current: u32| -> Option<f64> {
+            let room = spare - f64::from(current);
+            if room < 0.0 {
+                return None; // not within this minute
+            }
+            if f64::from(previous) <= room {
+                return Some(0.0);
+            }
+            Some(window * (1.0 - room / f64::from(previous)))
+        };
+        let secs = match at(self.previous, self.current) {
+            Some(into) => (into - elapsed.as_secs_f64()).max(0.0),
+            // Only in the next minute, where this minute's count becomes the weighted one.
+            None => {
+                let next = at(self.current, 0).unwrap_or(window);
+                window - elapsed.as_secs_f64() + next
+            }
+        };
+        // Rounded up to whole milliseconds, so that the hint is never early.
+        Duration::from_millis((secs * 1000.0).ceil() as u64 + 1)
+    }
+}
+
 pub struct PerMinute {
     clients: DashMap<String, Counter>,
     max_clients: usize,
@@ -80,7 +112,7 @@ impl PerMinute {
         let (estimate, elapsed) = c.roll(now);
         if estimate + 1.0 > f64::from(limit) {
             return Admission::Over {
-                retry_after: WINDOW.saturating_sub(elapsed),
+                retry_after: c.room_in(limit, elapsed),
                 count: estimate.round() as u32,
             };
         }
@@ -158,6 +190,47 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(r.admit("a", 5, t), Admission::Admitted);
         }
+    }
+
+    /// The wait a throttled client is told is exactly long enough: asking again then is admitted, a
+    /// little earlier is not.
+    #[test]
+    fn the_retry_hint_is_never_early() {
+        for limit in [1u32, 2, 5] {
+            for filled_at in [0u64, 30, 59] {
+                for asked in [filled_at, filled_at + 1, 61, 90] {
+                    // Checks move the window forward: a fresh counter for each question.
+                    let r = PerMinute::new(10);
+                    let t0 = Instant::now();
+                    for _ in 0..limit {
+                        r.count("a", t0 + Duration::from_secs(filled_at));
+                    }
+                    let now = t0 + Duration::from_secs(asked);
+                    let Admission::Over { retry_after, .. } = r.check("a", limit, now) else {
+                        continue;
+                    };
+                    // The earlier question first.
+                    let early = now + retry_after.saturating_sub(Duration::from_millis(50));
+                    assert!(
+                        matches!(r.check("a", limit, early), Admission::Over { .. }),
+                        "limit {limit}, filled at {filled_at} s, asked at {asked} s: not tight"
+                    );
+                    assert_eq!(
+                        r.check("a", limit, now + retry_after),
+                        Admission::Admitted,
+                        "limit {limit}, filled at {filled_at} s, asked at {asked} s: {retry_after:?}"
+                    );
+                }
+            }
+        }
+        // Limit 1, filled at the start of a minute: the sliding estimate frees room two minutes on.
+        let r = PerMinute::new(10);
+        let t0 = Instant::now();
+        r.count("a", t0);
+        let Admission::Over { retry_after, .. } = r.check("a", 1, t0) else {
+            panic!("over");
+        };
+        assert!(retry_after > Duration::from_secs(119) && retry_after <= Duration::from_secs(121));
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //	         read_uncommitted sees both
 //	zombie   a transactional client fenced by a newer one with the same transactional id: its next
 //	         write or commit fails at once (no retry loop) and nothing of it is read committed
+//	refusals (through a proxy with the refusals policy of tests/it/refusals.rs) each error the proxy
+//	         answers by itself, met as franz-go meets the broker's own: a non-idempotent write (44), a
+//	         gzip batch (76), a transaction timeout above the bound (50), a transactional id another
+//	         client owns (53); prints each error and how long the client took to give up. Then a new
+//	         producer id over the rate limit (89, throttled): the client waits for the window and writes
 package main
 
 import (
@@ -18,6 +23,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
@@ -207,12 +213,63 @@ func zombie(ctx context.Context) {
 	fmt.Printf("RESULT zombie_ms=%d\n", took.Milliseconds())
 }
 
+// refusal runs op, which must fail, and prints its error and how long the client took to give up.
+func refusal(name string, op func() error) {
+	started := time.Now()
+	err := op()
+	took := time.Since(started)
+	check(err != nil, "%s: went through", name)
+	fmt.Printf("RESULT %s=%v\n", name, err)
+	fmt.Printf("RESULT %s_ms=%d\n", name, took.Milliseconds())
+}
+
+func refusals(ctx context.Context) {
+	idem, codec := "refusal-idem-"+prefix, "refusal-codec-"+prefix
+	createTopic(ctx, idem, 1, 1)
+	createTopic(ctx, codec, 1, 1)
+	// Compressible, so that the codec is really used (clients send a batch uncompressed when
+	// compressing does not make it smaller).
+	value := []byte(strings.Repeat("compressible ", 100))
+	one := func(cl *kgo.Client, topic string) error {
+		defer cl.Close()
+		return cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Value: value}).FirstErr()
+	}
+	refusal("idempotence", func() error {
+		return one(client(kgo.DisableIdempotentWrite(), kgo.RequiredAcks(kgo.LeaderAck())), idem)
+	})
+	refusal("compression", func() error {
+		return one(client(kgo.ProducerBatchCompression(kgo.GzipCompression())), codec)
+	})
+	txnFirstWrite := func(id string, timeout time.Duration) error {
+		cl := client(kgo.TransactionalID(id), kgo.TransactionTimeout(timeout))
+		defer cl.Close()
+		if err := cl.BeginTransaction(); err != nil {
+			return err
+		}
+		err := cl.ProduceSync(ctx, &kgo.Record{Topic: idem, Value: []byte("t")}).FirstErr()
+		if err == nil {
+			err = cl.EndTransaction(ctx, kgo.TryCommit)
+		}
+		return err
+	}
+	refusal("transaction_timeout", func() error { return txnFirstWrite(prefix+"-long", 120*time.Second) })
+	refusal("owner", func() error { return txnFirstWrite("refusal-owned-"+prefix, 30*time.Second) })
+	// The idempotent client of the compression step took this address's one new producer id of the
+	// minute: the next one is throttled (89 with the time left) until the minute has room.
+	started := time.Now()
+	if err := one(client(), idem); err != nil {
+		fail("rate: %v", err)
+	}
+	fmt.Println("RESULT rate=written")
+	fmt.Printf("RESULT rate_ms=%d\n", time.Since(started).Milliseconds())
+}
+
 func main() {
 	if len(os.Args) != 4 {
 		fail("usage: eosclient scenario bootstrap prefix")
 	}
 	bootstrap, prefix = os.Args[2], os.Args[3]
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	switch os.Args[1] {
 	case "produce":
@@ -221,6 +278,8 @@ func main() {
 		txn(ctx)
 	case "zombie":
 		zombie(ctx)
+	case "refusals":
+		refusals(ctx)
 	default:
 		fail("unknown scenario %s", os.Args[1])
 	}

@@ -410,3 +410,23 @@ pub fn assert_proxy_address(proxy: &TestProxy, value: &str) {
         "{value} is not a proxy port"
     );
 }
+
+/// The highest version of `key` the cluster's first broker offers, asked directly (the compatibility
+/// runs use older releases: a test of a newer version adapts its expectation to it).
+pub async fn broker_max_version(cluster: Cluster, key: kafka_protocol::messages::ApiKey) -> i16 {
+    use kafka_protocol::messages::{ApiVersionsRequest, ApiVersionsResponse};
+    use kafka_protocol::protocol::StrBytes;
+    let first = kafka(cluster);
+    let first = first.split(',').next().expect("an address");
+    let mut raw = crate::wire::Raw::connect(first).await;
+    let req = ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("raw-test"))
+        .with_client_software_version(StrBytes::from_static_str("1.0"));
+    let resp: ApiVersionsResponse = raw
+        .call(kafka_protocol::messages::ApiKey::ApiVersions, 3, &req)
+        .await;
+    resp.api_keys
+        .iter()
+        .find(|k| k.api_key == key as i16)
+        .map_or(-1, |k| k.max_version)
+}

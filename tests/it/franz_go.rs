@@ -25,7 +25,7 @@ fn built_client() -> PathBuf {
     .clone()
 }
 
-async fn run_go(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<String>> {
+pub(crate) async fn run_go(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<String>> {
     let bin = built_client();
     let bootstrap = proxy.bootstrap().to_string();
     let prefix = unique_topic(&format!("go-{scenario}"));

@@ -10,5 +10,6 @@ mod java_client;
 mod policies;
 mod producer_state;
 mod rdkafka_clients;
+mod refusals;
 mod telemetry;
 mod wire;

@@ -18,7 +18,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(30);
 
 /// The policies of a YAML snippet (`policies: ...`), validated like a config file.
-fn policies(yaml: &str) -> kafka_eos_proxy::policy::Policies {
+pub(crate) fn policies(yaml: &str) -> kafka_eos_proxy::policy::Policies {
     let text = format!("{}{yaml}", proxy_yaml("127.0.0.1:1", 1, 2));
     match Config::parse(&text) {
         Ok(c) => c.policies,
@@ -39,7 +39,7 @@ fn metrics(proxy: &TestProxy) -> std::sync::Arc<kafka_eos_proxy::metrics::Metric
         .expect("metrics on")
 }
 
-fn policy_count(proxy: &TestProxy, rule: &str, check: &str, action: &str) -> u64 {
+pub(crate) fn policy_count(proxy: &TestProxy, rule: &str, check: &str, action: &str) -> u64 {
     metrics(proxy)
         .policy_actions
         .with_label_values(&[rule, check, action])
@@ -57,7 +57,7 @@ fn policy_events(proxy: &TestProxy, check: &str) -> Vec<AuditEvent> {
         .collect()
 }
 
-fn producer(bootstrap: &str, extra: &[(&str, &str)]) -> FutureProducer {
+pub(crate) fn producer(bootstrap: &str, extra: &[(&str, &str)]) -> FutureProducer {
     let mut cfg = client_config(bootstrap);
     cfg.set("linger.ms", "5").set("message.timeout.ms", "10000");
     for (k, v) in extra {
@@ -88,7 +88,7 @@ async fn send_all(
     futures::future::join_all(sends).await
 }
 
-fn code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+pub(crate) fn code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
     match e {
         KafkaError::MessageProduction(c) => Some(*c),
         _ => None,
@@ -331,7 +331,7 @@ policies:
     proxy.stop().await;
 }
 
-fn transactional(
+pub(crate) fn transactional(
     bootstrap: &str,
     txn_id: &str,
     extra: &[(&str, &str)],

@@ -22,6 +22,12 @@
 //   policy       (through a proxy with the test's policy) a non-idempotent producer is refused with
 //                PolicyViolationException and writes nothing; a read_uncommitted consumer sees no
 //                aborted records
+//   refusals     (through a proxy with the refusals policy of tests/it/refusals.rs) each error the proxy
+//                answers by itself, met as the library meets the broker's own: a non-idempotent write
+//                (44), a gzip batch (76), a transaction timeout above the bound (50), a transactional id
+//                another client owns (53). Prints each error's class and how long the client took to
+//                give up (it must give up, not retry for ever). Then a new producer id over the rate
+//                limit (89, throttled): the client waits for the window and writes
 import java.time.Duration;
 import java.util.*;
 import java.util.concurrent.TimeUnit;
@@ -51,6 +57,7 @@ public class EosClient {
             case "ctp": ctp(); break;
             case "group": group(); break;
             case "policy": policy(); break;
+            case "refusals": refusals(); break;
             case "share": share(); break;
             case "zombie": zombie(); break;
             case "streams": streams("classic"); break;
@@ -194,6 +201,66 @@ public class EosClient {
         sameSet(got, numbered("jc", 25), "a read_uncommitted consumer forced to read_committed");
         System.out.println("RESULT refused=" + refused);
         System.out.println("RESULT consumed=" + got.size());
+    }
+
+    /** Runs `op`, which must fail; prints the failure's class (the cause of an ExecutionException) and the
+     *  milliseconds until the client gave up. */
+    static void refusal(String name, java.util.concurrent.Callable<Object> op) {
+        long started = System.nanoTime();
+        Throwable failure = null;
+        try {
+            op.call();
+        } catch (Throwable t) {
+            failure = t instanceof java.util.concurrent.ExecutionException ? t.getCause() : t;
+        }
+        long ms = (System.nanoTime() - started) / 1_000_000;
+        check(failure != null, name + ": went through");
+        // initTransactions wraps the coordinator's error in a KafkaException: name the error itself.
+        while (failure.getClass() == KafkaException.class && failure.getCause() != null)
+            failure = failure.getCause();
+        System.out.println("RESULT " + name + "=" + failure.getClass().getSimpleName());
+        System.out.println("RESULT " + name + "_message=" + failure.getMessage());
+        System.out.println("RESULT " + name + "_ms=" + ms);
+    }
+
+    static void refusals() throws Exception {
+        String idem = "refusal-idem-" + prefix, codec = "refusal-codec-" + prefix;
+        createTopic(idem, 1, 1);
+        createTopic(codec, 1, 1);
+        Properties plain = new Properties();
+        plain.put("enable.idempotence", "false");
+        plain.put("acks", "1");
+        try (KafkaProducer<String, String> p = producer(plain)) {
+            refusal("idempotence", () -> p.send(new ProducerRecord<>(idem, "k", "v")).get(120, TimeUnit.SECONDS));
+        }
+        Properties gzip = new Properties();
+        gzip.put("compression.type", "gzip");
+        String compressible = "compressible ".repeat(100);
+        try (KafkaProducer<String, String> p = producer(gzip)) {
+            refusal("compression", () -> p.send(new ProducerRecord<>(codec, "k", compressible)).get(120, TimeUnit.SECONDS));
+        }
+        Properties longTxn = new Properties();
+        longTxn.put("transactional.id", prefix + "-long");
+        longTxn.put("transaction.timeout.ms", "120000");
+        try (KafkaProducer<String, String> p = producer(longTxn)) {
+            refusal("transaction_timeout", () -> { p.initTransactions(); return null; });
+        }
+        Properties foreign = new Properties();
+        foreign.put("transactional.id", "refusal-owned-" + prefix);
+        foreign.put("transaction.timeout.ms", "30000");
+        try (KafkaProducer<String, String> p = producer(foreign)) {
+            refusal("owner", () -> { p.initTransactions(); return null; });
+        }
+        // The idempotent producer of the compression step took this address's one new producer id of
+        // the minute: the next one is throttled (89 with the time left) until the minute has room.
+        long started = System.nanoTime();
+        Properties patient = new Properties();
+        patient.put("delivery.timeout.ms", "240000");
+        try (KafkaProducer<String, String> p = producer(patient)) {
+            p.send(new ProducerRecord<>(idem, "k", "v")).get(240, TimeUnit.SECONDS);
+        }
+        System.out.println("RESULT rate=written");
+        System.out.println("RESULT rate_ms=" + (System.nanoTime() - started) / 1_000_000);
     }
 
     static void admin() throws Exception {
