@@ -551,10 +551,8 @@ policies:
     ] {
         assert!(!policy_events(&proxy, check).is_empty(), "{check} audited");
     }
-    assert_eq!(
-        policy_count(&proxy, "timeouts", "transaction_timeout_ms", "upgraded"),
-        1
-    );
+    // Once per request: a coordinator still loading after a broker start makes librdkafka ask again.
+    assert!(policy_count(&proxy, "timeouts", "transaction_timeout_ms", "upgraded") >= 1);
     assert_eq!(
         policy_count(
             &proxy,
