@@ -135,6 +135,9 @@ impl AuditEvent {
     pub fn from_conn(self, conn: &Client) -> AuditEvent {
         AuditEvent {
             client_id: conn.client_id_kept().map(str::to_string),
+            principal: conn
+                .principal()
+                .map(|p| crate::protocol::cut_to(p, crate::client::MAX_KEPT_ID_BYTES).to_string()),
             client_address: conn.address.to_string(),
             broker_node_id: conn.broker_node_id,
             ..self
@@ -159,6 +162,8 @@ pub struct AuditEvent {
     pub received_sequence: Option<i32>,
     pub expected_epoch: Option<i16>,
     pub client_id: Option<String>,
+    /// The client's principal: the SASL principal the broker accepted, else its TLS certificate's.
+    pub principal: Option<String>,
     pub client_address: String,
     pub broker_node_id: Option<i32>,
     pub api_key: i16,
@@ -186,6 +191,7 @@ impl AuditEvent {
             received_sequence: None,
             expected_epoch: None,
             client_id: None,
+            principal: None,
             client_address: String::new(),
             broker_node_id: None,
             api_key: -1,
@@ -379,6 +385,7 @@ mod tests {
             received_sequence: Some(10),
             expected_epoch: None,
             client_id: Some("c".into()),
+            principal: None,
             client_address: "127.0.0.1:1".into(),
             broker_node_id: Some(1),
             api_key: 0,

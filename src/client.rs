@@ -1,6 +1,7 @@
 //! Who is on the other end of one client connection: what the proxy saw (the client's address, the
 //! broker the connection stands for) and what it learned (the client id from a request header, the SASL
-//! principal the broker accepted). One value per connection, shared by its two pumps; policies match
+//! principal the broker accepted, or the principal of the client's TLS certificate). One value per
+//! connection, shared by its two pumps; policies match
 //! on it, audit lines and producer records are attributed from it.
 
 use crate::protocol::cut_to;
@@ -18,6 +19,8 @@ pub struct Client {
     pub broker_node_id: Option<i32>,
     client_id: OnceLock<String>,
     principal: OnceLock<String>,
+    /// The principal of the certificate the client presented to a TLS listener (mTLS).
+    certificate_principal: OnceLock<String>,
     /// A SASL exchange under way: the principal a SaslAuthenticate request offered and how many
     /// successful rounds confirm it (kept by the identity stage; both pumps touch it).
     pub(crate) sasl_offered: Mutex<Option<(String, u8)>>,
@@ -30,6 +33,7 @@ impl Client {
             broker_node_id,
             client_id: OnceLock::new(),
             principal: OnceLock::new(),
+            certificate_principal: OnceLock::new(),
             sasl_offered: Mutex::new(None),
         }
     }
@@ -60,14 +64,26 @@ impl Client {
         self.client_id().map(|id| cut_to(id, MAX_KEPT_ID_BYTES))
     }
 
-    /// The SASL principal, once the broker accepted the exchange that named it.
+    /// The principal the broker knows the client by: the SASL principal once the broker accepted the
+    /// exchange that named it, else the client certificate's (as Kafka does: on a SASL_SSL listener
+    /// SASL decides, on an SSL listener the certificate).
     pub fn principal(&self) -> Option<&str> {
-        self.principal.get().map(String::as_str)
+        self.principal
+            .get()
+            .or(self.certificate_principal.get())
+            .map(String::as_str)
+    }
+
+    /// The principal of the client's TLS certificate, set once when the handshake verified it.
+    pub fn set_certificate_principal(&self, principal: String) {
+        let _ = self.certificate_principal.set(principal);
     }
 
     /// Changes whenever something rules can match on is learned.
     pub fn facts_version(&self) -> u32 {
-        u32::from(self.client_id.get().is_some()) + 2 * u32::from(self.principal.get().is_some())
+        u32::from(self.client_id.get().is_some())
+            + 2 * u32::from(self.principal.get().is_some())
+            + 4 * u32::from(self.certificate_principal.get().is_some())
     }
 
     /// The first client id learned stays (later headers are not trusted to change who it is).

@@ -36,6 +36,7 @@ pub mod session;
 pub mod stages;
 pub mod telemetry;
 pub mod testkit;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, Hooks, Proxy};

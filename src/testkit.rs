@@ -3,6 +3,8 @@
 //! builder. Not part of the proxy's API.
 #![doc(hidden)]
 
+use crate::tls::stream::{ReadHalf, WriteHalf};
+use crate::tls::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
@@ -11,7 +13,6 @@ use kafka_protocol::records::{
 };
 use std::io;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 /// A v2 record batch of `n` records from producer (pid, epoch) starting at sequence `seq`, each record's
@@ -99,8 +100,8 @@ pub fn request_frame<R: Encodable>(
 
 /// A raw-wire client: one connection, requests encoded as asked, answers read in order.
 pub struct RawClient {
-    read: OwnedReadHalf,
-    write: OwnedWriteHalf,
+    read: ReadHalf,
+    write: WriteHalf,
     next_corr: i32,
     pub client_id: String,
 }
@@ -114,7 +115,12 @@ impl RawClient {
 
     /// A client on a connection made elsewhere (with socket options of its own).
     pub fn on(stream: TcpStream, client_id: &str) -> RawClient {
-        let (read, write) = stream.into_split();
+        RawClient::over(Stream::Plain(stream), client_id)
+    }
+
+    /// A client on a connection with or without TLS.
+    pub fn over(stream: Stream, client_id: &str) -> RawClient {
+        let (read, write) = stream.split();
         RawClient {
             read,
             write,

@@ -76,6 +76,8 @@ pub struct UpstreamConfig {
     /// codecs read them (Kafka 4.4: InitProducerId v6, two-phase commit), to brokers run with
     /// `unstable.api.versions.enable=true`.
     pub unstable_api_versions: bool,
+    /// The proxy reaches brokers with TLS (`upstream.tls`).
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +86,8 @@ pub struct ListenConfig {
     pub advertised_host: String,
     pub bootstrap_port: u16,
     pub broker_ports: BrokerPorts,
+    /// Clients connect with TLS (`listen.tls`).
+    pub tls: Option<crate::tls::ListenTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,18 +10,85 @@ pub(super) fn parse_upstream(s: &Section) -> UpstreamConfig {
     let connect_timeout = s.millis("connect_timeout_ms", 10_000, 1, 600_000);
     let metadata_refresh = s.millis("metadata_refresh_ms", 30_000, 100, 86_400_000);
     let unstable_api_versions = s.bool("unstable_api_versions", false);
+    let tls = s.optional_section("tls").map(|t| parse_upstream_tls(&t));
     s.finish(&[
         "bootstrap_servers",
         "connect_timeout_ms",
         "metadata_refresh_ms",
         "unstable_api_versions",
+        "tls",
     ]);
     UpstreamConfig {
         bootstrap_servers,
         connect_timeout,
         metadata_refresh,
         unstable_api_versions,
+        tls,
     }
+}
+
+/// `upstream.tls`; its files are read and checked here, so that every problem is listed by key path.
+fn parse_upstream_tls(t: &Section) -> crate::tls::UpstreamTls {
+    let tls = crate::tls::UpstreamTls {
+        ca_file: t.optional_string("ca_file").map(Into::into),
+        verify_hostname: t.bool("verify_hostname", true),
+        cert_file: t.optional_string("cert_file").map(Into::into),
+        key_file: t.optional_string("key_file").map(Into::into),
+    };
+    t.finish(&["ca_file", "verify_hostname", "cert_file", "key_file"]);
+    if let Err(problems) = crate::tls::client_config(&tls) {
+        for p in problems {
+            t.problem(p.key, &p.message);
+        }
+    }
+    tls
+}
+
+/// `listen.tls`; its files are read and checked here, so that every problem is listed by key path.
+fn parse_listen_tls(t: &Section) -> crate::tls::ListenTls {
+    use crate::tls::{principal, ClientAuth};
+    let client_auth = match t.string("client_auth", Some("none")).as_str() {
+        "none" => ClientAuth::None,
+        "requested" => ClientAuth::Requested,
+        "required" => ClientAuth::Required,
+        other => {
+            t.problem(
+                "client_auth",
+                &format!("'{other}': expected none, requested or required"),
+            );
+            ClientAuth::None
+        }
+    };
+    let rules = t.string_list("principal_mapping_rules", false, |r| {
+        principal::parse_rule(r).err()
+    });
+    let tls = crate::tls::ListenTls {
+        cert_file: t.string("cert_file", None).into(),
+        key_file: t.string("key_file", None).into(),
+        client_auth,
+        client_ca_file: t.optional_string("client_ca_file").map(Into::into),
+        principal_rules: rules
+            .iter()
+            .filter_map(|r| principal::parse_rule(r).ok())
+            .collect(),
+        handshake_timeout: t.millis("handshake_timeout_ms", 10_000, 100, 600_000),
+    };
+    t.finish(&[
+        "cert_file",
+        "key_file",
+        "client_auth",
+        "client_ca_file",
+        "principal_mapping_rules",
+        "handshake_timeout_ms",
+    ]);
+    if !tls.cert_file.as_os_str().is_empty() && !tls.key_file.as_os_str().is_empty() {
+        if let Err(problems) = crate::tls::server_config(&tls) {
+            for p in problems {
+                t.problem(p.key, &p.message);
+            }
+        }
+    }
+    tls
 }
 
 pub(super) fn parse_listen(s: &Section) -> ListenConfig {
@@ -75,17 +142,20 @@ pub(super) fn parse_listen(s: &Section) -> ListenConfig {
         bp.finish(&["range", "map"]);
         chosen
     };
+    let tls = s.optional_section("tls").map(|t| parse_listen_tls(&t));
     s.finish(&[
         "bind_host",
         "advertised_host",
         "bootstrap_port",
         "broker_ports",
+        "tls",
     ]);
     ListenConfig {
         bind_host,
         advertised_host,
         bootstrap_port,
         broker_ports,
+        tls,
     }
 }
 

@@ -188,3 +188,79 @@ fn host_names_must_be_host_names() {
     assert!(reader::check_host_port("[::1]:9092").is_ok());
     assert!(reader::check_host_port("bad host:9092").is_err());
 }
+
+/// TLS settings are checked at start, every problem by key path: files that are missing or hold no
+/// PEM, a key that does not fit its certificate, client authentication without a CA, bad mapping rules.
+#[test]
+fn tls_settings_are_checked_with_their_paths() {
+    let dir = std::env::temp_dir().join(format!("tls-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let issue = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    };
+    let (cert, key) = issue("a");
+    let (_, other_key) = issue("b");
+    let base = |listen_tls: &str, upstream_tls: &str| {
+        format!(
+            "upstream: {{ bootstrap_servers: [\"a:1\"], tls: {upstream_tls} }}\n\
+             listen: {{ advertised_host: h, bootstrap_port: 9001, broker_ports: {{ map: {{ 1: 9002 }} }}, tls: {listen_tls} }}\n"
+        )
+    };
+    let good = base(
+        &format!("{{ cert_file: '{cert}', key_file: '{key}', client_auth: required, client_ca_file: '{cert}', principal_mapping_rules: ['RULE:^CN=(.*)$/$1/L', DEFAULT] }}"),
+        &format!("{{ ca_file: '{cert}' }}"),
+    );
+    let c = Config::parse(&good).expect("valid TLS settings");
+    let l = c.listen.tls.expect("listen.tls");
+    assert_eq!(l.client_auth, crate::tls::ClientAuth::Required);
+    assert_eq!(l.principal_rules.len(), 2);
+    assert!(c.upstream.tls.expect("upstream.tls").verify_hostname);
+
+    let bad = base(
+        &format!("{{ cert_file: '{cert}', key_file: '{other_key}', client_auth: required, principal_mapping_rules: ['RULE:(/x/'] }}"),
+        "{ ca_file: /nonexistent/ca.pem, cert_file: /nonexistent/c.pem }",
+    );
+    let text = Config::parse(&bad).unwrap_err().to_string();
+    for path in [
+        "listen.tls.principal_mapping_rules[0]",
+        "listen.tls.client_ca_file",
+        "upstream.tls.ca_file",
+        "upstream.tls.key_file",
+    ] {
+        assert!(text.contains(path), "missing {path} in {text}");
+    }
+    // The key that does not fit is found once the CA is given.
+    let mismatch = base(
+        &format!("{{ cert_file: '{cert}', key_file: '{other_key}' }}"),
+        "{ verify_hostname: false, ca_file: '/nonexistent' }",
+    );
+    let text = Config::parse(&mismatch).unwrap_err().to_string();
+    assert!(text.contains("listen.tls.key_file"), "{text}");
+    assert!(text.contains("does not fit"), "{text}");
+    // A device is not read (it would never end).
+    let device = base(
+        "{ cert_file: /dev/zero, key_file: /dev/zero }",
+        "{ ca_file: /dev/urandom }",
+    );
+    let text = Config::parse(&device).unwrap_err().to_string();
+    assert!(
+        text.contains("listen.tls.cert_file: /dev/zero: not a regular file"),
+        "{text}"
+    );
+    assert!(
+        text.contains("upstream.tls.ca_file: /dev/urandom: not a regular file"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,10 +5,10 @@
 
 use super::topics::{Topics, Unnamed, MAX_LOOKUP_IDS};
 use super::Shared;
-use crate::config::UpstreamConfig;
 use crate::protocol::codec::decode_response;
 use crate::protocol::codes;
 use crate::protocol::frame::FrameCodec;
+use crate::stages::Handles;
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, warn};
 
@@ -34,7 +33,7 @@ pub async fn refresh_loop(shared: Arc<Shared>) {
             }
             Err(e) => {
                 shared.upstream_ready.store(false, Ordering::Relaxed);
-                warn!(error = %e, "metadata refresh failed");
+                warn!(error = format!("{e:#}"), "metadata refresh failed");
             }
         }
         tokio::select! {
@@ -59,13 +58,7 @@ pub async fn refresh_once(shared: &Shared) -> anyhow::Result<usize> {
 
 async fn fetch_brokers(shared: &Shared, server: &str) -> anyhow::Result<usize> {
     let body = MetadataRequest::default().with_topics(Some(vec![]));
-    let resp = ask_metadata(
-        &shared.config.upstream,
-        shared.config.limits.max_frame_bytes,
-        server,
-        &body,
-    )
-    .await?;
+    let resp = ask_metadata(&shared.session, server, &body).await?;
     for b in &resp.brokers {
         shared
             .brokers
@@ -75,16 +68,21 @@ async fn fetch_brokers(shared: &Shared, server: &str) -> anyhow::Result<usize> {
     Ok(resp.brokers.len())
 }
 
-/// One Metadata request of the proxy's own, on a connection of its own, answered within the connect
-/// timeout.
+/// One Metadata request of the proxy's own, on a connection of its own (TLS if the proxy reaches
+/// brokers so), answered within the connect timeout.
 async fn ask_metadata(
-    up: &UpstreamConfig,
-    max_frame_bytes: usize,
+    handles: &Handles,
     server: &str,
     body: &MetadataRequest,
 ) -> anyhow::Result<MetadataResponse> {
+    let up = &handles.upstream;
+    let max_frame_bytes = handles.limits.max_frame_bytes;
     let exchange = async {
-        let mut stream = TcpStream::connect(server).await?;
+        let mut stream = handles
+            .tls
+            .connect(server, up.connect_timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         let key = ApiKey::Metadata;
         let header = RequestHeader::default()
             .with_request_api_key(key as i16)
@@ -98,8 +96,8 @@ async fn ask_metadata(
         let size = (buf.len() - 4) as i32;
         buf[..4].copy_from_slice(&size.to_be_bytes());
         stream.write_all(&buf).await?;
-        let (read, _write) = stream.split();
-        let mut frames = FramedRead::new(read, FrameCodec::new(max_frame_bytes, 4));
+        stream.flush().await?;
+        let mut frames = FramedRead::new(stream, FrameCodec::new(max_frame_bytes, 4));
         let frame = frames
             .next()
             .await
@@ -116,12 +114,9 @@ async fn ask_metadata(
 /// topic id, one lookup at a time, the bootstrap servers in turn). Returns the ids left unnamed that
 /// were asked about now (or could not be), with why; ids found unknown lately are not asked again, and
 /// not returned again.
-pub async fn name_topic_ids(
-    topics: &Topics,
-    up: &UpstreamConfig,
-    max_frame_bytes: usize,
-    ids: &[[u8; 16]],
-) -> Vec<([u8; 16], Unnamed)> {
+pub async fn name_topic_ids(handles: &Handles, ids: &[[u8; 16]]) -> Vec<([u8; 16], Unnamed)> {
+    let topics: &Topics = &handles.brokers.topics;
+    let up = &handles.upstream;
     let now = Instant::now();
     let wanted: Vec<[u8; 16]> = ids
         .iter()
@@ -157,7 +152,7 @@ pub async fn name_topic_ids(
     let mut last_err = anyhow::anyhow!("no bootstrap servers");
     let mut answer = None;
     for server in &up.bootstrap_servers {
-        match ask_metadata(up, max_frame_bytes, server, &body).await {
+        match ask_metadata(handles, server, &body).await {
             Ok(resp) => {
                 answer = Some(resp);
                 break;

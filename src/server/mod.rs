@@ -96,6 +96,7 @@ impl Proxy {
         let brokers = Arc::new(Brokers::new(&config.listen, listener_tx));
         let policies = Arc::new(crate::policy::PolicyHolder::new(config.policies.clone()));
         let shutdown = CancellationToken::new();
+        let tls = crate::tls::Tls::new(config.listen.tls.as_ref(), config.upstream.tls.as_ref())?;
         let session = Arc::new(session::Handles {
             limits: config.limits.clone(),
             upstream: config.upstream.clone(),
@@ -109,6 +110,7 @@ impl Proxy {
             hooks,
             policies: policies.clone(),
             shutdown: shutdown.clone(),
+            tls,
             chain: crate::stages::Chain::new(),
         });
         let shared = Arc::new(Shared {
@@ -164,7 +166,10 @@ impl Proxy {
             Ok(_) => shared
                 .upstream_ready
                 .store(true, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => warn!(error = %e, "upstream cluster not reachable yet; will keep trying"),
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "upstream cluster not reachable yet; will keep trying"
+            ),
         }
         shared
             .tracker

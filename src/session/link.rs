@@ -6,11 +6,11 @@
 //! write that cannot finish within the write timeout closes the session instead.
 
 use super::Close;
+use crate::tls::stream::WriteHalf;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
 
 /// When a byte last moved on the session, in either direction.
 pub struct Activity {
@@ -52,7 +52,7 @@ pub enum Side {
 
 /// A buffered write half whose writes and flushes must finish within the write timeout.
 pub struct Writer<'a> {
-    inner: BufWriter<OwnedWriteHalf>,
+    inner: BufWriter<WriteHalf>,
     limit: Duration,
     side: Side,
     activity: &'a Activity,
@@ -60,7 +60,7 @@ pub struct Writer<'a> {
 
 impl<'a> Writer<'a> {
     pub fn new(
-        half: OwnedWriteHalf,
+        half: WriteHalf,
         capacity: usize,
         limit: Duration,
         side: Side,

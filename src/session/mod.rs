@@ -27,13 +27,14 @@ use crate::client::Client;
 use crate::protocol::frame::{FrameCodec, SIZE_PREFIX};
 use crate::protocol::header::{peek_request, response_correlation_id};
 use crate::stages::{ConnState, Exchange, Request, RequestCx, ResponseCx, Step};
+use crate::tls::stream::ReadHalf;
+use crate::tls::Stream;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use link::{Activity, Side};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio::sync::OwnedSemaphorePermit;
@@ -92,6 +93,21 @@ pub async fn run(
             },
         ),
     };
+    // A TLS listener: the handshake first, bounded by its timeout (a client that stalls or speaks
+    // plaintext to a TLS port costs one log line).
+    let client = match shared.tls.accept(client).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%peer, ?target, error = %e, "closing client connection");
+            if let Some(m) = &shared.metrics {
+                m.connection_closed("tls_handshake");
+            }
+            return;
+        }
+    };
+    if let Some(principal) = shared.tls.principal(&client) {
+        conn.client.set_certificate_principal(principal);
+    }
     let upstream = match connect_upstream(&conn).await {
         Ok(s) => s,
         Err(e) => {
@@ -102,15 +118,15 @@ pub async fn run(
             return;
         }
     };
-    let upstream_addr = upstream.peer_addr().ok();
+    let upstream_addr = upstream.tcp().peer_addr().ok();
     if let Some(m) = &shared.metrics {
         m.connections_active.inc();
     }
     debug!(%peer, ?target, upstream = ?upstream_addr, "session open");
 
     let limits = &shared.limits;
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
     let mut requests = FramedRead::with_capacity(
         client_read,
         FrameCodec::new(limits.max_frame_bytes, MIN_REQUEST),
@@ -145,7 +161,7 @@ pub async fn run(
     }
 }
 
-async fn connect_upstream(conn: &Conn<'_>) -> Result<TcpStream, String> {
+async fn connect_upstream(conn: &Conn<'_>) -> Result<Stream, String> {
     let up = &conn.shared.upstream;
     let candidates: Vec<String> = match conn.target {
         Target::Bootstrap => up.bootstrap_servers.clone(),
@@ -156,13 +172,9 @@ async fn connect_upstream(conn: &Conn<'_>) -> Result<TcpStream, String> {
     };
     let mut last = String::from("no candidates");
     for addr in candidates {
-        match tokio::time::timeout(up.connect_timeout, TcpStream::connect(&addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: connect timed out after {:?}", up.connect_timeout),
+        match conn.shared.tls.connect(&addr, up.connect_timeout).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
         }
     }
     Err(last)
@@ -179,7 +191,7 @@ fn holds_complete_frame(buf: &BytesMut) -> bool {
 
 async fn request_pump(
     conn: &Conn<'_>,
-    requests: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    requests: &mut FramedRead<ReadHalf, FrameCodec>,
     upstream: &mut Writer<'_>,
     tx: mpsc::Sender<Pending>,
     activity: &Activity,
@@ -287,7 +299,7 @@ async fn queue(
 
 async fn response_pump(
     conn: &Conn<'_>,
-    responses: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    responses: &mut FramedRead<ReadHalf, FrameCodec>,
     client: &mut Writer<'_>,
     mut rx: mpsc::Receiver<Pending>,
     activity: &Activity,

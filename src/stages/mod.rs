@@ -69,6 +69,8 @@ pub struct Handles {
     pub hooks: Hooks,
     pub policies: Arc<crate::policy::PolicyHolder>,
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// TLS towards clients and brokers (plaintext where not configured).
+    pub tls: crate::tls::Tls,
     /// The stages of every api key, built once.
     pub chain: Chain,
 }

@@ -128,8 +128,7 @@ async fn topic_names(cx: &mut RequestCx<'_, '_>, req: &Request) -> Result<TopicN
     let topics = &cx.handles.brokers.topics;
     if ids.iter().any(|id| topics.name(id).is_none()) {
         let h = cx.handles;
-        let unnamed =
-            discovery::name_topic_ids(topics, &h.upstream, h.limits.max_frame_bytes, &ids).await;
+        let unnamed = discovery::name_topic_ids(h, &ids).await;
         for (id, why) in unnamed {
             h.guard.audit.emit(AuditEvent {
                 api_key: ApiKey::Produce as i16,

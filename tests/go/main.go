@@ -20,6 +20,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"os"
 	"sort"
@@ -44,7 +46,20 @@ func check(ok bool, format string, args ...any) {
 }
 
 func client(opts ...kgo.Opt) *kgo.Client {
-	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(bootstrap), kgo.RequestTimeoutOverhead(20 * time.Second)}, opts...)...)
+	base := []kgo.Opt{kgo.SeedBrokers(bootstrap), kgo.RequestTimeoutOverhead(20 * time.Second)}
+	// TLS to the proxy when the test says so: EOS_TLS_CA is the PEM file of the CA to trust.
+	if ca := os.Getenv("EOS_TLS_CA"); ca != "" {
+		pem, err := os.ReadFile(ca)
+		if err != nil {
+			fail("EOS_TLS_CA: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			fail("EOS_TLS_CA: no certificate in %s", ca)
+		}
+		base = append(base, kgo.DialTLSConfig(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}))
+	}
+	cl, err := kgo.NewClient(append(base, opts...)...)
 	if err != nil {
 		fail("client: %v", err)
 	}
@@ -55,6 +70,10 @@ func createTopic(ctx context.Context, topic string, partitions int32, rf int16) 
 	cl := client()
 	defer cl.Close()
 	adm := kadm.NewClient(cl)
+	// No more replicas than brokers (the single-broker cluster of the TLS tests).
+	if brokers, err := adm.ListBrokers(ctx); err == nil && len(brokers) < int(rf) {
+		rf = int16(len(brokers))
+	}
 	resp, err := adm.CreateTopic(ctx, partitions, rf, nil, topic)
 	if err != nil || resp.Err != nil {
 		fail("create %s: %v %v", topic, err, resp.Err)

@@ -26,6 +26,19 @@ fn built_client() -> PathBuf {
 }
 
 pub(crate) async fn run_go(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<String>> {
+    run_go_with(scenario, proxy, &[]).await
+}
+
+/// [`run_go`] with environment variables for the client (the TLS settings, say).
+pub(crate) async fn run_go_with(
+    scenario: &str,
+    proxy: &TestProxy,
+    env: &[(&str, String)],
+) -> BTreeMap<String, Vec<String>> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     let bin = built_client();
     let bootstrap = proxy.bootstrap().to_string();
     let prefix = unique_topic(&format!("go-{scenario}"));
@@ -33,6 +46,7 @@ pub(crate) async fn run_go(scenario: &str, proxy: &TestProxy) -> BTreeMap<String
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin)
             .args([&scenario, &bootstrap, &prefix])
+            .envs(env)
             .output()
             .expect("run the Go client")
     })

@@ -31,6 +31,19 @@ fn compiled_client() -> (PathBuf, PathBuf) {
 
 /// Runs a scenario and returns its RESULT key=value lines (repeated keys keep every value).
 pub(crate) async fn run_java(scenario: &str, proxy: &TestProxy) -> BTreeMap<String, Vec<String>> {
+    run_java_with(scenario, proxy, &[]).await
+}
+
+/// [`run_java`] with environment variables for the client (the TLS settings, say).
+pub(crate) async fn run_java_with(
+    scenario: &str,
+    proxy: &TestProxy,
+    env: &[(&str, String)],
+) -> BTreeMap<String, Vec<String>> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     let (libs, classes) = compiled_client();
     let bootstrap = proxy.bootstrap().to_string();
     let prefix = unique_topic(&format!("java-{scenario}"));
@@ -43,6 +56,7 @@ pub(crate) async fn run_java(scenario: &str, proxy: &TestProxy) -> BTreeMap<Stri
             .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
             .arg("-Dlog4j2.level=warn")
             .args(["EosClient", &scenario, &bootstrap, &prefix])
+            .envs(env)
             .output()
             .expect("run java")
     })

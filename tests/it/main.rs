@@ -12,4 +12,5 @@ mod producer_state;
 mod rdkafka_clients;
 mod refusals;
 mod telemetry;
+mod tls;
 mod wire;

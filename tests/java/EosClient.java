@@ -76,6 +76,19 @@ public class EosClient {
         p.put("bootstrap.servers", bootstrap);
         p.put("request.timeout.ms", "20000");
         p.put("default.api.timeout.ms", "60000");
+        // TLS to the proxy when the test says so: EOS_TLS_CA (PEM trust store) and, for mTLS,
+        // EOS_TLS_KEYSTORE (PEM: the PKCS#8 key, then the certificate).
+        String ca = System.getenv("EOS_TLS_CA");
+        if (ca != null) {
+            p.put("security.protocol", "SSL");
+            p.put("ssl.truststore.type", "PEM");
+            p.put("ssl.truststore.location", ca);
+            String keystore = System.getenv("EOS_TLS_KEYSTORE");
+            if (keystore != null) {
+                p.put("ssl.keystore.type", "PEM");
+                p.put("ssl.keystore.location", keystore);
+            }
+        }
         return p;
     }
 

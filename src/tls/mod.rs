@@ -1,0 +1,417 @@
+//! TLS on both sides of the proxy (rustls with the ring provider): the listeners can terminate TLS
+//! (optionally asking for client certificates, whose subjects become Kafka principals), and the proxy
+//! can reach brokers over TLS (CA bundle or the system roots, host names verified, an optional client
+//! certificate, SNI sent).
+//!
+//! Settings are paths and choices ([`ListenTls`], [`UpstreamTls`]); [`server_config`] and
+//! [`client_config`] turn them into rustls configurations, reading and checking every file. The config
+//! parser calls them once to report every problem by key path, and the proxy calls them again at start.
+
+pub mod principal;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Whether the listeners ask for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    None,
+    /// Asked for; a client without one is served (it has no certificate principal), a client with one
+    /// that does not verify against the CA is refused.
+    Requested,
+    /// A verified client certificate is required.
+    Required,
+}
+
+/// `listen.tls`: clients connect to every listener with TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenTls {
+    /// PEM: the proxy's certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    pub client_auth: ClientAuth,
+    /// PEM: the CAs client certificates are verified against (required unless `client_auth: none`).
+    pub client_ca_file: Option<PathBuf>,
+    /// Kafka's `ssl.principal.mapping.rules`, in order (see [`principal`]).
+    pub principal_rules: Vec<principal::Rule>,
+    /// How long a client has to finish its handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// `upstream.tls`: the proxy reaches brokers with TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// PEM: the CAs broker certificates are verified against; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Verify that the broker's certificate names the host the proxy connects to (on by default).
+    pub verify_hostname: bool,
+    /// PEM: a client certificate and key for brokers that require mTLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// A TLS setting that cannot be used: which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsProblem {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn problem(key: &'static str, message: impl Into<String>) -> TlsProblem {
+    TlsProblem {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The most a certificate, key or CA file may hold (a CA bundle of a few hundred certificates).
+const MAX_PEM_FILE_BYTES: u64 = 4 << 20;
+
+/// A PEM file's bytes: only a regular file of at most [`MAX_PEM_FILE_BYTES`] (a path naming a device or
+/// a pipe must not hang the proxy's start).
+fn read_pem_file(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsProblem> {
+    let at = |e: &dyn std::fmt::Display| problem(key, format!("{}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| at(&e))?;
+    if !meta.is_file() {
+        return Err(at(&"not a regular file"));
+    }
+    if meta.len() > MAX_PEM_FILE_BYTES {
+        return Err(at(&format!("larger than {MAX_PEM_FILE_BYTES} bytes")));
+    }
+    std::fs::read(path).map_err(|e| at(&e))
+}
+
+/// Every certificate in a PEM file (at least one).
+pub fn read_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsProblem> {
+    let pem = read_pem_file(key, path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    let certs = certs.map_err(|e| problem(key, format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(problem(
+            key,
+            format!("{}: no PEM certificate in it", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file.
+pub fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsProblem> {
+    let pem = read_pem_file(key, path)?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map(|k| k.clone_key())
+        .map_err(|e| problem(key, format!("{}: {e}", path.display())))
+}
+
+fn roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsProblem> {
+    let mut store = RootCertStore::empty();
+    for cert in read_certs(key, path)? {
+        store
+            .add(cert)
+            .map_err(|e| problem(key, format!("{}: {e}", path.display())))?;
+    }
+    Ok(store)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The listeners' TLS configuration: TLS 1.2 and 1.3 with rustls' default (modern, AEAD-only) cipher
+/// suites; client certificates as `client_auth` says.
+pub fn server_config(tls: &ListenTls) -> Result<Arc<ServerConfig>, Vec<TlsProblem>> {
+    let mut problems = Vec::new();
+    let certs = read_certs("cert_file", &tls.cert_file).map_err(|p| problems.push(p));
+    let key = read_key("key_file", &tls.key_file).map_err(|p| problems.push(p));
+    let verifier = match (tls.client_auth, &tls.client_ca_file) {
+        (ClientAuth::None, _) => None,
+        (_, None) => {
+            problems.push(problem(
+                "client_ca_file",
+                "needed to verify client certificates (client_auth is not none)",
+            ));
+            None
+        }
+        (auth, Some(path)) => match roots("client_ca_file", path) {
+            Ok(store) => {
+                let builder =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider());
+                let builder = if auth == ClientAuth::Requested {
+                    builder.allow_unauthenticated()
+                } else {
+                    builder
+                };
+                match builder.build() {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        problems.push(problem("client_ca_file", e.to_string()));
+                        None
+                    }
+                }
+            }
+            Err(p) => {
+                problems.push(p);
+                None
+            }
+        },
+    };
+    let (Ok(certs), Ok(key)) = (certs, key) else {
+        return Err(problems);
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| vec![problem("cert_file", e.to_string())])?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    // with_single_cert checks that the key matches the certificate.
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| vec![problem("key_file", format!("does not fit cert_file: {e}"))])?;
+    Ok(Arc::new(config))
+}
+
+/// The configuration the proxy reaches brokers with.
+pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, Vec<TlsProblem>> {
+    let mut problems = Vec::new();
+    let store = match &tls.ca_file {
+        Some(path) => roots("ca_file", path).map_err(|p| problems.push(p)).ok(),
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut store = RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                problems.push(problem(
+                    "ca_file",
+                    "no CA file given and no system CA certificates found",
+                ));
+            }
+            Some(store)
+        }
+    };
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (None, None) => None,
+        (Some(c), Some(k)) => {
+            let certs = read_certs("cert_file", c).map_err(|p| problems.push(p));
+            let key = read_key("key_file", k).map_err(|p| problems.push(p));
+            match (certs, key) {
+                (Ok(c), Ok(k)) => Some((c, k)),
+                _ => None,
+            }
+        }
+        (Some(_), None) => {
+            problems.push(problem("key_file", "needed with cert_file"));
+            None
+        }
+        (None, Some(_)) => {
+            problems.push(problem("cert_file", "needed with key_file"));
+            None
+        }
+    };
+    let Some(store) = store.filter(|_| problems.is_empty()) else {
+        return Err(problems);
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| vec![problem("ca_file", e.to_string())])?;
+    let builder = if tls.verify_hostname {
+        builder.with_root_certificates(store)
+    } else {
+        let any_name =
+            verify::AnyName::new(store).map_err(|e| vec![problem("ca_file", e.to_string())])?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(any_name))
+    };
+    let mut config = match identity {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| vec![problem("key_file", format!("does not fit cert_file: {e}"))])?,
+        None => builder.with_no_client_auth(),
+    };
+    config.enable_sni = true;
+    Ok(Arc::new(config))
+}
+
+/// Broker certificates verified against the CAs without checking the host name
+/// (`upstream.tls.verify_hostname: false`, for brokers whose certificates name other hosts).
+mod verify {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    pub struct AnyName {
+        inner: Arc<WebPkiServerVerifier>,
+    }
+
+    impl AnyName {
+        pub fn new(roots: RootCertStore) -> Result<Self, rustls::server::VerifierBuilderError> {
+            let inner =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::provider())
+                    .build()?;
+            Ok(AnyName { inner })
+        }
+    }
+
+    impl ServerCertVerifier for AnyName {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                // The chain, validity and usage were checked; only the name is let go.
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    }
+}
+
+pub mod stream;
+pub use stream::Stream;
+
+/// What the data path needs of TLS, built once at start from the settings.
+#[derive(Clone, Default)]
+pub struct Tls {
+    /// Clients' TLS, when the listeners speak it.
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    principal_rules: Vec<principal::Rule>,
+    handshake_timeout: Duration,
+    /// The brokers' TLS, when the proxy reaches them with it.
+    connector: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("listen", &self.acceptor.is_some())
+            .field("upstream", &self.connector.is_some())
+            .finish()
+    }
+}
+
+/// The settings' problems as one error, key paths under `prefix`.
+fn joined(prefix: &str, problems: Vec<TlsProblem>) -> anyhow::Error {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{prefix}.{}: {}", p.key, p.message))
+        .collect();
+    anyhow::anyhow!(lines.join("; "))
+}
+
+impl Tls {
+    pub fn new(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> anyhow::Result<Tls> {
+        let mut tls = Tls::default();
+        if let Some(l) = listen {
+            let config = server_config(l).map_err(|p| joined("listen.tls", p))?;
+            tls.acceptor = Some(tokio_rustls::TlsAcceptor::from(config));
+            tls.principal_rules = l.principal_rules.clone();
+            tls.handshake_timeout = l.handshake_timeout;
+        }
+        if let Some(u) = upstream {
+            let config = client_config(u).map_err(|p| joined("upstream.tls", p))?;
+            tls.connector = Some(tokio_rustls::TlsConnector::from(config));
+        }
+        Ok(tls)
+    }
+
+    /// A client's connection as the listeners speak: TLS finished within the handshake timeout (a
+    /// client that stalls, or sends plaintext to a TLS port, is refused with the reason).
+    pub async fn accept(&self, tcp: tokio::net::TcpStream) -> Result<Stream, String> {
+        let Some(acceptor) = &self.acceptor else {
+            return Ok(Stream::Plain(tcp));
+        };
+        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Ok(Stream::Accepted(Box::new(s))),
+            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+            Err(_) => Err(format!(
+                "TLS handshake not finished within {:?}",
+                self.handshake_timeout
+            )),
+        }
+    }
+
+    /// The client's certificate principal (`User:` + its mapped subject), on a TLS listener that
+    /// verified one.
+    pub fn principal(&self, stream: &Stream) -> Option<String> {
+        principal::of_chain(stream.peer_certificates()?, &self.principal_rules)
+    }
+
+    /// A connection to a broker at `addr` (`host:port`), with TLS if the proxy reaches brokers so: the
+    /// host is the name verified and sent as SNI.
+    pub async fn connect(&self, addr: &str, timeout: Duration) -> Result<Stream, String> {
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            let Some(connector) = &self.connector else {
+                return Ok(Stream::Plain(tcp));
+            };
+            let host = addr
+                .rsplit_once(':')
+                .map_or(addr, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{addr}: not a host name for TLS: {e}"))?;
+            connector
+                .connect(name, tcp)
+                .await
+                .map(|s| Stream::Connected(Box::new(s)))
+                .map_err(|e| format!("{addr}: TLS handshake failed: {e}"))
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .unwrap_or_else(|_| Err(format!("{addr}: connect timed out after {timeout:?}")))
+    }
+}

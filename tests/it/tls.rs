@@ -1,0 +1,443 @@
+//! TLS at the proxy's listeners, against real Kafka (plaintext brokers behind it): clients that speak
+//! TLS are served, the handshakes that must fail do (plaintext to a TLS port, an untrusted server
+//! certificate, a stalled handshake, a missing client certificate), each closing only its own
+//! connection; with mTLS, the client certificate's subject is the principal policies match.
+//! Certificates are made by the test (rcgen).
+
+use crate::common::*;
+use crate::producer_state::{batch, produce, send_produce};
+use crate::rdkafka_clients::create_topic;
+use crate::wire::Raw;
+use kafka_eos_proxy::testkit::RawClient;
+use kafka_eos_proxy::tls::{principal, ClientAuth, ListenTls, Stream};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A CA and what it signed, as PEM files in a directory of the test's own.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(unique_topic(&format!("pki-{name}")));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("test CA {name}"));
+        params.distinguished_name = dn;
+        let ca = params.self_signed(&ca_key).expect("CA");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
+        Pki { dir, ca, ca_key }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A certificate and key signed by the CA, written as `<name>.pem` and `<name>.key`.
+    fn issue(
+        &self,
+        name: &str,
+        sans: &[&str],
+        cn: &str,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "kafka-eos-proxy tests");
+        dn.push(DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![usage];
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("sign");
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        (c, k)
+    }
+
+    /// The proxy's server certificate (for `localhost` and the test proxy's address).
+    fn server(&self) -> (PathBuf, PathBuf) {
+        self.issue(
+            "proxy",
+            &["localhost", PROXY_HOST],
+            "proxy",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        self.issue(cn, &[], cn, ExtendedKeyUsagePurpose::ClientAuth)
+    }
+}
+
+fn listen_tls(pki: &Pki, auth: ClientAuth, rules: &[&str]) -> ListenTls {
+    let (cert_file, key_file) = pki.server();
+    ListenTls {
+        cert_file,
+        key_file,
+        client_auth: auth,
+        client_ca_file: (auth != ClientAuth::None).then(|| pki.ca_file()),
+        principal_rules: rules
+            .iter()
+            .map(|r| principal::parse_rule(r).expect("rule"))
+            .collect(),
+        handshake_timeout: Duration::from_millis(800),
+    }
+}
+
+/// A raw client over TLS to `addr`, trusting `ca`, presenting `identity` if given.
+async fn tls_client(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<Raw, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(c.expect("ca cert")).expect("add");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((c, k)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&c)
+                    .expect("cert")
+                    .map(|c| c.expect("cert"))
+                    .collect(),
+                PrivateKeyDer::from_pem_file(&k).expect("key"),
+            )
+            .expect("identity"),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    // TLS 1.3 lets the client finish before the server judged its certificate: a round trip tells.
+    use tokio::io::AsyncWriteExt;
+    tls.flush().await.map_err(|e| e.to_string())?;
+    Ok(Raw(RawClient::over(
+        Stream::Connected(Box::new(tls)),
+        "tls-test",
+    )))
+}
+
+/// The proxy ends this connection within a few seconds, at most with a TLS alert record (content type
+/// 21) before it closes; never with a Kafka answer.
+async fn closed_after_an_alert(raw: &mut Raw, what: &str) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.0.read_some(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: connection still open after 5s"));
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        got.is_empty() || got[0] == 21,
+        "{what}: got {got:?}, not a TLS alert"
+    );
+}
+
+async fn api_versions_ok(raw: &mut Raw) -> bool {
+    use kafka_protocol::messages::{ApiKey, ApiVersionsRequest};
+    use kafka_protocol::protocol::StrBytes;
+    let req = ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("tls-test"))
+        .with_client_software_version(StrBytes::from_static_str("1.0"));
+    raw.0.send(ApiKey::ApiVersions, 3, &req).await.is_ok()
+        && tokio::time::timeout(Duration::from_secs(5), raw.0.recv())
+            .await
+            .is_ok_and(|r| r.is_ok())
+}
+
+fn closed_for_tls(proxy: &TestProxy) -> u64 {
+    let m = proxy
+        .proxy
+        .as_ref()
+        .unwrap()
+        .shared()
+        .metrics
+        .clone()
+        .expect("metrics");
+    m.render()
+        .lines()
+        .find(|l| {
+            l.starts_with("kafka_eos_proxy_connections_closed_total") && l.contains("tls_handshake")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_serves_kafka_and_refuses_bad_handshakes() {
+    let pki = Pki::new("listen");
+    let tls = listen_tls(&pki, ClientAuth::None, &[]);
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.listen.tls = Some(tls.clone())).await;
+    let topic = unique_topic("tls");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+
+    // A TLS client is served: its write lands.
+    let mut good = tls_client(&node, &pki.ca_file(), None)
+        .await
+        .expect("TLS client");
+    let plain = produce(
+        &topic,
+        None,
+        vec![(0, batch(-1, -1, -1, 1, false, "over tls"))],
+    );
+    assert_eq!(send_produce(&mut good, &plain).await, vec![(0, 0, 0, None)]);
+
+    // Plaintext Kafka bytes to the TLS port: closed, counted, nothing else disturbed.
+    let mut plaintext = Raw::connect(&node).await;
+    let _ = plaintext
+        .0
+        .send_bytes(&[0, 0, 0, 10, 0, 18, 0, 3, 0, 0, 0, 1, 0xff, 0xff])
+        .await;
+    closed_after_an_alert(&mut plaintext, "plaintext to a TLS port").await;
+    // A client that does not trust the proxy's certificate does not get through.
+    let other = Pki::new("other");
+    assert!(tls_client(&node, &other.ca_file(), None).await.is_err());
+    // A handshake that never starts is timed out.
+    let mut stalled = Raw::connect(&node).await;
+    stalled.expect_closed("a stalled handshake").await;
+    assert!(
+        closed_for_tls(&proxy) >= 2,
+        "refused handshakes are counted"
+    );
+    assert_eq!(
+        send_produce(&mut good, &plain).await,
+        vec![(0, 0, 1, None)],
+        "the good client is untouched"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_the_principal_policies_match() {
+    let pki = Pki::new("mtls");
+    let tls = listen_tls(
+        &pki,
+        ClientAuth::Required,
+        &["RULE:^CN=([^,]*),O=.*$/$1/L", "DEFAULT"],
+    );
+    let policy = crate::policies::policies(
+        r#"
+policies:
+  - name: mallory-needs-idempotence
+    match: { topics: { prefix: ["mtls-"] }, principals: ["User:mallory"] }
+    produce: { idempotence: reject }
+"#,
+    );
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.listen.tls = Some(tls.clone());
+        c.policies = policy.clone();
+    })
+    .await;
+    let topic = unique_topic("mtls");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+    let plain = produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, "p"))]);
+
+    let mut alice = tls_client(&node, &pki.ca_file(), Some(pki.client("Alice")))
+        .await
+        .expect("alice");
+    assert_eq!(
+        send_produce(&mut alice, &plain).await,
+        vec![(0, 0, 0, None)]
+    );
+    let mut mallory = tls_client(&node, &pki.ca_file(), Some(pki.client("Mallory")))
+        .await
+        .expect("mallory");
+    let refused = send_produce(&mut mallory, &plain).await;
+    assert_eq!(
+        refused[0].1, 44,
+        "POLICY_VIOLATION for User:mallory: {refused:?}"
+    );
+    let events = proxy.events(kafka_eos_proxy::audit::Kind::PolicyViolation);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.principal.as_deref() == Some("User:mallory")),
+        "the audit line names the certificate principal: {events:?}"
+    );
+
+    // Without a certificate, or with one from another CA, a client is refused (required).
+    let mut anonymous = tls_client(&node, &pki.ca_file(), None).await.ok();
+    let served = match &mut anonymous {
+        Some(raw) => api_versions_ok(raw).await,
+        None => false,
+    };
+    assert!(!served, "no certificate, no service");
+    let other = Pki::new("mtls-other");
+    let mut stranger = tls_client(&node, &pki.ca_file(), Some(other.client("eve")))
+        .await
+        .ok();
+    let served = match &mut stranger {
+        Some(raw) => api_versions_ok(raw).await,
+        None => false,
+    };
+    assert!(!served, "a certificate from another CA, no service");
+    assert_eq!(
+        send_produce(&mut alice, &plain).await,
+        vec![(0, 0, 1, None)]
+    );
+    proxy.stop().await;
+}
+
+/// The single broker's SSL listener (scripts/kafka: the test CA's certificate for 127.0.0.1 and
+/// localhost).
+const SSL_BROKER: &str = "127.0.0.1:19097";
+
+fn broker_ca() -> PathBuf {
+    PathBuf::from(kafka_script(&["pki"]).trim()).join("ca.pem")
+}
+
+fn upstream_tls(ca: PathBuf) -> kafka_eos_proxy::tls::UpstreamTls {
+    kafka_eos_proxy::tls::UpstreamTls {
+        ca_file: Some(ca),
+        verify_hostname: true,
+        cert_file: None,
+        key_file: None,
+    }
+}
+
+/// The proxy reaches a broker's SSL listener (CA verified, host name checked): its own metadata
+/// refresh opens the node listeners, and clients, plaintext or TLS, write through it; every address
+/// they learn is the proxy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_reaches_brokers_over_tls() {
+    kafka(Cluster::Single);
+    let pki = Pki::new("both");
+    let listen = listen_tls(&pki, ClientAuth::None, &[]);
+    let plain_proxy = start_proxy_with(Cluster::Single, |c| {
+        c.upstream.bootstrap_servers = vec![SSL_BROKER.to_string()];
+        c.upstream.tls = Some(upstream_tls(broker_ca()));
+    })
+    .await;
+    let both = start_proxy_with(Cluster::Single, move |c| {
+        c.upstream.bootstrap_servers = vec![SSL_BROKER.to_string()];
+        c.upstream.tls = Some(upstream_tls(broker_ca()));
+        c.listen.tls = Some(listen.clone());
+    })
+    .await;
+    let topic = unique_topic("tls-upstream");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    let plain = produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, "u"))]);
+
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", plain_proxy.broker_port(1))).await;
+    assert_eq!(send_produce(&mut raw, &plain).await, vec![(0, 0, 0, None)]);
+    let md = raw.topic_metadata(&topic).await;
+    for b in &md.brokers {
+        assert_proxy_address(&plain_proxy, &format!("{}:{}", b.host.as_str(), b.port));
+    }
+    let node = format!("{PROXY_HOST}:{}", both.broker_port(1));
+    let mut tls = tls_client(&node, &pki.ca_file(), None)
+        .await
+        .expect("TLS client");
+    assert_eq!(send_produce(&mut tls, &plain).await, vec![(0, 0, 1, None)]);
+    plain_proxy.stop().await;
+    both.stop().await;
+}
+
+/// A broker certificate the proxy cannot trust: no session reaches the broker (the client's
+/// connection is closed with a log line), and the proxy itself keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_broker_certificate_is_refused() {
+    kafka(Cluster::Single);
+    let other = Pki::new("not-the-brokers");
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.upstream.bootstrap_servers = vec![SSL_BROKER.to_string()];
+        c.upstream.tls = Some(upstream_tls(other.ca_file()));
+    })
+    .await;
+    let mut raw = Raw::connect(proxy.bootstrap()).await;
+    raw.expect_closed("a client whose broker cannot be trusted")
+        .await;
+    let m = proxy
+        .proxy
+        .as_ref()
+        .unwrap()
+        .shared()
+        .metrics
+        .clone()
+        .expect("metrics");
+    assert!(m
+        .render()
+        .lines()
+        .any(|l| l.contains("connections_closed_total") && l.contains("upstream_unreachable")));
+    proxy.stop_answering_nothing().await;
+}
+
+/// kafka-clients 4.4 (with a client certificate, mTLS) and franz-go 1.22 (without one) write and read
+/// through a proxy with TLS on both sides: every record once, only proxy addresses learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_and_franz_go_through_tls_on_both_sides() {
+    kafka(Cluster::Single);
+    let pki = Pki::new("clients");
+    let listen = listen_tls(&pki, ClientAuth::Requested, &["RULE:^CN=([^,]*),.*$/$1/"]);
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.upstream.bootstrap_servers = vec![SSL_BROKER.to_string()];
+        c.upstream.tls = Some(upstream_tls(broker_ca()));
+        c.listen.tls = Some(listen.clone());
+    })
+    .await;
+    let ca = pki.ca_file().display().to_string();
+    // Java's PEM key store: the PKCS#8 key, then the certificate.
+    let (cert, key) = pki.client("java-app");
+    let keystore = pki.dir.join("java-app-keystore.pem");
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&key).expect("key"),
+        std::fs::read_to_string(&cert).expect("cert")
+    );
+    std::fs::write(&keystore, both).expect("keystore");
+    let java = crate::java_client::run_java_with(
+        "produce",
+        &proxy,
+        &[
+            ("EOS_TLS_CA", ca.clone()),
+            ("EOS_TLS_KEYSTORE", keystore.display().to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(java["consumed"], vec!["200"]);
+    let go = crate::franz_go::run_go_with("produce", &proxy, &[("EOS_TLS_CA", ca)]).await;
+    assert_eq!(go["consumed"], vec!["500"]);
+    for b in &go["broker"] {
+        assert_proxy_address(&proxy, b);
+    }
+    proxy.stop().await;
+}
