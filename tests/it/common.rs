@@ -152,6 +152,25 @@ pub struct TestProxy {
 
 impl TestProxy {
     /// The audit events of one kind the proxy emitted so far.
+    /// The proxy's metrics (every test proxy has them).
+    pub fn metrics(&self) -> Arc<kafka_eos_proxy::metrics::Metrics> {
+        let proxy = self.proxy.as_ref().expect("running");
+        proxy.shared().metrics.clone().expect("metrics on")
+    }
+
+    /// Client connections closed so far for `reason` (`connections_closed_total`).
+    pub fn closed_connections(&self, reason: &str) -> u64 {
+        let needle = format!("reason=\"{reason}\"");
+        self.metrics()
+            .render()
+            .lines()
+            .find(|l| {
+                l.starts_with("kafka_eos_proxy_connections_closed_total") && l.contains(&needle)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    }
+
     /// The topics the proxy holds producer state for (sorted, each once).
     pub fn tracked_topics(&self) -> Vec<String> {
         let proxy = self.proxy.as_ref().expect("running");
@@ -442,4 +461,11 @@ pub async fn broker_max_version(cluster: Cluster, key: kafka_protocol::messages:
         .iter()
         .find(|k| k.api_key == key as i16)
         .map_or(-1, |k| k.max_version)
+}
+
+/// Environment variables as a child process takes them.
+pub fn owned_env(env: &[(&str, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }

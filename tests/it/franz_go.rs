@@ -35,10 +35,7 @@ pub(crate) async fn run_go_with(
     proxy: &TestProxy,
     env: &[(&str, String)],
 ) -> BTreeMap<String, Vec<String>> {
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
+    let env = owned_env(env);
     let bin = built_client();
     let bootstrap = proxy.bootstrap().to_string();
     let prefix = unique_topic(&format!("go-{scenario}"));

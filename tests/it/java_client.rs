@@ -40,10 +40,7 @@ pub(crate) async fn run_java_with(
     proxy: &TestProxy,
     env: &[(&str, String)],
 ) -> BTreeMap<String, Vec<String>> {
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
+    let env = owned_env(env);
     let (libs, classes) = compiled_client();
     let bootstrap = proxy.bootstrap().to_string();
     let prefix = unique_topic(&format!("java-{scenario}"));
