@@ -328,6 +328,10 @@ impl Config {
             Some(n) => format!("runtime: {n} worker threads\n"),
             None => "runtime: one worker thread per core\n".to_string(),
         });
+        out.push_str(&crate::tls::explain(
+            self.listen.tls.as_ref(),
+            self.upstream.tls.as_ref(),
+        ));
         out.push_str(&crate::policy::explain::explain(&self.policies));
         out
     }

@@ -222,6 +222,12 @@ fn tls_settings_are_checked_with_their_paths() {
         &format!("{{ ca_file: '{cert}' }}"),
     );
     let c = Config::parse(&good).expect("valid TLS settings");
+    let explained = c.explain();
+    assert!(explained.contains("listeners speak TLS"), "{explained}");
+    assert!(
+        explained.contains("listen certificate") && explained.contains("names [DNS:localhost]"),
+        "check-config names the certificate: {explained}"
+    );
     let l = c.listen.tls.expect("listen.tls");
     assert_eq!(l.client_auth, crate::tls::ClientAuth::Required);
     assert_eq!(l.principal_rules.len(), 2);

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub state_evictions: IntCounterVec,
     /// Approximate bytes held by the proxy's state tables, by table (read at scrape time).
     pub state_bytes: IntGaugeVec,
+    /// When the earliest certificate of each configured TLS file expires (Unix seconds).
+    pub tls_certificate_expiry: IntGaugeVec,
     audit_events: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub hanging_transactions: IntGauge,
@@ -255,6 +257,13 @@ impl Metrics {
                 "state_bytes",
                 "Approximate bytes held by the proxy's state tables, strings included, by table",
                 &["table"],
+            )?,
+            tls_certificate_expiry: gauge_vec(
+                &r,
+                "tls_certificate_expiry_seconds",
+                "When the earliest certificate of a configured TLS file expires, in seconds since the \
+                 Unix epoch, by file (listen, listen_client_ca, upstream_ca, upstream_client)",
+                &["file"],
             )?,
             audit_events: counter_vec(
                 &r,

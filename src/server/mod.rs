@@ -97,6 +97,19 @@ impl Proxy {
         let policies = Arc::new(crate::policy::PolicyHolder::new(config.policies.clone()));
         let shutdown = CancellationToken::new();
         let tls = crate::tls::Tls::new(config.listen.tls.as_ref(), config.upstream.tls.as_ref())?;
+        if let Some(m) = &metrics {
+            let files = crate::tls::certificate_files(
+                config.listen.tls.as_ref(),
+                config.upstream.tls.as_ref(),
+            );
+            for (file, path) in files {
+                if let Some(expiry) = crate::tls::earliest_expiry(path) {
+                    m.tls_certificate_expiry
+                        .with_label_values(&[file])
+                        .set(expiry);
+                }
+            }
+        }
         let session = Arc::new(session::Handles {
             limits: config.limits.clone(),
             upstream: config.upstream.clone(),

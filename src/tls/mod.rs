@@ -319,6 +319,84 @@ mod verify {
 pub mod stream;
 pub use stream::Stream;
 
+/// Every certificate file the settings name, with what it is for (the `file` label of the expiry
+/// gauge): `listen`, `listen_client_ca`, `upstream_ca`, `upstream_client`.
+pub fn certificate_files<'a>(
+    listen: Option<&'a ListenTls>,
+    upstream: Option<&'a UpstreamTls>,
+) -> Vec<(&'static str, &'a Path)> {
+    let mut out = Vec::new();
+    if let Some(l) = listen {
+        out.push(("listen", l.cert_file.as_path()));
+        if let Some(ca) = &l.client_ca_file {
+            out.push(("listen_client_ca", ca.as_path()));
+        }
+    }
+    if let Some(u) = upstream {
+        if let Some(ca) = &u.ca_file {
+            out.push(("upstream_ca", ca.as_path()));
+        }
+        if let Some(c) = &u.cert_file {
+            out.push(("upstream_client", c.as_path()));
+        }
+    }
+    out
+}
+
+/// The certificates of a PEM file, summarised (unreadable ones left out).
+pub fn summaries(path: &Path) -> Vec<principal::Summary> {
+    read_certs("file", path)
+        .map(|certs| certs.iter().filter_map(|c| principal::summary(c)).collect())
+        .unwrap_or_default()
+}
+
+/// The earliest expiry among a file's certificates (seconds since the Unix epoch).
+pub fn earliest_expiry(path: &Path) -> Option<i64> {
+    summaries(path).iter().map(|s| s.not_after).min()
+}
+
+/// `check-config`'s account of the TLS settings: every certificate's subject, names and expiry.
+pub fn explain(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> String {
+    let mut out = String::new();
+    match listen {
+        Some(l) => out.push_str(&format!(
+            "listeners speak TLS (client certificates: {:?}, handshake timeout {:?})\n",
+            l.client_auth, l.handshake_timeout
+        )),
+        None => out.push_str("listeners speak plaintext\n"),
+    }
+    match upstream {
+        Some(u) => out.push_str(&format!(
+            "brokers are reached with TLS (CA: {}, host names {})\n",
+            u.ca_file
+                .as_ref()
+                .map_or("the system's roots".to_string(), |p| p
+                    .display()
+                    .to_string()),
+            if u.verify_hostname {
+                "verified"
+            } else {
+                "not verified"
+            }
+        )),
+        None => out.push_str("brokers are reached in plaintext\n"),
+    }
+    for (what, path) in certificate_files(listen, upstream) {
+        for s in summaries(path) {
+            out.push_str(&format!(
+                "  {what} certificate {}: subject {}, names [{}], expires {} (unix {})\n",
+                path.display(),
+                s.subject,
+                s.alt_names.join(", "),
+                x509_parser::time::ASN1Time::from_timestamp(s.not_after)
+                    .map_or_else(|_| "?".to_string(), |t| t.to_string()),
+                s.not_after
+            ));
+        }
+    }
+    out
+}
+
 /// What the data path needs of TLS, built once at start from the settings.
 #[derive(Clone, Default)]
 pub struct Tls {

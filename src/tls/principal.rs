@@ -247,3 +247,45 @@ mod tests {
         assert_eq!(escape(" #a "), r"\ #a\ ");
     }
 }
+
+/// What an operator checks on a certificate: its subject, its alternative names, when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub subject: String,
+    pub alt_names: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// The summary of a DER certificate; `None` if it cannot be read.
+pub fn summary(der: &[u8]) -> Option<Summary> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let alt_names = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => format!("DNS:{d}"),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => format!(
+                        "IP:{}",
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    16 => format!(
+                        "IP:{}",
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    _ => format!("IP:{}", hex(ip)),
+                },
+                other => format!("{other}"),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Summary {
+        subject: rfc2253(cert.subject()),
+        alt_names,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}

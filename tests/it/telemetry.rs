@@ -624,6 +624,9 @@ policies:
     let config_file = std::env::temp_dir().join(unique_topic("moves-config"));
     let af = audit_file.clone();
     let proxy = start_proxy_with(Cluster::Single, move |c| {
+        // The broker's SSL listener, so that the certificate expiry gauge has a CA file to watch.
+        c.upstream.bootstrap_servers = vec![crate::tls::SSL_BROKER.to_string()];
+        c.upstream.tls = Some(crate::tls::upstream_tls(crate::tls::broker_ca()));
         c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
         c.metrics.max_producer_series = 2;
         c.producer_state.max_tracked = 16;

@@ -61,6 +61,7 @@ impl Pki {
         dn.push(DnType::CommonName, cn);
         params.distinguished_name = dn;
         params.extended_key_usages = vec![usage];
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
             .expect("sign");
@@ -219,6 +220,13 @@ async fn a_tls_listener_serves_kafka_and_refuses_bad_handshakes() {
         proxy.closed_connections("tls_handshake") >= 2,
         "refused handshakes are counted"
     );
+    // The expiry gauge holds the listener certificate's not-after (2031-05-17T00:00:00Z).
+    let expiry = proxy
+        .metrics()
+        .tls_certificate_expiry
+        .with_label_values(&["listen"])
+        .get();
+    assert_eq!(expiry, 1_936_742_400);
     assert_eq!(
         send_produce(&mut good, &plain).await,
         vec![(0, 0, 1, None)],
@@ -301,13 +309,13 @@ policies:
 
 /// The single broker's SSL listener (scripts/kafka: the test CA's certificate for 127.0.0.1 and
 /// localhost).
-const SSL_BROKER: &str = "127.0.0.1:19097";
+pub const SSL_BROKER: &str = "127.0.0.1:19097";
 
-fn broker_ca() -> PathBuf {
+pub fn broker_ca() -> PathBuf {
     PathBuf::from(kafka_script(&["pki"]).trim()).join("ca.pem")
 }
 
-fn upstream_tls(ca: PathBuf) -> kafka_eos_proxy::tls::UpstreamTls {
+pub fn upstream_tls(ca: PathBuf) -> kafka_eos_proxy::tls::UpstreamTls {
     kafka_eos_proxy::tls::UpstreamTls {
         ca_file: Some(ca),
         verify_hostname: true,
