@@ -59,18 +59,22 @@ fn parse_listen_tls(t: &Section) -> crate::tls::ListenTls {
             ClientAuth::None
         }
     };
-    let rules = t.string_list("principal_mapping_rules", false, |r| {
-        principal::parse_rule(r).err()
-    });
+    let rules: Vec<principal::Rule> = t
+        .string_list("principal_mapping_rules", false, |_| None)
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            principal::parse_rule(r)
+                .map_err(|e| t.problem(&format!("principal_mapping_rules[{i}]"), &e))
+                .ok()
+        })
+        .collect();
     let tls = crate::tls::ListenTls {
         cert_file: t.string("cert_file", None).into(),
         key_file: t.string("key_file", None).into(),
         client_auth,
         client_ca_file: t.optional_string("client_ca_file").map(Into::into),
-        principal_rules: rules
-            .iter()
-            .filter_map(|r| principal::parse_rule(r).ok())
-            .collect(),
+        principal_rules: rules,
         handshake_timeout: t.millis("handshake_timeout_ms", 10_000, 100, 600_000),
     };
     t.finish(&[

@@ -22,7 +22,7 @@ fn compact_len(r: &mut Reader) -> Result<usize, WireError> {
 pub fn produce_has_node_endpoints(frame: &[u8], version: i16) -> Result<bool, WireError> {
     let mut r = after_flexible_header(frame)?;
     for _topic in 0..compact_len(&mut r)? {
-        if version >= 13 {
+        if version >= crate::protocol::produce::TOPIC_ID_VERSION {
             r.uuid()?; // topic id
         } else {
             r.compact_nullable_bytes()?; // name

@@ -130,10 +130,12 @@ pub async fn name_topic_ids(handles: &Handles, ids: &[[u8; 16]]) -> Vec<([u8; 16
     let mut unnamed: Vec<([u8; 16], Unnamed)> =
         too_many.iter().map(|id| (*id, Unnamed::TooMany)).collect();
     let _one_at_a_time = topics.lookups.lock().await;
-    // Another connection's lookup may have named them meanwhile.
+    // Another connection's lookup may have named them meanwhile, or found them unknown (and audited
+    // them): waiters behind a failing lookup do not each wait out a timeout of their own.
+    let now = Instant::now();
     let asked: Vec<[u8; 16]> = asked
         .iter()
-        .filter(|id| topics.name(id).is_none())
+        .filter(|id| topics.name(id).is_none() && !topics.recently_unknown(id, now))
         .copied()
         .collect();
     if asked.is_empty() {

@@ -122,13 +122,22 @@ async fn topic_names(cx: &mut RequestCx<'_, '_>, req: &Request) -> Result<TopicN
         return Ok(names);
     }
     let body = req.head.body_offset.unwrap_or(0);
-    let view = produce::parse(&req.frame, body, req.head.api_version, &names)
+    let unresolved = TopicNames::new();
+    let view = produce::parse(&req.frame, body, req.head.api_version, &unresolved)
         .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
-    let ids = view.unnamed_ids();
     let topics = &cx.handles.brokers.topics;
-    if ids.iter().any(|id| topics.name(id).is_none()) {
+    let mut missing = Vec::new();
+    for id in view.unnamed_ids() {
+        match topics.name(&id) {
+            Some(name) => {
+                names.insert(id, name);
+            }
+            None => missing.push(id),
+        }
+    }
+    if !missing.is_empty() {
         let h = cx.handles;
-        let unnamed = discovery::name_topic_ids(h, &ids).await;
+        let unnamed = discovery::name_topic_ids(h, &missing).await;
         for (id, why) in unnamed {
             h.guard.audit.emit(AuditEvent {
                 api_key: ApiKey::Produce as i16,
@@ -145,10 +154,10 @@ async fn topic_names(cx: &mut RequestCx<'_, '_>, req: &Request) -> Result<TopicN
         }
         // A lookup can reveal a topic created again under its name.
         super::addresses::drop_recreated(h);
-    }
-    for id in ids {
-        if let Some(name) = topics.name(&id) {
-            names.insert(id, name);
+        for id in missing {
+            if let Some(name) = topics.name(&id) {
+                names.insert(id, name);
+            }
         }
     }
     Ok(names)

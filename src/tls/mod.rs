@@ -109,7 +109,6 @@ pub fn read_certs(
 pub fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsProblem> {
     let pem = read_pem_file(key, path)?;
     PrivateKeyDer::from_pem_slice(&pem)
-        .map(|k| k.clone_key())
         .map_err(|e| problem(key, format!("{}: {e}", path.display())))
 }
 

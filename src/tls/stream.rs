@@ -27,10 +27,6 @@ impl Stream {
         }
     }
 
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
-    }
-
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,

@@ -152,6 +152,16 @@ pub struct TestProxy {
 
 impl TestProxy {
     /// The audit events of one kind the proxy emitted so far.
+    /// Asserts that the proxy itself fenced a zombie (a `fenced_epoch` audit event), rather than the
+    /// broker.
+    pub fn assert_fenced_at_the_proxy(&self) {
+        let fenced = self.events(kafka_eos_proxy::audit::Kind::FencedEpoch).len();
+        assert!(
+            fenced > 0,
+            "the zombie was answered by the proxy, not the broker"
+        );
+    }
+
     /// The proxy's metrics (every test proxy has them).
     pub fn metrics(&self) -> Arc<kafka_eos_proxy::metrics::Metrics> {
         let proxy = self.proxy.as_ref().expect("running");
@@ -463,9 +473,26 @@ pub async fn broker_max_version(cluster: Cluster, key: kafka_protocol::messages:
         .map_or(-1, |k| k.max_version)
 }
 
-/// Environment variables as a child process takes them.
-pub fn owned_env(env: &[(&str, String)]) -> Vec<(String, String)> {
-    env.iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
+/// Runs a client program (the Java or Go scenarios) with `env` added, asserts that it succeeded
+/// (showing its output and the tail of its errors if not), and returns its RESULT lines.
+pub async fn run_scenario(
+    what: &'static str,
+    mut command: Command,
+    env: &[(&str, String)],
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    command.envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    assert!(
+        out.status.success(),
+        "{what} failed\nstdout:\n{stdout}\nstderr (tail):\n{}",
+        tail.join("\n")
+    );
+    client_results(&stdout)
 }

@@ -35,27 +35,13 @@ pub(crate) async fn run_go_with(
     proxy: &TestProxy,
     env: &[(&str, String)],
 ) -> BTreeMap<String, Vec<String>> {
-    let env = owned_env(env);
-    let bin = built_client();
-    let bootstrap = proxy.bootstrap().to_string();
-    let prefix = unique_topic(&format!("go-{scenario}"));
-    let scenario = scenario.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .args([&scenario, &bootstrap, &prefix])
-            .envs(env)
-            .output()
-            .expect("run the Go client")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "Go scenario failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    client_results(&stdout)
+    let mut command = Command::new(built_client());
+    command.args([
+        scenario,
+        proxy.bootstrap(),
+        &unique_topic(&format!("go-{scenario}")),
+    ]);
+    run_scenario("the Go scenario", command, env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,12 +84,6 @@ async fn franz_go_zombie_is_fenced_by_the_proxys_answer() {
         error.contains("INVALID_PRODUCER_EPOCH") || error.contains("PRODUCER_FENCED"),
         "a fencing error, got {error}"
     );
-    let fenced = proxy
-        .events(kafka_eos_proxy::audit::Kind::FencedEpoch)
-        .len();
-    assert!(
-        fenced > 0,
-        "the zombie was answered by the proxy, not the broker"
-    );
+    proxy.assert_fenced_at_the_proxy();
     proxy.stop().await;
 }

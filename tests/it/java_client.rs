@@ -40,41 +40,17 @@ pub(crate) async fn run_java_with(
     proxy: &TestProxy,
     env: &[(&str, String)],
 ) -> BTreeMap<String, Vec<String>> {
-    let env = owned_env(env);
     let (libs, classes) = compiled_client();
-    let bootstrap = proxy.bootstrap().to_string();
-    let prefix = unique_topic(&format!("java-{scenario}"));
-    let scenario = scenario.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("java")
-            .arg("-cp")
-            .arg(format!("{}/*:{}", libs.display(), classes.display()))
-            .arg("-Xmx256m")
-            .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
-            .arg("-Dlog4j2.level=warn")
-            .args(["EosClient", &scenario, &bootstrap, &prefix])
-            .envs(env)
-            .output()
-            .expect("run java")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "java scenario failed\nstdout:\n{stdout}\nstderr (tail):\n{}",
-        stderr
-            .lines()
-            .rev()
-            .take(60)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    client_results(&stdout)
+    let mut command = Command::new("java");
+    command
+        .arg("-cp")
+        .arg(format!("{}/*:{}", libs.display(), classes.display()))
+        .arg("-Xmx256m")
+        .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+        .arg("-Dlog4j2.level=warn")
+        .args(["EosClient", scenario, proxy.bootstrap()])
+        .arg(unique_topic(&format!("java-{scenario}")));
+    run_scenario("the Java scenario", command, env).await
 }
 
 fn one(results: &BTreeMap<String, Vec<String>>, key: &str) -> i64 {
@@ -239,12 +215,6 @@ async fn java_zombie_is_fenced_by_the_proxys_answer() {
         error == "ProducerFencedException" || error == "InvalidProducerEpochException",
         "a fencing error, got {error}"
     );
-    let fenced = proxy
-        .events(kafka_eos_proxy::audit::Kind::FencedEpoch)
-        .len();
-    assert!(
-        fenced > 0,
-        "the zombie was answered by the proxy, not the broker"
-    );
+    proxy.assert_fenced_at_the_proxy();
     proxy.stop().await;
 }
