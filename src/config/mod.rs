@@ -135,6 +135,11 @@ pub struct MetricsConfig {
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /producers); none: no endpoint.
     pub listen: Option<String>,
     pub max_producer_series: usize,
+    /// The endpoint speaks TLS (`metrics.tls`).
+    pub tls: Option<crate::tls::ListenTls>,
+    /// A file holding the bearer token `/metrics` and `/producers` require (`metrics.token_file`,
+    /// re-read when it changes); `/healthz` and `/readyz` stay open for probes.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -332,6 +337,31 @@ impl Config {
             self.listen.tls.as_ref(),
             self.upstream.tls.as_ref(),
         ));
+        if let Some(addr) = &self.metrics.listen {
+            out.push_str(&format!(
+                "operator endpoint {addr}: {}, /metrics and /producers {}\n",
+                if self.metrics.tls.is_some() {
+                    "TLS"
+                } else {
+                    "plaintext"
+                },
+                match &self.metrics.token_file {
+                    Some(p) => format!("need the bearer token in {}", p.display()),
+                    None => "are open".to_string(),
+                }
+            ));
+        }
+        if let Some(t) = &self.metrics.tls {
+            for s in crate::tls::summaries(&t.cert_file) {
+                out.push_str(&format!(
+                    "  operator certificate {}: subject {}, names [{}], expires unix {}\n",
+                    t.cert_file.display(),
+                    s.subject,
+                    s.alt_names.join(", "),
+                    s.not_after
+                ));
+            }
+        }
         out.push_str(&crate::policy::explain::explain(&self.policies));
         out
     }

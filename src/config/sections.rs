@@ -44,6 +44,28 @@ fn parse_upstream_tls(t: &Section) -> crate::tls::UpstreamTls {
     tls
 }
 
+/// `metrics.tls`: the operator endpoint's certificate and key (no client certificates: the bearer
+/// token is its authentication).
+fn parse_operator_tls(t: &Section) -> crate::tls::ListenTls {
+    let tls = crate::tls::ListenTls {
+        cert_file: t.string("cert_file", None).into(),
+        key_file: t.string("key_file", None).into(),
+        client_auth: crate::tls::ClientAuth::None,
+        client_ca_file: None,
+        principal_rules: Vec::new(),
+        handshake_timeout: crate::metrics::http::READ_TIMEOUT,
+    };
+    t.finish(&["cert_file", "key_file"]);
+    if !tls.cert_file.as_os_str().is_empty() && !tls.key_file.as_os_str().is_empty() {
+        if let Err(problems) = crate::tls::server_config(&tls) {
+            for p in problems {
+                t.problem(p.key, &p.message);
+            }
+        }
+    }
+    tls
+}
+
 /// `listen.tls`; its files are read and checked here, so that every problem is listed by key path.
 fn parse_listen_tls(t: &Section) -> crate::tls::ListenTls {
     use crate::tls::{principal, ClientAuth};
@@ -309,11 +331,29 @@ pub(super) fn parse_metrics(s: &Section) -> MetricsConfig {
         }
     }
     let max_producer_series = s.int("max_producer_series", Some(1000), 1, 1_000_000) as usize;
-    s.finish(&["enabled", "listen", "max_producer_series"]);
+    let tls = s.optional_section("tls").map(|t| parse_operator_tls(&t));
+    let token_file: Option<std::path::PathBuf> = s.optional_string("token_file").map(Into::into);
+    if let Some(path) = &token_file {
+        if let Err(e) = crate::metrics::http::read_token(path) {
+            s.problem("token_file", &e);
+        }
+    }
+    if (tls.is_some() || token_file.is_some()) && listen.is_none() {
+        s.problem_here("'tls' and 'token_file' protect the endpoint at 'listen', which is not set");
+    }
+    s.finish(&[
+        "enabled",
+        "listen",
+        "max_producer_series",
+        "tls",
+        "token_file",
+    ]);
     MetricsConfig {
         enabled,
         listen,
         max_producer_series,
+        tls,
+        token_file,
     }
 }
 

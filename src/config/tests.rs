@@ -268,5 +268,29 @@ fn tls_settings_are_checked_with_their_paths() {
         text.contains("upstream.tls.ca_file: /dev/urandom: not a regular file"),
         "{text}"
     );
+    // The operator endpoint's TLS and token.
+    let token = dir.join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let head = "upstream: { bootstrap_servers: [\"a:1\"] }\nlisten: { advertised_host: h, bootstrap_port: 9001, broker_ports: { map: { 1: 9002 } } }\n";
+    let good = format!(
+        "{head}metrics: {{ listen: '127.0.0.1:0', tls: {{ cert_file: '{cert}', key_file: '{key}' }}, token_file: '{}' }}\n",
+        token.display()
+    );
+    let c = Config::parse(&good).expect("operator TLS and token");
+    assert!(c.metrics.tls.is_some() && c.metrics.token_file.is_some());
+    std::fs::write(dir.join("empty"), " \n").unwrap();
+    let bad = format!(
+        "{head}metrics: {{ tls: {{ cert_file: '{cert}', key_file: '{other_key}' }}, token_file: '{}' }}\n",
+        dir.join("empty").display()
+    );
+    let text = Config::parse(&bad).unwrap_err().to_string();
+    for needle in [
+        "metrics.tls.key_file",
+        "metrics.token_file",
+        "printable ASCII",
+        "'listen', which is not set",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in {text}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

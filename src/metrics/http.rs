@@ -2,17 +2,23 @@
 //! `/readyz` (the upstream cluster answered the last metadata refresh), `/producers` (tracked producer
 //! state as JSON, a bounded page at a time: `?limit=N&after=PRODUCER_ID`).
 //!
+//! Optionally protected (`metrics.tls`, `metrics.token_file`): TLS with a certificate that follows its
+//! files, and a bearer token `/metrics` and `/producers` require (`Authorization: Bearer <token>`,
+//! compared in constant time; the file is re-read when it changes). `/healthz` and `/readyz` stay open:
+//! they tell nothing but up/ready, and probes carry no credentials.
+//!
 //! Deliberately tiny: GET only, one request per connection, a bounded request head, a read timeout, a
 //! write timeout, at most [`MAX_CONNECTIONS`] connections at once (more are closed at once) and answers
 //! bounded in size. It serves a scraper and an operator's curl, not the internet: a client that never
 //! reads its answer is let go after [`WRITE_TIMEOUT`] and holds at most one page meanwhile.
 
+use crate::tls::live::Live;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 /// What the endpoint reads, handed over by the server.
@@ -25,12 +31,73 @@ pub struct Handles {
     /// The upstream cluster answered the last metadata refresh (`/readyz`).
     pub upstream_ready: Arc<std::sync::atomic::AtomicBool>,
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// TLS, when `metrics.tls` is set.
+    pub tls: Option<Arc<Live<rustls::ServerConfig>>>,
+    /// The bearer token, when `metrics.token_file` is set.
+    pub token: Option<Arc<Live<Token>>>,
+}
+
+/// A bearer token read from its file.
+pub struct Token(String);
+
+/// The most a token file may hold.
+const MAX_TOKEN_BYTES: u64 = 4096;
+
+/// The token in `path`: a regular file of at most 4 KiB holding one printable ASCII word (surrounding
+/// white space, such as a final newline, is ignored).
+pub fn read_token(path: &std::path::Path) -> Result<Token, String> {
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| at(&e))?;
+    if !meta.is_file() || meta.len() > MAX_TOKEN_BYTES {
+        return Err(at(&format!(
+            "not a regular file of at most {MAX_TOKEN_BYTES} bytes"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+    let token = text.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(at(&"must hold one word of printable ASCII"));
+    }
+    Ok(Token(token.to_string()))
+}
+
+/// The token as a reloadable setting: a broken new file is refused and the old token stays.
+pub fn live_token(path: &std::path::Path) -> anyhow::Result<Arc<Live<Token>>> {
+    let p = path.to_path_buf();
+    let build = move || {
+        read_token(&p)
+            .map(Arc::new)
+            .map_err(|message| vec![crate::tls::TlsProblem { key: "", message }])
+    };
+    Live::new("metrics.token_file", vec![path.to_path_buf()], build)
+        .map(Arc::new)
+        .map_err(|p| anyhow::anyhow!("metrics.token_file: {}", p[0].message))
+}
+
+impl Token {
+    /// Whether a request head carries `Authorization: Bearer <this token>`; the comparison takes the
+    /// same time wherever the first difference is.
+    fn admits(&self, head: &[u8]) -> bool {
+        let text = String::from_utf8_lossy(head);
+        let offered = text.lines().skip(1).find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("authorization")
+                .then(|| value.trim().strip_prefix("Bearer ").map(str::trim))
+                .flatten()
+        });
+        let Some(offered) = offered else {
+            return false;
+        };
+        let (a, b) = (offered.as_bytes(), self.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 const MAX_HEAD: usize = 8 * 1024;
 /// Connections served at once; one more is closed without an answer.
 pub const MAX_CONNECTIONS: usize = 16;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to read its whole answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `/producers` page size: the default and the most one request may ask for.
@@ -55,8 +122,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Handles>) {
                 };
                 let s = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(socket, &s).await {
-                        debug!(error = %e, "http request failed");
+                    let served = match &s.tls {
+                        None => handle(socket, &s).await,
+                        Some(tls) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                            match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(socket)).await
+                            {
+                                Ok(Ok(stream)) => handle(stream, &s).await,
+                                Ok(Err(e)) => Err(e),
+                                Err(_) => Ok(()),
+                            }
+                        }
+                    };
+                    if let Err(e) = served {
+                        debug!(%peer, error = %e, "http request failed");
                     }
                     drop(slot);
                 });
@@ -69,7 +148,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Handles>) {
     }
 }
 
-async fn handle(mut socket: TcpStream, shared: &Handles) -> std::io::Result<()> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    shared: &Handles,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -90,11 +172,22 @@ async fn handle(mut socket: TcpStream, shared: &Handles) -> std::io::Result<()> 
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let protected = matches!(path, "/metrics" | "/producers");
+    let admitted = match &shared.token {
+        Some(token) if protected => token.current().admits(&head),
+        _ => true,
+    };
     let (status, content_type, body) = if method != "GET" {
         (
             "405 Method Not Allowed",
             "text/plain",
             "GET only\n".to_string(),
+        )
+    } else if !admitted {
+        (
+            "401 Unauthorized\r\nWWW-Authenticate: Bearer",
+            "text/plain",
+            "a bearer token is required\n".to_string(),
         )
     } else if path == "/producers" {
         match ProducersQuery::parse(query) {

@@ -80,6 +80,7 @@ pub struct Metrics {
     pub state_bytes: IntGaugeVec,
     /// When the earliest certificate of each configured TLS file expires (Unix seconds).
     pub tls_certificate_expiry: IntGaugeVec,
+    pub credential_reloads: IntCounterVec,
     audit_events: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub hanging_transactions: IntGauge,
@@ -262,8 +263,16 @@ impl Metrics {
                 &r,
                 "tls_certificate_expiry_seconds",
                 "When the earliest certificate of a configured TLS file expires, in seconds since the \
-                 Unix epoch, by file (listen, listen_client_ca, upstream_ca, upstream_client)",
+                 Unix epoch, by file (listen, listen_client_ca, upstream_ca, upstream_client, operator)",
                 &["file"],
+            )?,
+            credential_reloads: counter_vec(
+                &r,
+                "credential_reloads_total",
+                "Certificate and token files read again after they changed (or on SIGHUP), by source \
+                 (listen.tls, upstream.tls, metrics.tls, metrics.token_file) and result (applied, refused: the \
+                 previous ones stay in use)",
+                &["source", "result"],
             )?,
             audit_events: counter_vec(
                 &r,

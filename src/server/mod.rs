@@ -5,6 +5,7 @@
 //! binds, spawns everything and returns a handle; [`run`] is what the binary calls.
 
 pub mod brokers;
+pub mod certificates;
 pub mod discovery;
 pub mod reload;
 pub mod topics;
@@ -97,19 +98,25 @@ impl Proxy {
         let policies = Arc::new(crate::policy::PolicyHolder::new(config.policies.clone()));
         let shutdown = CancellationToken::new();
         let tls = crate::tls::Tls::new(config.listen.tls.as_ref(), config.upstream.tls.as_ref())?;
-        if let Some(m) = &metrics {
-            let files = crate::tls::certificate_files(
-                config.listen.tls.as_ref(),
-                config.upstream.tls.as_ref(),
-            );
-            for (file, path) in files {
-                if let Some(expiry) = crate::tls::earliest_expiry(path) {
-                    m.tls_certificate_expiry
-                        .with_label_values(&[file])
-                        .set(expiry);
-                }
-            }
-        }
+        let operator_tls = match &config.metrics.tls {
+            Some(t) => Some(crate::tls::live_server("metrics.tls", t)?),
+            None => None,
+        };
+        let operator_token = match &config.metrics.token_file {
+            Some(path) => Some(crate::metrics::http::live_token(path)?),
+            None => None,
+        };
+        let mut watched = tls.reloadables();
+        watched.extend(
+            operator_tls
+                .clone()
+                .map(|l| l as Arc<dyn crate::tls::Reloadable>),
+        );
+        watched.extend(
+            operator_token
+                .clone()
+                .map(|l| l as Arc<dyn crate::tls::Reloadable>),
+        );
         let session = Arc::new(session::Handles {
             limits: config.limits.clone(),
             upstream: config.upstream.clone(),
@@ -150,11 +157,19 @@ impl Proxy {
                 brokers: shared.brokers.clone(),
                 upstream_ready: shared.upstream_ready.clone(),
                 shutdown: shared.shutdown.clone(),
+                tls: operator_tls,
+                token: operator_token,
             });
             shared
                 .tracker
                 .spawn(crate::metrics::http::serve(listener, handles));
         }
+        certificates::set_expiry_gauges(&shared);
+        shared.tracker.spawn(certificates::watch(
+            shared.clone(),
+            watched,
+            certificates::POLL,
+        ));
         shared.tracker.spawn(watchdog(shared.clone()));
         shared
             .tracker

@@ -7,6 +7,7 @@
 //! [`client_config`] turn them into rustls configurations, reading and checking every file. The config
 //! parser calls them once to report every problem by key path, and the proxy calls them again at start.
 
+pub mod live;
 pub mod principal;
 
 use rustls::pki_types::pem::PemObject;
@@ -396,22 +397,64 @@ pub fn explain(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> St
     out
 }
 
-/// What the data path needs of TLS, built once at start from the settings.
+/// A reloadable TLS configuration, whatever it configures (for the watcher).
+pub trait Reloadable: Send + Sync {
+    fn what(&self) -> &'static str;
+    fn reload(&self, force: bool) -> live::Reload;
+}
+
+impl<C: Send + Sync> Reloadable for live::Live<C> {
+    fn what(&self) -> &'static str {
+        self.what
+    }
+    fn reload(&self, force: bool) -> live::Reload {
+        live::Live::reload(self, force)
+    }
+}
+
+/// The listeners' files (certificate, key, client CA), watched for rotation.
+fn listen_files(l: &ListenTls) -> Vec<PathBuf> {
+    let mut files = vec![l.cert_file.clone(), l.key_file.clone()];
+    files.extend(l.client_ca_file.clone());
+    files
+}
+
+fn upstream_files(u: &UpstreamTls) -> Vec<PathBuf> {
+    [&u.ca_file, &u.cert_file, &u.key_file]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+/// A listener's TLS configuration that follows its files, problems under `what` (a key path).
+pub fn live_server(
+    what: &'static str,
+    l: &ListenTls,
+) -> anyhow::Result<Arc<live::Live<ServerConfig>>> {
+    let settings = l.clone();
+    live::Live::new(what, listen_files(l), move || server_config(&settings))
+        .map(Arc::new)
+        .map_err(|p| joined(what, p))
+}
+
+/// What the data path needs of TLS, built at start from the settings; the certificates follow their
+/// files (see [`live`]).
 #[derive(Clone, Default)]
 pub struct Tls {
     /// Clients' TLS, when the listeners speak it.
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    listen: Option<Arc<live::Live<ServerConfig>>>,
     principal_rules: Vec<principal::Rule>,
     handshake_timeout: Duration,
     /// The brokers' TLS, when the proxy reaches them with it.
-    connector: Option<tokio_rustls::TlsConnector>,
+    upstream: Option<Arc<live::Live<ClientConfig>>>,
 }
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tls")
-            .field("listen", &self.acceptor.is_some())
-            .field("upstream", &self.connector.is_some())
+            .field("listen", &self.listen.is_some())
+            .field("upstream", &self.upstream.is_some())
             .finish()
     }
 }
@@ -429,24 +472,40 @@ impl Tls {
     pub fn new(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> anyhow::Result<Tls> {
         let mut tls = Tls::default();
         if let Some(l) = listen {
-            let config = server_config(l).map_err(|p| joined("listen.tls", p))?;
-            tls.acceptor = Some(tokio_rustls::TlsAcceptor::from(config));
+            tls.listen = Some(live_server("listen.tls", l)?);
             tls.principal_rules = l.principal_rules.clone();
             tls.handshake_timeout = l.handshake_timeout;
         }
         if let Some(u) = upstream {
-            let config = client_config(u).map_err(|p| joined("upstream.tls", p))?;
-            tls.connector = Some(tokio_rustls::TlsConnector::from(config));
+            let settings = u.clone();
+            let live = live::Live::new("upstream.tls", upstream_files(u), move || {
+                client_config(&settings)
+            })
+            .map_err(|p| joined("upstream.tls", p))?;
+            tls.upstream = Some(Arc::new(live));
         }
         Ok(tls)
+    }
+
+    /// The configurations that follow their files, for the watcher.
+    pub fn reloadables(&self) -> Vec<Arc<dyn Reloadable>> {
+        let mut out: Vec<Arc<dyn Reloadable>> = Vec::new();
+        if let Some(l) = &self.listen {
+            out.push(l.clone());
+        }
+        if let Some(u) = &self.upstream {
+            out.push(u.clone());
+        }
+        out
     }
 
     /// A client's connection as the listeners speak: TLS finished within the handshake timeout (a
     /// client that stalls, or sends plaintext to a TLS port, is refused with the reason).
     pub async fn accept(&self, tcp: tokio::net::TcpStream) -> Result<Stream, String> {
-        let Some(acceptor) = &self.acceptor else {
+        let Some(live) = &self.listen else {
             return Ok(Stream::Plain(tcp));
         };
+        let acceptor = tokio_rustls::TlsAcceptor::from(live.current());
         match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => Ok(Stream::Accepted(Box::new(s))),
             Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
@@ -471,9 +530,10 @@ impl Tls {
                 .await
                 .map_err(|e| format!("{addr}: {e}"))?;
             let _ = tcp.set_nodelay(true);
-            let Some(connector) = &self.connector else {
+            let Some(live) = &self.upstream else {
                 return Ok(Stream::Plain(tcp));
             };
+            let connector = tokio_rustls::TlsConnector::from(live.current());
             let host = addr
                 .rsplit_once(':')
                 .map_or(addr, |(h, _)| h)

@@ -52,6 +52,18 @@ impl Pki {
         cn: &str,
         usage: ExtendedKeyUsagePurpose,
     ) -> (PathBuf, PathBuf) {
+        self.issue_until(name, sans, cn, usage, (2031, 5, 17))
+    }
+
+    /// [`Pki::issue`], valid until midnight (UTC) of `until` (year, month, day).
+    fn issue_until(
+        &self,
+        name: &str,
+        sans: &[&str],
+        cn: &str,
+        usage: ExtendedKeyUsagePurpose,
+        until: (i32, u8, u8),
+    ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
         let mut params =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -61,7 +73,10 @@ impl Pki {
         dn.push(DnType::CommonName, cn);
         params.distinguished_name = dn;
         params.extended_key_usages = vec![usage];
-        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        if until.0 < 2000 {
+            params.not_before = rcgen::date_time_ymd(until.0 - 1, 1, 1);
+        }
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
             .expect("sign");
@@ -104,12 +119,13 @@ fn listen_tls(pki: &Pki, auth: ClientAuth, rules: &[&str]) -> ListenTls {
     }
 }
 
-/// A raw client over TLS to `addr`, trusting `ca`, presenting `identity` if given.
-async fn tls_client(
+/// A TLS connection to `addr` asking for `sni`, trusting `ca`, presenting `identity` if given.
+pub async fn tls_connect(
     addr: &str,
+    sni: &str,
     ca: &Path,
     identity: Option<(PathBuf, PathBuf)>,
-) -> Result<Raw, String> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -137,7 +153,7 @@ async fn tls_client(
         .await
         .map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from("localhost").expect("name");
+    let name = ServerName::try_from(sni.to_string()).expect("name");
     let mut tls = connector
         .connect(name, tcp)
         .await
@@ -145,6 +161,16 @@ async fn tls_client(
     // TLS 1.3 lets the client finish before the server judged its certificate: a round trip tells.
     use tokio::io::AsyncWriteExt;
     tls.flush().await.map_err(|e| e.to_string())?;
+    Ok(tls)
+}
+
+/// A raw Kafka client over TLS to `addr` (SNI `localhost`), trusting `ca`, presenting `identity`.
+async fn tls_client(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<Raw, String> {
+    let tls = tls_connect(addr, "localhost", ca, identity).await?;
     Ok(Raw(RawClient::over(
         Stream::Connected(Box::new(tls)),
         "tls-test",
@@ -422,4 +448,196 @@ async fn java_and_franz_go_through_tls_on_both_sides() {
         assert_proxy_address(&proxy, b);
     }
     proxy.stop().await;
+}
+
+/// Replaces `to` with a copy of `from` the way a Secret volume or cert-manager does: written beside it,
+/// then renamed over it.
+fn replace_file(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).expect("copy");
+    std::fs::rename(&tmp, to).expect("rename");
+}
+
+/// `credential_reloads_total{source, result}`.
+fn reloads(proxy: &TestProxy, source: &str, result: &str) -> u64 {
+    proxy
+        .metrics()
+        .credential_reloads
+        .with_label_values(&[source, result])
+        .get()
+}
+
+/// Polls `done` for up to 10 s.
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+/// The listener's certificate is replaced on disk under traffic: new connections get the new one (from
+/// another CA, so only it verifies), the connection opened before keeps writing, the expiry gauge
+/// follows; a broken file is refused with a count and the last good certificate stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_a_restart() {
+    let first = Pki::new("rotate-a");
+    let second = Pki::new("rotate-b");
+    let tls = listen_tls(&first, ClientAuth::None, &[]);
+    let (cert, key) = (tls.cert_file.clone(), tls.key_file.clone());
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.listen.tls = Some(tls.clone())).await;
+    let topic = unique_topic("rotate");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+    let plain = produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, "r"))]);
+    let mut before = tls_client(&node, &first.ca_file(), None)
+        .await
+        .expect("first certificate");
+    assert_eq!(send_produce(&mut before, &plain).await[0].1, 0);
+
+    let (new_cert, new_key) = second.issue_until(
+        "proxy",
+        &["localhost", PROXY_HOST],
+        "proxy",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        (2032, 1, 1),
+    );
+    replace_file(&new_key, &key);
+    replace_file(&new_cert, &cert);
+    eventually("new connections get the new certificate", async || {
+        tls_client(&node, &second.ca_file(), None).await.is_ok()
+    })
+    .await;
+    assert!(
+        tls_client(&node, &first.ca_file(), None).await.is_err(),
+        "the old certificate is no longer presented"
+    );
+    assert!(reloads(&proxy, "listen.tls", "applied") >= 1);
+    assert_eq!(
+        proxy
+            .metrics()
+            .tls_certificate_expiry
+            .with_label_values(&["listen"])
+            .get(),
+        1_956_528_000,
+        "the gauge follows the new certificate (2032-01-01)"
+    );
+    let offsets: Vec<i64> = vec![
+        send_produce(&mut before, &plain).await[0].2,
+        send_produce(&mut before, &plain).await[0].2,
+    ];
+    assert_eq!(
+        offsets,
+        vec![1, 2],
+        "the connection from before keeps going"
+    );
+
+    // A broken certificate file: refused, counted, the last good one stays.
+    let refused = reloads(&proxy, "listen.tls", "refused");
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").expect("write");
+    eventually("the broken file is refused", async || {
+        reloads(&proxy, "listen.tls", "refused") > refused
+    })
+    .await;
+    let mut after = tls_client(&node, &second.ca_file(), None)
+        .await
+        .expect("still the last good certificate");
+    assert_eq!(send_produce(&mut after, &plain).await[0].2, 3);
+    proxy.stop().await;
+}
+
+/// One GET over TLS to the operator endpoint, with `token` as a bearer token if given: the status.
+async fn https_get(addr: &str, ca: &Path, path: &str, token: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(addr, "localhost", ca, None)
+        .await
+        .expect("TLS to the operator endpoint");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{auth}\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `metrics.tls` and `metrics.token_file`: the endpoint speaks TLS only; `/metrics` and `/producers`
+/// need the token, `/healthz` and `/readyz` do not; a new token file replaces the old token, a broken
+/// one is refused and the token before it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_endpoint_can_require_tls_and_a_token() {
+    let pki = Pki::new("operator");
+    let (cert_file, key_file) = pki.server();
+    let token_file = pki.dir.join("token");
+    std::fs::write(&token_file, "first-token\n").expect("token");
+    let operator = ListenTls {
+        cert_file,
+        key_file,
+        client_auth: ClientAuth::None,
+        client_ca_file: None,
+        principal_rules: Vec::new(),
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let token = token_file.clone();
+    let proxy = start_proxy_with(Cluster::Single, move |c| {
+        c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
+        c.metrics.tls = Some(operator.clone());
+        c.metrics.token_file = Some(token.clone());
+    })
+    .await;
+    let http = proxy
+        .proxy
+        .as_ref()
+        .and_then(|p| p.http_addr())
+        .expect("endpoint")
+        .to_string();
+    let ca = pki.ca_file();
+    assert_eq!(https_get(&http, &ca, "/healthz", None).await, 200);
+    assert_eq!(https_get(&http, &ca, "/readyz", None).await, 200);
+    for path in ["/metrics", "/producers"] {
+        assert_eq!(https_get(&http, &ca, path, None).await, 401, "{path}");
+        assert_eq!(https_get(&http, &ca, path, Some("first-tokeX")).await, 401);
+        assert_eq!(https_get(&http, &ca, path, Some("first-token")).await, 200);
+    }
+    // Plaintext HTTP gets no answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&http).await.expect("tcp");
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        assert!(
+            !answer.starts_with(b"HTTP"),
+            "plaintext answered: {answer:?}"
+        );
+    }
+    let other = pki.dir.join("token2");
+    std::fs::write(&other, "second-token").expect("token");
+    replace_file(&other, &token_file);
+    eventually("the new token is in force", async || {
+        https_get(&http, &ca, "/metrics", Some("second-token")).await == 200
+    })
+    .await;
+    assert_eq!(
+        https_get(&http, &ca, "/metrics", Some("first-token")).await,
+        401
+    );
+    std::fs::write(&token_file, "  \n").expect("empty token");
+    eventually("the empty token file is refused", async || {
+        reloads(&proxy, "metrics.token_file", "refused") >= 1
+    })
+    .await;
+    assert_eq!(
+        https_get(&http, &ca, "/metrics", Some("second-token")).await,
+        200,
+        "the last good token stays"
+    );
+    assert!(reloads(&proxy, "metrics.token_file", "applied") >= 1);
+    proxy.stop_answering_nothing().await;
 }

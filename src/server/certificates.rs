@@ -1,0 +1,105 @@
+//! Certificates (and the operator endpoint's token) follow their files: every configuration built from
+//! files is looked at every [`POLL`] and on SIGHUP, and rebuilt when a file changed (see
+//! [`crate::tls::live`]). Each outcome is logged and counted in
+//! `credential_reloads_total{source, result}`; after a rotation the expiry gauges are set again.
+
+use super::Shared;
+use crate::tls::live::Reload;
+use crate::tls::Reloadable;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info};
+
+/// How often the files are looked at (a stat each: cheap, and it works on every filesystem,
+/// Kubernetes Secret volumes swapped by symlink included).
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// Sets `tls_certificate_expiry_seconds{file}` from every configured certificate file.
+pub fn set_expiry_gauges(shared: &Shared) {
+    let Some(m) = &shared.metrics else { return };
+    let c = &shared.config;
+    let mut files = crate::tls::certificate_files(c.listen.tls.as_ref(), c.upstream.tls.as_ref());
+    if let Some(t) = &c.metrics.tls {
+        files.push(("operator", t.cert_file.as_path()));
+    }
+    for (file, path) in files {
+        if let Some(expiry) = crate::tls::earliest_expiry(path) {
+            m.tls_certificate_expiry
+                .with_label_values(&[file])
+                .set(expiry);
+        }
+    }
+}
+
+/// One look at every configuration (blocking file reads: run off the workers).
+pub fn reload_all(shared: &Shared, watched: &[Arc<dyn Reloadable>], force: bool, why: &str) {
+    let mut rotated = false;
+    for live in watched {
+        let source = live.what();
+        let result = match live.reload(force) {
+            Reload::Unchanged => continue,
+            Reload::Applied => {
+                info!(
+                    source,
+                    trigger = why,
+                    "credentials reloaded; new connections use them"
+                );
+                rotated = true;
+                "applied"
+            }
+            Reload::Refused(problems) => {
+                let list: Vec<String> = problems
+                    .iter()
+                    .map(|p| match p.key {
+                        "" => format!("{source}: {}", p.message),
+                        key => format!("{source}.{key}: {}", p.message),
+                    })
+                    .collect();
+                error!(
+                    source,
+                    trigger = why,
+                    problems = %list.join("; "),
+                    "credential files refused; the previous ones stay in use"
+                );
+                "refused"
+            }
+        };
+        if let Some(m) = &shared.metrics {
+            m.credential_reloads
+                .with_label_values(&[source, result])
+                .inc();
+        }
+    }
+    if rotated {
+        set_expiry_gauges(shared);
+    }
+}
+
+/// Watches the files until shutdown.
+pub async fn watch(shared: Arc<Shared>, watched: Vec<Arc<dyn Reloadable>>, poll: Duration) {
+    if watched.is_empty() {
+        return;
+    }
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let (force, why) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = hangup => (true, "SIGHUP"),
+            _ = tokio::time::sleep(poll) => (false, "file changed"),
+        };
+        let (s, w) = (shared.clone(), watched.clone());
+        let _ = tokio::task::spawn_blocking(move || reload_all(&s, &w, force, why)).await;
+    }
+}
