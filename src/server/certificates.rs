@@ -5,7 +5,6 @@
 
 use super::Shared;
 use crate::tls::live::Reload;
-use crate::tls::Reloadable;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info};
@@ -32,9 +31,9 @@ pub fn set_expiry_gauges(shared: &Shared) {
 }
 
 /// One look at every configuration (blocking file reads: run off the workers).
-pub fn reload_all(shared: &Shared, watched: &[Arc<dyn Reloadable>], force: bool, why: &str) {
+pub fn reload_all(shared: &Shared, force: bool, why: &str) {
     let mut rotated = false;
-    for live in watched {
+    for live in &shared.credentials {
         let source = live.what();
         let result = match live.reload(force) {
             Reload::Unchanged => continue,
@@ -76,8 +75,8 @@ pub fn reload_all(shared: &Shared, watched: &[Arc<dyn Reloadable>], force: bool,
 }
 
 /// Watches the files until shutdown.
-pub async fn watch(shared: Arc<Shared>, watched: Vec<Arc<dyn Reloadable>>, poll: Duration) {
-    if watched.is_empty() {
+pub async fn watch(shared: Arc<Shared>, poll: Duration) {
+    if shared.credentials.is_empty() {
         return;
     }
     #[cfg(unix)]
@@ -99,7 +98,7 @@ pub async fn watch(shared: Arc<Shared>, watched: Vec<Arc<dyn Reloadable>>, poll:
             _ = hangup => (true, "SIGHUP"),
             _ = tokio::time::sleep(poll) => (false, "file changed"),
         };
-        let (s, w) = (shared.clone(), watched.clone());
-        let _ = tokio::task::spawn_blocking(move || reload_all(&s, &w, force, why)).await;
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || reload_all(&s, force, why)).await;
     }
 }

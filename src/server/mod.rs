@@ -43,6 +43,8 @@ pub struct Shared {
     pub upstream_ready: Arc<AtomicBool>,
     /// What each session is handed.
     pub session: Arc<session::Handles>,
+    /// The configurations built from certificate and token files (see [`certificates`]).
+    pub credentials: Vec<Arc<dyn crate::tls::Reloadable>>,
     tracker: TaskTracker,
 }
 
@@ -143,6 +145,7 @@ impl Proxy {
             shutdown,
             upstream_ready: Arc::new(AtomicBool::new(false)),
             session,
+            credentials: watched,
             tracker: TaskTracker::new(),
         });
         info!(addr = %bootstrap_addr, "bootstrap listener up");
@@ -165,11 +168,9 @@ impl Proxy {
                 .spawn(crate::metrics::http::serve(listener, handles));
         }
         certificates::set_expiry_gauges(&shared);
-        shared.tracker.spawn(certificates::watch(
-            shared.clone(),
-            watched,
-            certificates::POLL,
-        ));
+        shared
+            .tracker
+            .spawn(certificates::watch(shared.clone(), certificates::POLL));
         shared.tracker.spawn(watchdog(shared.clone()));
         shared
             .tracker

@@ -812,6 +812,8 @@ policies:
     drop(extra);
     // A reload of the policies from a file.
     let _ = kafka_eos_proxy::server::reload::reload(&shared, &config_file, "test");
+    // What SIGHUP does to the certificate files: read again (applied: the CA file is unchanged).
+    kafka_eos_proxy::server::certificates::reload_all(&shared, true, "test");
     scrape_into(http, &names, &mut moved).await;
 
     let missing: Vec<&String> = names.iter().filter(|n| !moved.contains(*n)).collect();
