@@ -29,6 +29,57 @@ pub enum BrokerPorts {
     },
     /// Explicit node id -> port.
     Map(BTreeMap<i32, u16>),
+    /// One port for every broker (the bootstrap port, TLS only): the client's SNI host name picks the
+    /// broker, and node `n` is advertised as the pattern with `$(nodeId)` replaced by `n`.
+    Sni(SniPattern),
+}
+
+/// A host-name pattern with one `$(nodeId)`, such as `broker-$(nodeId).kafka.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniPattern {
+    prefix: String,
+    suffix: String,
+}
+
+impl SniPattern {
+    pub const NODE_ID: &'static str = "$(nodeId)";
+
+    /// The pattern, or why it is not one: exactly one `$(nodeId)`, and a valid host name around it.
+    pub fn parse(pattern: &str) -> Result<SniPattern, String> {
+        let pattern = pattern.to_ascii_lowercase();
+        let Some((prefix, suffix)) = pattern.split_once(&Self::NODE_ID.to_ascii_lowercase()) else {
+            return Err(format!("'{pattern}' does not contain {}", Self::NODE_ID));
+        };
+        if suffix.contains("$(nodeid)") {
+            return Err(format!("'{pattern}' contains {} twice", Self::NODE_ID));
+        }
+        let p = SniPattern {
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+        };
+        reader::check_host(&p.host(2_147_483_647))
+            .map_err(|e| format!("'{pattern}' does not make host names: {e}"))?;
+        Ok(p)
+    }
+
+    /// The host name of node `node_id`.
+    pub fn host(&self, node_id: i32) -> String {
+        format!("{}{node_id}{}", self.prefix, self.suffix)
+    }
+
+    /// The node id a host name names, if it is one of the pattern's (case-insensitive, as DNS is; the
+    /// id in decimal without sign or leading zeros, so each node has one name).
+    pub fn node(&self, name: &str) -> Option<i32> {
+        let lower = name.to_ascii_lowercase();
+        let id = lower
+            .strip_prefix(&self.prefix)?
+            .strip_suffix(&self.suffix)?;
+        let canonical = !id.is_empty()
+            && id.len() <= 10
+            && id.bytes().all(|b| b.is_ascii_digit())
+            && (id == "0" || !id.starts_with('0'));
+        canonical.then(|| id.parse().ok()).flatten()
+    }
 }
 
 impl BrokerPorts {
@@ -46,6 +97,7 @@ impl BrokerPorts {
                     .flatten()
             }
             BrokerPorts::Map(m) => m.get(&node_id).copied(),
+            BrokerPorts::Sni(_) => None,
         }
     }
 
@@ -57,6 +109,7 @@ impl BrokerPorts {
                 .filter_map(|i| first_port.checked_add(i))
                 .collect(),
             BrokerPorts::Map(m) => m.values().copied().collect(),
+            BrokerPorts::Sni(_) => Vec::new(),
         }
     }
 }
@@ -320,6 +373,12 @@ impl Config {
                     out.push_str(&format!("broker listener: node {n} -> port {p}\n"));
                 }
             }
+            BrokerPorts::Sni(p) => out.push_str(&format!(
+                "brokers share the bootstrap port, picked by SNI: node n -> {}:{} ({} -> bootstrap)\n",
+                p.host(-1).replace("-1", "n"),
+                l.bootstrap_port,
+                l.advertised_host
+            )),
         }
         out.push_str(&format!(
             "limits: max frame {} bytes, idle timeout {:?}, write timeout {:?}, max {} connections, {} requests in flight per connection\n",

@@ -151,24 +151,38 @@ pub(super) fn parse_listen(s: &Section) -> ListenConfig {
         let map = bp
             .int_map("map", 1, 65535)
             .map(|m| BrokerPorts::Map(m.into_iter().map(|(k, v)| (k, v as u16)).collect()));
-        let chosen = match (range, map) {
-            (Some(r), None) => r,
-            (None, Some(m)) => m,
-            (Some(r), Some(_)) => {
-                bp.problem_here("set either 'range' or 'map', not both");
-                r
-            }
-            (None, None) => {
-                if s.optional_section("broker_ports").is_some() {
-                    bp.problem_here("needs 'range' or 'map'");
-                }
-                BrokerPorts::Map(BTreeMap::new())
-            }
-        };
-        bp.finish(&["range", "map"]);
-        chosen
+        let sni = bp.optional_string("sni").and_then(|p| {
+            SniPattern::parse(&p)
+                .map_err(|e| bp.problem("sni", &e))
+                .ok()
+                .map(BrokerPorts::Sni)
+        });
+        let chosen: Vec<BrokerPorts> = [sni, range, map].into_iter().flatten().collect();
+        if chosen.len() > 1 {
+            bp.problem_here("set one of 'range', 'map' or 'sni'");
+        }
+        if chosen.is_empty() && s.optional_section("broker_ports").is_some() {
+            bp.problem_here("needs 'range', 'map' or 'sni'");
+        }
+        bp.finish(&["range", "map", "sni"]);
+        let first = chosen.into_iter().next();
+        first.unwrap_or(BrokerPorts::Map(BTreeMap::new()))
     };
     let tls = s.optional_section("tls").map(|t| parse_listen_tls(&t));
+    if let BrokerPorts::Sni(pattern) = &broker_ports {
+        if tls.is_none() {
+            s.problem(
+                "broker_ports.sni",
+                "needs listen.tls: the host name a client asks for travels in its TLS handshake (SNI)",
+            );
+        }
+        if pattern.node(&advertised_host).is_some() {
+            s.problem(
+                "advertised_host",
+                "is one of the broker names broker_ports.sni makes; the bootstrap name must differ",
+            );
+        }
+    }
     s.finish(&[
         "bind_host",
         "advertised_host",

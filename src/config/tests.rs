@@ -294,3 +294,55 @@ fn tls_settings_are_checked_with_their_paths() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_sni_pattern_names_each_node_once() {
+    let p = SniPattern::parse("Broker-$(nodeId).Kafka.Example.com").expect("pattern");
+    assert_eq!(p.host(7), "broker-7.kafka.example.com");
+    assert_eq!(p.node("broker-7.kafka.example.com"), Some(7));
+    assert_eq!(
+        p.node("BROKER-12.KAFKA.EXAMPLE.COM"),
+        Some(12),
+        "DNS is case-blind"
+    );
+    assert_eq!(p.node("broker-0.kafka.example.com"), Some(0));
+    for other in [
+        "broker-07.kafka.example.com",
+        "broker-.kafka.example.com",
+        "broker--1.kafka.example.com",
+        "broker-1x.kafka.example.com",
+        "broker-99999999999.kafka.example.com",
+        "broker-1.kafka.example.com.evil",
+        "bootstrap.kafka.example.com",
+    ] {
+        assert_eq!(p.node(other), None, "{other}");
+    }
+    for bad in ["broker.kafka", "b-$(nodeId)-$(nodeId).k", "b $(nodeId).k"] {
+        assert!(SniPattern::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn sni_routing_needs_tls_and_a_distinct_bootstrap_name() {
+    let yaml = |sni: &str| {
+        format!(
+            "upstream: {{ bootstrap_servers: [\"a:1\"] }}\n\
+             listen: {{ advertised_host: broker-1.k, bootstrap_port: 9001, broker_ports: {{ sni: '{sni}', map: {{ 1: 9002 }} }} }}\n"
+        )
+    };
+    let text = Config::parse(&yaml("broker-$(nodeId).k"))
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "listen.broker_ports.sni: needs listen.tls",
+        "listen.advertised_host: is one of the broker names",
+        "listen.broker_ports: set one of 'range', 'map' or 'sni'",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in {text}");
+    }
+    let text = Config::parse(&yaml("broker.k")).unwrap_err().to_string();
+    assert!(
+        text.contains("listen.broker_ports.sni: 'broker.k' does not contain $(nodeId)"),
+        "{text}"
+    );
+}

@@ -52,8 +52,8 @@ addressed!(
 /// Rewrites one address in place; returns false if the node has no proxy port (caller drops it).
 async fn rewrite_one(node_id: i32, host: &mut StrBytes, port: &mut i32, brokers: &Brokers) -> bool {
     match brokers.advertise(node_id, host.as_str(), *port).await {
-        Some(proxy_port) => {
-            *host = brokers.advertised_host().clone();
+        Some((proxy_host, proxy_port)) => {
+            *host = proxy_host;
             *port = i32::from(proxy_port);
             true
         }

@@ -5,7 +5,7 @@
 //! never be told about a port that is not listening yet. Listeners are never closed while the proxy runs:
 //! a broker that leaves the metadata may come back, and its port must still mean the same node.
 
-use crate::config::{BrokerPorts, ListenConfig};
+use crate::config::{BrokerPorts, ListenConfig, SniPattern};
 use dashmap::DashMap;
 use kafka_protocol::protocol::StrBytes;
 
@@ -19,6 +19,7 @@ const BIND_RETRY: Duration = Duration::from_secs(5);
 
 pub struct Brokers {
     advertised_host: StrBytes,
+    bootstrap_port: u16,
     bind_host: String,
     ports: BrokerPorts,
     /// node id -> upstream (host, port), as last announced by the cluster.
@@ -40,6 +41,7 @@ impl Brokers {
     ) -> Self {
         Brokers {
             advertised_host: StrBytes::from_string(listen.advertised_host.clone()),
+            bootstrap_port: listen.bootstrap_port,
             bind_host: listen.bind_host.clone(),
             ports: listen.broker_ports.clone(),
             upstream: DashMap::new(),
@@ -51,8 +53,43 @@ impl Brokers {
         }
     }
 
-    pub fn advertised_host(&self) -> &StrBytes {
-        &self.advertised_host
+    /// With `listen.broker_ports.sni`: the pattern that names each broker on the shared port.
+    fn sni(&self) -> Option<&SniPattern> {
+        match &self.ports {
+            BrokerPorts::Sni(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Whether every broker shares the bootstrap port and a client's SNI host name picks it.
+    pub fn routes_by_sni(&self) -> bool {
+        self.sni().is_some()
+    }
+
+    /// Which upstream a TLS client asking for host name `sni` means: `Ok(None)` the bootstrap name,
+    /// `Ok(Some(n))` node `n`'s name (a node the cluster announced), otherwise why it is refused.
+    pub fn route_sni(&self, sni: Option<&str>) -> Result<Option<i32>, String> {
+        let Some(pattern) = self.sni() else {
+            return Ok(None);
+        };
+        let Some(name) = sni else {
+            return Err(
+                "no SNI host name in the TLS handshake (connect by host name, not address)".into(),
+            );
+        };
+        if name.eq_ignore_ascii_case(self.advertised_host.as_str()) {
+            return Ok(None);
+        }
+        match pattern.node(name) {
+            Some(id) if self.upstream.contains_key(&id) => Ok(Some(id)),
+            Some(id) => Err(format!(
+                "SNI host name '{name}' names node {id}, which the cluster has not announced"
+            )),
+            None => Err(format!(
+                "unknown SNI host name '{}' (neither the bootstrap name nor a broker name)",
+                name.escape_debug()
+            )),
+        }
     }
 
     /// Upstream address of a node, as `host:port`.
@@ -82,9 +119,19 @@ impl Brokers {
     }
 
     /// Records that the cluster announced `node_id` at `host:port` and makes sure a proxy listener stands
-    /// for it. Returns the proxy port to advertise, or `None` if the node cannot be proxied (no port in the
-    /// configured mapping, or the port could not be bound): the caller must then not hand out the address.
-    pub async fn advertise(&self, node_id: i32, host: &str, port: i32) -> Option<u16> {
+    /// for it. Returns the proxy address to advertise, or `None` if the node cannot be proxied (no port in
+    /// the configured mapping, or the port could not be bound): the caller must then not hand out the
+    /// address. With SNI routing, the node's name on the bootstrap port (nothing to bind).
+    pub async fn advertise(&self, node_id: i32, host: &str, port: i32) -> Option<(StrBytes, u16)> {
+        let port = self.advertise_port(node_id, host, port).await?;
+        let host = match self.sni() {
+            Some(pattern) => StrBytes::from_string(pattern.host(node_id)),
+            None => self.advertised_host.clone(),
+        };
+        Some((host, port))
+    }
+
+    async fn advertise_port(&self, node_id: i32, host: &str, port: i32) -> Option<u16> {
         let changed = match self.upstream.get(&node_id) {
             Some(e) => e.0 != host || e.1 != port,
             None => true,
@@ -95,6 +142,10 @@ impl Brokers {
         }
         if let Some(p) = self.bound.get(&node_id) {
             return Some(*p);
+        }
+        if self.routes_by_sni() {
+            self.bound.insert(node_id, self.bootstrap_port);
+            return Some(self.bootstrap_port);
         }
         if self
             .failed

@@ -82,17 +82,6 @@ pub async fn run(
     shared: Arc<Handles>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let conn = Conn {
-        target,
-        shared: &shared,
-        client: Client::new(
-            peer,
-            match target {
-                Target::Node(id) => Some(id),
-                Target::Bootstrap => None,
-            },
-        ),
-    };
     // A TLS listener: the handshake first, bounded by its timeout (a client that stalls or speaks
     // plaintext to a TLS port costs one log line).
     let client = match shared.tls.accept(client).await {
@@ -104,6 +93,30 @@ pub async fn run(
             }
             return;
         }
+    };
+    // One port for every broker: the name the client asked for picks the upstream.
+    let target = match shared.brokers.route_sni(client.sni()) {
+        _ if !shared.brokers.routes_by_sni() => target,
+        Ok(None) => Target::Bootstrap,
+        Ok(Some(node)) => Target::Node(node),
+        Err(e) => {
+            warn!(%peer, error = %e, "closing client connection");
+            if let Some(m) = &shared.metrics {
+                m.connection_closed("sni_unknown");
+            }
+            return;
+        }
+    };
+    let conn = Conn {
+        target,
+        shared: &shared,
+        client: Client::new(
+            peer,
+            match target {
+                Target::Node(id) => Some(id),
+                Target::Bootstrap => None,
+            },
+        ),
     };
     if let Some(principal) = shared.tls.principal(&client) {
         conn.client.set_certificate_principal(principal);

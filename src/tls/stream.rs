@@ -27,6 +27,14 @@ impl Stream {
         }
     }
 
+    /// The host name a client asked for in its TLS handshake (SNI), on a TLS listener.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Stream::Accepted(s) => s.get_ref().1.server_name(),
+            _ => None,
+        }
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,

@@ -328,7 +328,7 @@ pub async fn start_proxy_full(
         tweak(&mut config);
         let first_broker_port = match &config.listen.broker_ports {
             BrokerPorts::Range { first_port, .. } => *first_port,
-            BrokerPorts::Map(_) => block + 1,
+            BrokerPorts::Map(_) | BrokerPorts::Sni(_) => block + 1,
         };
         let detector = leaks.clone();
         let audits: Arc<Mutex<Vec<kafka_eos_proxy::audit::AuditEvent>>> = Arc::default();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A CA and what it signed, as PEM files in a directory of the test's own.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca: rcgen::Certificate,
     ca_key: KeyPair,
@@ -640,4 +640,171 @@ async fn the_operator_endpoint_can_require_tls_and_a_token() {
     );
     assert!(reloads(&proxy, "metrics.token_file", "applied") >= 1);
     proxy.stop_answering_nothing().await;
+}
+
+/// The names SNI routing tests use: the bootstrap name, and brokers as `broker-<id>.kafka.test`.
+pub(crate) const SNI_BOOTSTRAP: &str = "bootstrap.kafka.test";
+const SNI_PATTERN: &str = "broker-$(nodeId).kafka.test";
+
+/// A proxy in front of `cluster` in SNI mode: every broker on the bootstrap port, picked by name (a
+/// certificate for `*.kafka.test` and the proxy's address).
+pub(crate) async fn sni_proxy(cluster: Cluster, name: &str) -> (TestProxy, Pki) {
+    use kafka_eos_proxy::config::{BrokerPorts, SniPattern};
+    let pki = Pki::new(name);
+    let (cert_file, key_file) = pki.issue(
+        "proxy",
+        &[SNI_BOOTSTRAP, "*.kafka.test", PROXY_HOST],
+        "proxy",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let tls = ListenTls {
+        cert_file,
+        key_file,
+        client_auth: ClientAuth::None,
+        client_ca_file: None,
+        principal_rules: Vec::new(),
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let proxy = start_proxy_with(cluster, move |c| {
+        c.listen.tls = Some(tls.clone());
+        c.listen.advertised_host = SNI_BOOTSTRAP.to_string();
+        c.listen.broker_ports = BrokerPorts::Sni(SniPattern::parse(SNI_PATTERN).expect("pattern"));
+    })
+    .await;
+    (proxy, pki)
+}
+
+/// A raw Kafka client to the SNI proxy's one port, asking for host name `name`.
+pub(crate) async fn sni_client(proxy: &TestProxy, pki: &Pki, name: &str) -> Result<Raw, String> {
+    let tls = tls_connect(proxy.bootstrap(), name, &pki.ca_file(), None).await?;
+    Ok(Raw(RawClient::over(
+        Stream::Connected(Box::new(tls)),
+        "sni-test",
+    )))
+}
+
+pub(crate) fn sni_broker(node: i32) -> String {
+    SNI_PATTERN.replace("$(nodeId)", &node.to_string())
+}
+
+/// `listen.broker_ports.sni` in front of the three-broker cluster: the answers name every broker as
+/// `broker-<id>.kafka.test` on the one port, each name reaches its own broker (a write to a partition
+/// another broker leads gets NOT_LEADER_OR_FOLLOWER), and a name that is neither the bootstrap name nor
+/// an announced broker's, or no name at all, is refused with a log line and
+/// `connections_closed_total{reason="sni_unknown"}`, disturbing nobody. kafka-clients 4.4 then writes
+/// and reads through it, resolving the names to the proxy (a hosts file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_routing_reaches_every_broker_on_one_port() {
+    let (proxy, pki) = sni_proxy(Cluster::Three, "sni").await;
+    let topic = unique_topic("sni");
+    create_topic(&kafka(Cluster::Three), &topic, 3, 1).await;
+    let port = proxy
+        .bootstrap()
+        .rsplit_once(':')
+        .expect("port")
+        .1
+        .to_string();
+
+    let mut boot = sni_client(&proxy, &pki, SNI_BOOTSTRAP)
+        .await
+        .expect("bootstrap name");
+    let md = boot.topic_metadata(&topic).await;
+    let mut named: Vec<String> = md
+        .brokers
+        .iter()
+        .map(|b| format!("{}:{}", b.host.as_str(), b.port))
+        .collect();
+    named.sort();
+    let expected: Vec<String> = (1..=3)
+        .map(|n| format!("{}:{port}", sni_broker(n)))
+        .collect();
+    assert_eq!(
+        named, expected,
+        "every broker named by the pattern on the one port"
+    );
+
+    let leaders: Vec<(i32, i32)> = md.topics[0]
+        .partitions
+        .iter()
+        .map(|p| (p.partition_index, p.leader_id.0))
+        .collect();
+    assert_eq!(leaders.len(), 3);
+    for (partition, leader) in &leaders {
+        let req = produce(
+            &topic,
+            None,
+            vec![(*partition, batch(-1, -1, -1, 1, false, "sni"))],
+        );
+        let mut right = sni_client(&proxy, &pki, &sni_broker(*leader))
+            .await
+            .expect("broker name");
+        assert_eq!(
+            send_produce(&mut right, &req).await[0].1,
+            0,
+            "partition {partition} through its leader's name"
+        );
+        let other = leaders
+            .iter()
+            .map(|l| l.1)
+            .find(|n| n != leader)
+            .expect("other");
+        let mut wrong = sni_client(&proxy, &pki, &sni_broker(other))
+            .await
+            .expect("broker name");
+        assert_eq!(
+            send_produce(&mut wrong, &req).await[0].1,
+            6,
+            "partition {partition} through another broker's name reaches that broker"
+        );
+    }
+
+    // Names the proxy does not route: refused, each only its own connection.
+    for name in ["other.kafka.test", &sni_broker(42), PROXY_HOST] {
+        let served = match sni_client(&proxy, &pki, name).await {
+            Ok(mut raw) => api_versions_ok(&mut raw).await,
+            Err(_) => false,
+        };
+        assert!(!served, "{name} is not routed");
+    }
+    assert!(proxy.closed_connections("sni_unknown") >= 3);
+    assert!(
+        api_versions_ok(&mut boot).await,
+        "the bootstrap connection is untouched"
+    );
+
+    // kafka-clients 4.4 resolves the names to the proxy through a hosts file of its own.
+    let hosts = pki.dir.join("hosts");
+    let names: Vec<String> = std::iter::once(SNI_BOOTSTRAP.to_string())
+        .chain((1..=3).map(sni_broker))
+        .collect();
+    std::fs::write(
+        &hosts,
+        format!("{PROXY_HOST} {} localhost\n", names.join(" ")),
+    )
+    .expect("hosts");
+    let mut by_name = TestProxy {
+        bootstrap: format!("{SNI_BOOTSTRAP}:{port}"),
+        ..proxy
+    };
+    let env = [
+        ("EOS_TLS_CA", pki.ca_file().display().to_string()),
+        (
+            "JAVA_TOOL_OPTIONS",
+            format!("-Djdk.net.hosts.file={}", hosts.display()),
+        ),
+    ];
+    let java = crate::java_client::run_java_with("produce", &by_name, &env).await;
+    assert_eq!(java["consumed"], vec!["200"]);
+    let admin = crate::java_client::run_java_with("admin", &by_name, &env).await;
+    assert_eq!(admin["broker"].len(), 3, "{admin:?}");
+    for b in &admin["broker"] {
+        let address = b.rsplit('@').next().expect("id@host:port");
+        let (host, p) = address.rsplit_once(':').expect("host:port");
+        assert!(
+            names.contains(&host.to_string()) && p == port,
+            "the Java client learned {b}"
+        );
+    }
+    by_name.bootstrap = format!("{PROXY_HOST}:{port}");
+    by_name.stop().await;
 }
