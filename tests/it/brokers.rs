@@ -42,6 +42,8 @@ fn brokers_seen(bootstrap: &str) -> Vec<(i32, String, i32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_joining_later_get_listeners_and_leaving_ones_disturb_nobody() {
     let proxy = start_proxy(Cluster::Dynamic).await;
+    // Beside it, a proxy routing by SNI on one port: a broker that joins needs no port plan there.
+    let (sni, sni_pki) = crate::tls::sni_proxy(Cluster::Dynamic, "sni-dynamic").await;
     let bs = proxy.bootstrap().to_string();
     let shared = proxy.proxy.as_ref().unwrap().shared().clone();
     assert!(shared.brokers.proxy_port(1).is_some());
@@ -99,6 +101,41 @@ async fn brokers_joining_later_get_listeners_and_leaving_ones_disturb_nobody() {
     .await
     .unwrap();
     assert_eq!(got, values);
+    // Through the SNI proxy: the new broker is announced under its name on the same port, and that
+    // name reaches it (its own metadata refresh taught it, or the answer below does).
+    let mut boot = crate::tls::sni_client(&sni, &sni_pki, crate::tls::SNI_BOOTSTRAP)
+        .await
+        .expect("bootstrap name");
+    let md = boot.topic_metadata(&on_new).await;
+    let sni_port = sni
+        .bootstrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse::<i32>()
+        .unwrap();
+    assert!(
+        md.brokers
+            .iter()
+            .any(|b| b.host.as_str() == crate::tls::sni_broker(2) && b.port == sni_port),
+        "node 2 named on the one port: {:?}",
+        md.brokers
+    );
+    let mut node2 = crate::tls::sni_client(&sni, &sni_pki, &crate::tls::sni_broker(2))
+        .await
+        .expect("node 2 by name");
+    let req = crate::producer_state::produce(
+        &on_new,
+        None,
+        vec![(0, crate::producer_state::batch(-1, -1, -1, 1, false, "sni"))],
+    );
+    assert_eq!(
+        crate::producer_state::send_produce(&mut node2, &req).await[0],
+        (0, 0, 50, None),
+        "written on the new broker through its SNI name"
+    );
+    drop((boot, node2));
+    sni.stop().await;
 
     // The broker leaves. Traffic to the remaining broker carries on through the same proxy.
     tokio::task::spawn_blocking(|| kafka_script(&["remove-broker", "dynamic", "2"]))
