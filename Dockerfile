@@ -10,6 +10,10 @@ COPY examples ./examples
 RUN cargo build --release --locked --bin kafka-eos-proxy
 
 FROM debian:bookworm-slim
+# libssl3: librdkafka's TLS for the audit topic's producer; ca-certificates: the system roots used when
+# upstream.tls has no ca_file.
+RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin kafka-eos-proxy \
  && mkdir -p /etc/kafka-eos-proxy
 COPY --from=build /src/target/release/kafka-eos-proxy /usr/local/bin/kafka-eos-proxy

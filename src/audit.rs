@@ -226,6 +226,9 @@ pub struct KafkaAuditConfig {
     pub bootstrap_servers: Vec<String>,
     /// Events buffered for the topic; past this they are dropped and counted.
     pub queue: usize,
+    /// TLS and SASL as for the upstream cluster (`upstream.tls`, `upstream.sasl`).
+    pub tls: Option<crate::tls::UpstreamTls>,
+    pub sasl: Option<crate::server::sasl::UpstreamSasl>,
 }
 
 impl Default for AuditConfig {
@@ -249,7 +252,38 @@ struct KafkaSink {
 
 impl KafkaSink {
     fn start(config: &KafkaAuditConfig) -> std::io::Result<KafkaSink> {
-        let producer = rdkafka::config::ClientConfig::new()
+        let mut client = rdkafka::config::ClientConfig::new();
+        // librdkafka speaks TLS with OpenSSL (the one place the proxy uses it: the data path is rustls).
+        if let Some(tls) = &config.tls {
+            match &tls.ca_file {
+                Some(ca) => client.set("ssl.ca.location", ca.display().to_string()),
+                None => client.set("ssl.ca.location", "probe"),
+            };
+            if let (Some(c), Some(k)) = (&tls.cert_file, &tls.key_file) {
+                client.set("ssl.certificate.location", c.display().to_string());
+                client.set("ssl.key.location", k.display().to_string());
+            }
+            client.set(
+                "ssl.endpoint.identification.algorithm",
+                if tls.verify_hostname { "https" } else { "none" },
+            );
+        }
+        if let Some(sasl) = &config.sasl {
+            let password = crate::server::sasl::read_password(&sasl.password_file)
+                .map_err(std::io::Error::other)?;
+            client
+                .set("sasl.mechanism", sasl.mechanism.name())
+                .set("sasl.username", &sasl.username)
+                .set("sasl.password", password);
+        }
+        let protocol = match (config.tls.is_some(), config.sasl.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        let producer = client
+            .set("security.protocol", protocol)
             .set("bootstrap.servers", config.bootstrap_servers.join(","))
             .set("client.id", "kafka-eos-proxy-audit")
             .set("enable.idempotence", "true")

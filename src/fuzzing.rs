@@ -279,3 +279,23 @@ pub fn config(data: &[u8]) {
         let _ = c.explain();
     }
 }
+
+/// A broker's answers to the proxy's own SASL login: the SaslHandshake and SaslAuthenticate answers
+/// (every version the proxy uses), and the SCRAM server-first and server-final messages they carry
+/// (SHA-256 and SHA-512; the iteration count is bounded, so no input costs more than 16,384 rounds).
+pub fn sasl_login(data: &[u8]) {
+    use crate::server::sasl::{Credentials, Exchange};
+    let frame = Bytes::copy_from_slice(data);
+    let _ = decode_response::<SaslHandshakeResponse>(frame.clone(), ApiKey::SaslHandshake, 1);
+    let _ = decode_response::<SaslAuthenticateResponse>(frame, ApiKey::SaslAuthenticate, 1);
+    for mechanism in [
+        crate::server::sasl::Mechanism::ScramSha256,
+        crate::server::sasl::Mechanism::ScramSha512,
+    ] {
+        let creds = Credentials::for_fuzzing(mechanism);
+        if let (Exchange::Scram(mut scram), _) = Exchange::start(&creds, "fuzz") {
+            let _ = scram.answer(data);
+            let _ = scram.finish(data);
+        }
+    }
+}

@@ -131,6 +131,8 @@ pub struct UpstreamConfig {
     pub unstable_api_versions: bool,
     /// The proxy reaches brokers with TLS (`upstream.tls`).
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// The proxy's own connections log in with SASL (`upstream.sasl`).
+    pub sasl: Option<crate::server::sasl::UpstreamSasl>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -11,12 +11,14 @@ pub(super) fn parse_upstream(s: &Section) -> UpstreamConfig {
     let metadata_refresh = s.millis("metadata_refresh_ms", 30_000, 100, 86_400_000);
     let unstable_api_versions = s.bool("unstable_api_versions", false);
     let tls = s.optional_section("tls").map(|t| parse_upstream_tls(&t));
+    let sasl = s.optional_section("sasl").map(|t| parse_upstream_sasl(&t));
     s.finish(&[
         "bootstrap_servers",
         "connect_timeout_ms",
         "metadata_refresh_ms",
         "unstable_api_versions",
         "tls",
+        "sasl",
     ]);
     UpstreamConfig {
         bootstrap_servers,
@@ -24,6 +26,38 @@ pub(super) fn parse_upstream(s: &Section) -> UpstreamConfig {
         metadata_refresh,
         unstable_api_versions,
         tls,
+        sasl,
+    }
+}
+
+/// `upstream.sasl`: the proxy's own login; the password file is read here so a problem shows at start.
+fn parse_upstream_sasl(t: &Section) -> crate::server::sasl::UpstreamSasl {
+    use crate::server::sasl::{read_password, Mechanism, UpstreamSasl};
+    let name = t.string("mechanism", None);
+    let mechanism = Mechanism::parse(&name).unwrap_or_else(|| {
+        if !name.is_empty() {
+            t.problem(
+                "mechanism",
+                &format!("'{name}': expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+            );
+        }
+        Mechanism::Plain
+    });
+    let username = t.string("username", None);
+    if username.len() > 256 {
+        t.problem("username", "longer than 256 bytes");
+    }
+    let password_file: std::path::PathBuf = t.string("password_file", None).into();
+    if !password_file.as_os_str().is_empty() {
+        if let Err(e) = read_password(&password_file) {
+            t.problem("password_file", &e);
+        }
+    }
+    t.finish(&["mechanism", "username", "password_file"]);
+    UpstreamSasl {
+        mechanism,
+        username,
+        password_file,
     }
 }
 
@@ -321,6 +355,9 @@ pub(super) fn parse_audit(s: &Section, upstream: &UpstreamConfig) -> AuditConfig
                 servers
             },
             queue,
+            // The audit topic's cluster is reached as the upstream one is (the same cluster by default).
+            tls: upstream.tls.clone(),
+            sasl: upstream.sasl.clone(),
         }
     });
     s.finish(&["stdout", "file", "queue", "kafka"]);

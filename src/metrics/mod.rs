@@ -270,7 +270,7 @@ impl Metrics {
                 &r,
                 "credential_reloads_total",
                 "Certificate and token files read again after they changed (or on SIGHUP), by source \
-                 (listen.tls, upstream.tls, metrics.tls, metrics.token_file) and result (applied, refused: the \
+                 (listen.tls, upstream.tls, upstream.sasl, metrics.tls, metrics.token_file) and result (applied, refused: the \
                  previous ones stay in use)",
                 &["source", "result"],
             )?,

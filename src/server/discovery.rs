@@ -5,20 +5,13 @@
 
 use super::topics::{Topics, Unnamed, MAX_LOOKUP_IDS};
 use super::Shared;
-use crate::protocol::codec::decode_response;
 use crate::protocol::codes;
-use crate::protocol::frame::FrameCodec;
 use crate::stages::Handles;
-use bytes::{BufMut, BytesMut};
-use futures::StreamExt;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, RequestHeader};
-use kafka_protocol::protocol::{Encodable, StrBytes};
+use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
-use tokio_util::codec::FramedRead;
 use tracing::{debug, warn};
 
 /// Metadata v12: understood by every Kafka broker from 3.0 through 4.x.
@@ -76,34 +69,9 @@ async fn ask_metadata(
     body: &MetadataRequest,
 ) -> anyhow::Result<MetadataResponse> {
     let up = &handles.upstream;
-    let max_frame_bytes = handles.limits.max_frame_bytes;
     let exchange = async {
-        let mut stream = handles
-            .tls
-            .connect(server, up.connect_timeout)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let key = ApiKey::Metadata;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(METADATA_VERSION)
-            .with_correlation_id(1)
-            .with_client_id(Some(StrBytes::from_static_str("kafka-eos-proxy")));
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        header.encode(&mut buf, key.request_header_version(METADATA_VERSION))?;
-        body.encode(&mut buf, METADATA_VERSION)?;
-        let size = (buf.len() - 4) as i32;
-        buf[..4].copy_from_slice(&size.to_be_bytes());
-        stream.write_all(&buf).await?;
-        stream.flush().await?;
-        let mut frames = FramedRead::new(stream, FrameCodec::new(max_frame_bytes, 4));
-        let frame = frames
-            .next()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("closed before answering"))??;
-        let (_, resp) = decode_response::<MetadataResponse>(frame.freeze(), key, METADATA_VERSION)?;
-        anyhow::Ok(resp)
+        let mut conn = super::own::OwnConnection::open(handles, server).await?;
+        conn.call(ApiKey::Metadata, METADATA_VERSION, body).await
     };
     tokio::time::timeout(up.connect_timeout, exchange)
         .await

@@ -7,7 +7,9 @@
 pub mod brokers;
 pub mod certificates;
 pub mod discovery;
+pub mod own;
 pub mod reload;
+pub mod sasl;
 pub mod topics;
 
 use crate::audit::AuditSink;
@@ -108,7 +110,16 @@ impl Proxy {
             Some(path) => Some(crate::metrics::http::live_token(path)?),
             None => None,
         };
+        let own_sasl = match &config.upstream.sasl {
+            Some(s) => Some(sasl::live(s)?),
+            None => None,
+        };
         let mut watched = tls.reloadables();
+        watched.extend(
+            own_sasl
+                .clone()
+                .map(|l| l as Arc<dyn crate::tls::Reloadable>),
+        );
         watched.extend(
             operator_tls
                 .clone()
@@ -133,6 +144,7 @@ impl Proxy {
             policies: policies.clone(),
             shutdown: shutdown.clone(),
             tls,
+            own_sasl,
             chain: crate::stages::Chain::new(),
         });
         let shared = Arc::new(Shared {

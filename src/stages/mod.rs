@@ -71,6 +71,8 @@ pub struct Handles {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// TLS towards clients and brokers (plaintext where not configured).
     pub tls: crate::tls::Tls,
+    /// The credentials the proxy's own connections log in with (`upstream.sasl`).
+    pub own_sasl: Option<Arc<crate::tls::live::Live<crate::server::sasl::Credentials>>>,
     /// The stages of every api key, built once.
     pub chain: Chain,
 }

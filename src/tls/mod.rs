@@ -47,7 +47,7 @@ pub struct ListenTls {
 }
 
 /// `upstream.tls`: the proxy reaches brokers with TLS.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// PEM: the CAs broker certificates are verified against; `None`: the system's roots.
     pub ca_file: Option<PathBuf>,

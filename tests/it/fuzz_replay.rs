@@ -117,13 +117,27 @@ fn write_seeds(target: &str, seeds: &[Vec<u8>]) {
     }
 }
 
+/// What a broker answers the proxy's SCRAM login with: a server-first message extending the "fuzz"
+/// nonce, a server-final one, and the two Kafka answers that carry them.
+fn sasl_login_seeds() -> Vec<Vec<u8>> {
+    let first = b"r=fuzzSERVER,s=QSXCR+Q6sek8bf92,i=4096".to_vec();
+    let last = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=".to_vec();
+    let mut authenticate = vec![0, 0, 0, 1, 0, 0, 0xff, 0xff, 0, 0, 0, first.len() as u8];
+    authenticate.extend_from_slice(&first);
+    authenticate.extend_from_slice(&[0; 8]);
+    let handshake = vec![
+        0, 0, 0, 1, 0, 33, 0, 0, 0, 1, 0, 5, b'P', b'L', b'A', b'I', b'N',
+    ];
+    vec![first, last, authenticate, handshake]
+}
+
 /// A fuzz target: its name, its entry point and its structured seeds.
 type Target = (&'static str, fn(&[u8]), Vec<Vec<u8>>);
 
 /// Every target's structured seeds, saved seeds and past crashes run without a panic.
 #[test]
 fn fuzz_seeds_and_past_crashes_replay() {
-    let targets: [Target; 3] = [
+    let targets: [Target; 4] = [
         ("responses", fuzzing::response, response_seeds()),
         ("requests", fuzzing::request, request_seeds()),
         (
@@ -131,6 +145,7 @@ fn fuzz_seeds_and_past_crashes_replay() {
             fuzzing::config,
             vec![std::fs::read(repo_root().join("config/proxy.yaml")).unwrap()],
         ),
+        ("sasl_login", fuzzing::sasl_login, sasl_login_seeds()),
     ];
     for (target, run, seeds) in targets {
         assert!(!seeds.is_empty(), "{target} has seeds");

@@ -342,6 +342,8 @@ async fn audit_events_reach_a_kafka_topic_keyed_by_producer() {
             topic: t.clone(),
             bootstrap_servers: vec![upstream.clone()],
             queue: 100,
+            tls: None,
+            sasl: None,
         });
     })
     .await;
@@ -640,6 +642,8 @@ policies:
             topic: "nowhere".into(),
             bootstrap_servers: vec!["127.0.0.1:1".into()],
             queue: 1,
+            tls: None,
+            sasl: None,
         });
         c.policies = kafka_eos_proxy::Config::parse(&format!(
             "{}{policy_yaml}",

@@ -89,6 +89,18 @@ public class EosClient {
                 p.put("ssl.keystore.location", keystore);
             }
         }
+        // SASL when the test says so: EOS_SASL_MECHANISM (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512),
+        // EOS_SASL_USER, EOS_SASL_PASSWORD; over TLS when EOS_TLS_CA is set too (SASL_SSL).
+        String mechanism = System.getenv("EOS_SASL_MECHANISM");
+        if (mechanism != null) {
+            p.put("security.protocol", ca != null ? "SASL_SSL" : "SASL_PLAINTEXT");
+            p.put("sasl.mechanism", mechanism);
+            String module = mechanism.equals("PLAIN")
+                ? "org.apache.kafka.common.security.plain.PlainLoginModule"
+                : "org.apache.kafka.common.security.scram.ScramLoginModule";
+            p.put("sasl.jaas.config", module + " required username=\"" + System.getenv("EOS_SASL_USER")
+                + "\" password=\"" + System.getenv("EOS_SASL_PASSWORD") + "\";");
+        }
         return p;
     }
 
