@@ -972,3 +972,75 @@ async fn audit_events_reach_a_topic_on_a_sasl_ssl_cluster() {
     assert_eq!(event["producer_id"], pid);
     proxy.stop().await;
 }
+
+/// A TCP relay on `bind` (another loopback address) to `to`: the same broker under an address its
+/// certificate does not name.
+async fn relay(bind: &str, to: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .expect("relay bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The refusals the issue lists besides a wrong CA: a broker reached under a name its certificate does
+/// not carry is refused (unless `verify_hostname: false`, which still checks the chain), and a client
+/// certificate that has expired is refused under mTLS while a valid one from the same CA is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misnamed_brokers_and_expired_client_certificates_are_refused() {
+    use kafka_eos_proxy::server::discovery::refresh_once;
+    kafka(Cluster::Single);
+    // 127.0.0.2 is loopback too, but the broker's certificate names 127.0.0.1 and localhost only.
+    let misnamed = relay("127.0.0.2:0", SSL_BROKER).await;
+    for verify in [true, false] {
+        let m = misnamed.clone();
+        let proxy = start_proxy_with(Cluster::Single, move |c| {
+            c.upstream.bootstrap_servers = vec![m.clone()];
+            let mut tls = upstream_tls(broker_ca());
+            tls.verify_hostname = verify;
+            c.upstream.tls = Some(tls);
+        })
+        .await;
+        let shared = proxy.proxy.as_ref().expect("running").shared().clone();
+        let outcome = refresh_once(&shared).await;
+        if verify {
+            let e = format!("{:#}", outcome.expect_err("a misnamed broker"));
+            assert!(e.contains("not valid for name"), "{e}");
+        } else {
+            assert_eq!(outcome.expect("names not checked"), 1);
+        }
+        proxy.stop_answering_nothing().await;
+    }
+
+    let pki = Pki::new("expired");
+    let tls = listen_tls(&pki, ClientAuth::Required, &[]);
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.listen.tls = Some(tls.clone())).await;
+    let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+    let expired = pki.issue_until(
+        "old-client",
+        &[],
+        "old-client",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        (1999, 1, 1),
+    );
+    let served = match tls_client(&node, &pki.ca_file(), Some(expired)).await {
+        Ok(mut raw) => api_versions_ok(&mut raw).await,
+        Err(_) => false,
+    };
+    assert!(!served, "an expired client certificate is not served");
+    let mut valid = tls_client(&node, &pki.ca_file(), Some(pki.client("new-client")))
+        .await
+        .expect("a valid certificate");
+    assert!(api_versions_ok(&mut valid).await);
+    assert!(proxy.closed_connections("tls_handshake") >= 1);
+    proxy.stop().await;
+}
