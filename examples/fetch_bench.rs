@@ -16,7 +16,14 @@ fn main() {
     }
     let (bootstrap, topic, label) = (&args[1], &args[2], &args[4]);
     let want: u64 = args[3].parse().unwrap_or(0);
-    let consumer: BaseConsumer = match ClientConfig::new()
+    // BENCH_TLS_CA: speak TLS, trusting this CA (scripts/bench's TLS paths).
+    let mut config = ClientConfig::new();
+    if let Some(ca) = std::env::var("BENCH_TLS_CA").ok().filter(|c| !c.is_empty()) {
+        config
+            .set("security.protocol", "ssl")
+            .set("ssl.ca.location", ca);
+    }
+    let consumer: BaseConsumer = match config
         .set("bootstrap.servers", bootstrap)
         .set("broker.address.family", "v4")
         .set("group.id", format!("fetch-bench-{}", std::process::id()))

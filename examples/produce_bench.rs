@@ -46,7 +46,14 @@ fn main() {
     let records: u64 = args[3].parse().expect("RECORDS");
     let size: usize = args[4].parse().expect("RECORD_BYTES");
     let counts = Arc::new(Counts::default());
-    let producer: ThreadedProducer<Ctx> = ClientConfig::new()
+    // BENCH_TLS_CA: speak TLS, trusting this CA (scripts/bench's TLS paths).
+    let mut config = ClientConfig::new();
+    if let Some(ca) = std::env::var("BENCH_TLS_CA").ok().filter(|c| !c.is_empty()) {
+        config
+            .set("security.protocol", "ssl")
+            .set("ssl.ca.location", ca);
+    }
+    let producer: ThreadedProducer<Ctx> = config
         .set("bootstrap.servers", bootstrap)
         .set("broker.address.family", "v4")
         .set("acks", "all")

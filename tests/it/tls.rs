@@ -1044,3 +1044,86 @@ async fn misnamed_brokers_and_expired_client_certificates_are_refused() {
     assert!(proxy.closed_connections("tls_handshake") >= 1);
     proxy.stop().await;
 }
+
+/// librdkafka 2.12 as a TLS client: with a client certificate (mTLS) to a proxy
+/// in front of the plaintext broker, and with SCRAM-SHA-512 over TLS (SASL_SSL) to a proxy in front of
+/// the SASL_SSL listener; every record written once, read back directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_through_tls_with_a_certificate_and_with_scram() {
+    use crate::rdkafka_clients::{produce_values, read_all};
+    let pki = Pki::new("librdkafka");
+    let mtls = listen_tls(&pki, ClientAuth::Required, &["RULE:^CN=([^,]*),.*$/$1/"]);
+    let plain_upstream = start_proxy_with(Cluster::Single, move |c| {
+        c.listen.tls = Some(mtls.clone());
+    })
+    .await;
+    let tls = listen_tls(&pki, ClientAuth::None, &[]);
+    let sasl_upstream = start_proxy_with(Cluster::Single, move |c| {
+        c.upstream.bootstrap_servers = vec![SASL_SSL_BROKER.to_string()];
+        c.upstream.tls = Some(upstream_tls(broker_ca()));
+        c.listen.tls = Some(tls.clone());
+    })
+    .await;
+    let ca = pki.ca_file().display().to_string();
+    let (cert, key) = pki.client("rdkafka-app");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let values: Vec<String> = (0..100).map(|i| format!("v{i}")).collect();
+
+    let topic = unique_topic("rdkafka-mtls");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    produce_values(
+        plain_upstream.bootstrap(),
+        &topic,
+        &values,
+        &[
+            ("security.protocol", "ssl"),
+            ("ssl.ca.location", &ca),
+            ("ssl.certificate.location", &cert),
+            ("ssl.key.location", &key),
+            ("enable.idempotence", "true"),
+        ],
+    )
+    .await;
+    let direct = kafka(Cluster::Single);
+    let t = topic.clone();
+    let got = tokio::task::spawn_blocking(move || read_all(&direct, &t, "read_uncommitted", 100))
+        .await
+        .expect("reader");
+    assert_eq!(got, values);
+    assert_eq!(
+        plain_upstream
+            .proxy
+            .as_ref()
+            .expect("running")
+            .shared()
+            .guard
+            .store
+            .len(),
+        1,
+        "the idempotent producer is tracked through TLS"
+    );
+
+    let topic = unique_topic("rdkafka-scram");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    produce_values(
+        sasl_upstream.bootstrap(),
+        &topic,
+        &values,
+        &[
+            ("security.protocol", "sasl_ssl"),
+            ("ssl.ca.location", &ca),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "alice"),
+            ("sasl.password", "alice-secret"),
+        ],
+    )
+    .await;
+    let direct = kafka(Cluster::Single);
+    let t = topic.clone();
+    let got = tokio::task::spawn_blocking(move || read_all(&direct, &t, "read_uncommitted", 100))
+        .await
+        .expect("reader");
+    assert_eq!(got, values);
+    plain_upstream.stop().await;
+    sasl_upstream.stop().await;
+}
