@@ -188,6 +188,9 @@ impl Guard {
         if let Some(m) = &self.metrics {
             let labels = producer_labels(client, txn_id.unwrap_or(""));
             m.producers.admit(labels[0], labels[1]);
+            if let Some(principal) = conn.principal() {
+                m.producers.name_principal(labels[0], labels[1], principal);
+            }
             m.producers.batches.with_label_values(&labels).inc();
             m.producers
                 .records

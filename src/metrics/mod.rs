@@ -110,7 +110,11 @@ pub struct ProducerMetrics {
     pub txn_duration: HistogramVec,
     pub open_transactions: IntGaugeVec,
     /// hash(client, txn) -> (client, txn, last used): looked up without allocating on the data path.
-    series: DashMap<u64, (String, String, u64)>,
+    /// Label set hash -> (client id, transactional id, last use, principal named for it).
+    series: DashMap<u64, (String, String, u64, Option<String>)>,
+    /// `producer_principal{client_id, transactional_id, principal}` = 1: who the broker knows a
+    /// producer's series as (an info series: join it on the other two labels).
+    pub principal: IntGaugeVec,
     cap: usize,
     pub series_live: IntGauge,
     pub series_limit: IntGauge,
@@ -387,6 +391,13 @@ impl Metrics {
                     &producer,
                 )?,
                 series: DashMap::new(),
+                principal: gauge_vec(
+                    &r,
+                    "producer_principal",
+                    "1 for each per-producer label set with the principal its connection authenticated \
+                     as (SASL, else the TLS client certificate); join on client_id and transactional_id",
+                    &["client_id", "transactional_id", "principal"],
+                )?,
                 cap: max_producer_series.max(1),
                 series_live: gauge(
                     &r,
@@ -459,6 +470,27 @@ impl Metrics {
 }
 
 impl ProducerMetrics {
+    /// Names the principal of an admitted label set (the last one seen wins: a client id shared by two
+    /// principals shows the latest).
+    pub fn name_principal(&self, client: &str, txn: &str, principal: &str) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (client, txn).hash(&mut h);
+        let Some(mut e) = self.series.get_mut(&h.finish()) else {
+            return;
+        };
+        let principal = bounded_label(principal);
+        if e.3.as_deref() == Some(principal) {
+            return;
+        }
+        if let Some(old) = e.3.replace(principal.to_string()) {
+            let _ = self.principal.remove_label_values(&[client, txn, &old]);
+        }
+        self.principal
+            .with_label_values(&[client, txn, principal])
+            .set(1);
+    }
+
     fn all(&self) -> [&IntCounterVec; 9] {
         [
             &self.batches,
@@ -492,9 +524,12 @@ impl ProducerMetrics {
                 .iter()
                 .min_by_key(|e| e.value().2)
                 .map(|e| *e.key());
-            if let Some((_, (c, t, _))) = oldest.and_then(|k| self.series.remove(&k)) {
+            if let Some((_, (c, t, _, principal))) = oldest.and_then(|k| self.series.remove(&k)) {
                 for v in self.all() {
                     let _ = v.remove_label_values(&[&c, &t]);
+                }
+                if let Some(p) = principal {
+                    let _ = self.principal.remove_label_values(&[&c, &t, &p]);
                 }
                 let _ = self.txn_duration.remove_label_values(&[&c, &t]);
                 let _ = self.open_transactions.remove_label_values(&[&c, &t]);
@@ -502,7 +537,7 @@ impl ProducerMetrics {
             }
         }
         self.series
-            .insert(id, (client.to_string(), txn.to_string(), now));
+            .insert(id, (client.to_string(), txn.to_string(), now, None));
         self.touches.fetch_add(1, Ordering::Relaxed);
         self.series_live.set(self.series.len() as i64);
         true

@@ -820,6 +820,26 @@ policies:
     kafka_eos_proxy::server::certificates::reload_all(&shared, true, "test");
     scrape_into(http, &names, &mut moved).await;
 
+    // An idempotent write by a client with a certificate (mTLS), on a proxy of its own: the principal
+    // its producer series is named with.
+    let pki = crate::tls::Pki::new("moves-mtls");
+    let mtls = crate::tls::listen_tls(&pki, kafka_eos_proxy::tls::ClientAuth::Required, &[]);
+    let named = start_proxy_with(Cluster::Single, move |c| {
+        c.listen.tls = Some(mtls.clone());
+        c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
+    })
+    .await;
+    let node = format!("{PROXY_HOST}:{}", named.broker_port(1));
+    let mut alice = crate::tls::tls_client(&node, &pki.ca_file(), Some(pki.client("alice")))
+        .await
+        .expect("mTLS client");
+    let (apid, ae) = init_producer_id(&mut alice, None).await;
+    let req = produce(&topic, None, vec![(0, batch(apid, ae, 0, 1, false, "t"))]);
+    assert_eq!(send_produce(&mut alice, &req).await[0].1, 0);
+    let named_http = named.proxy.as_ref().unwrap().http_addr().unwrap();
+    scrape_into(named_http, &names, &mut moved).await;
+    named.stop().await;
+
     let missing: Vec<&String> = names.iter().filter(|n| !moved.contains(*n)).collect();
     assert!(
         missing.is_empty(),

@@ -26,7 +26,7 @@ pub(crate) struct Pki {
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
+    pub(crate) fn new(name: &str) -> Pki {
         let dir = std::env::temp_dir().join(unique_topic(&format!("pki-{name}")));
         std::fs::create_dir_all(&dir).expect("pki dir");
         let ca_key = KeyPair::generate().expect("key");
@@ -40,7 +40,7 @@ impl Pki {
         Pki { dir, ca, ca_key }
     }
 
-    fn ca_file(&self) -> PathBuf {
+    pub(crate) fn ca_file(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
 
@@ -99,12 +99,12 @@ impl Pki {
         )
     }
 
-    fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+    pub(crate) fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
         self.issue(cn, &[], cn, ExtendedKeyUsagePurpose::ClientAuth)
     }
 }
 
-fn listen_tls(pki: &Pki, auth: ClientAuth, rules: &[&str]) -> ListenTls {
+pub(crate) fn listen_tls(pki: &Pki, auth: ClientAuth, rules: &[&str]) -> ListenTls {
     let (cert_file, key_file) = pki.server();
     ListenTls {
         cert_file,
@@ -165,7 +165,7 @@ pub async fn tls_connect(
 }
 
 /// A raw Kafka client over TLS to `addr` (SNI `localhost`), trusting `ca`, presenting `identity`.
-async fn tls_client(
+pub(crate) async fn tls_client(
     addr: &str,
     ca: &Path,
     identity: Option<(PathBuf, PathBuf)>,
@@ -1101,6 +1101,15 @@ async fn librdkafka_through_tls_with_a_certificate_and_with_scram() {
             .len(),
         1,
         "the idempotent producer is tracked through TLS"
+    );
+    let principal = "principal=\"User:rdkafka-app\"";
+    assert!(
+        plain_upstream
+            .metrics()
+            .render()
+            .lines()
+            .any(|l| l.starts_with("kafka_eos_proxy_producer_principal{") && l.contains(principal)),
+        "its series names the certificate principal"
     );
 
     let topic = unique_topic("rdkafka-scram");
