@@ -375,12 +375,29 @@ impl Config {
                     out.push_str(&format!("broker listener: node {n} -> port {p}\n"));
                 }
             }
-            BrokerPorts::Sni(p) => out.push_str(&format!(
-                "brokers share the bootstrap port, picked by SNI: node n -> {}:{} ({} -> bootstrap)\n",
-                p.host(-1).replace("-1", "n"),
-                l.bootstrap_port,
-                l.advertised_host
-            )),
+            BrokerPorts::Sni(p) => {
+                out.push_str(&format!(
+                    "brokers share the bootstrap port, picked by SNI: node n -> {}:{} ({} -> bootstrap)\n",
+                    p.host(-1).replace("-1", "n"),
+                    l.bootstrap_port,
+                    l.advertised_host
+                ));
+                // Clients verify the names they connect to: say when the certificate would fail them.
+                if let Some(tls) = &l.tls {
+                    let names: Vec<String> = crate::tls::summaries(&tls.cert_file)
+                        .into_iter()
+                        .take(1)
+                        .flat_map(|s| s.alt_names)
+                        .collect();
+                    for host in [l.advertised_host.clone(), p.host(1)] {
+                        if !crate::tls::principal::covers(&names, &host) {
+                            out.push_str(&format!(
+                                "  WARNING: the listener certificate does not name {host}; clients verifying host names will refuse it\n"
+                            ));
+                        }
+                    }
+                }
+            }
         }
         out.push_str(&format!(
             "limits: max frame {} bytes, idle timeout {:?}, write timeout {:?}, max {} connections, {} requests in flight per connection\n",

@@ -268,6 +268,18 @@ fn tls_settings_are_checked_with_their_paths() {
         text.contains("upstream.tls.ca_file: /dev/urandom: not a regular file"),
         "{text}"
     );
+    // SNI routing with a certificate that names neither the bootstrap name nor the brokers': warned.
+    let sni = format!(
+        "upstream: {{ bootstrap_servers: [\"a:1\"] }}\n\
+         listen: {{ advertised_host: boot.k, bootstrap_port: 9001, broker_ports: {{ sni: 'b-$(nodeId).k' }}, tls: {{ cert_file: '{cert}', key_file: '{key}' }} }}\n"
+    );
+    let explained = Config::parse(&sni).expect("SNI settings").explain();
+    for host in ["boot.k", "b-1.k"] {
+        assert!(
+            explained.contains(&format!("does not name {host}")),
+            "{explained}"
+        );
+    }
     // The operator endpoint's TLS and token.
     let token = dir.join("token");
     std::fs::write(&token, "t0ken\n").unwrap();

@@ -289,3 +289,41 @@ pub fn summary(der: &[u8]) -> Option<Summary> {
         not_after: cert.validity().not_after.timestamp(),
     })
 }
+
+/// Whether a certificate's subject alternative names (as [`Summary::alt_names`] lists them,
+/// `DNS:name` / `IP:address`) cover `host`: exactly, or by a wildcard in the leftmost label only
+/// (`*.example.com` covers `a.example.com`, not `a.b.example.com`), as clients check.
+pub fn covers(alt_names: &[String], host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    alt_names.iter().any(|n| {
+        let Some(name) = n.strip_prefix("DNS:").or_else(|| n.strip_prefix("IP:")) else {
+            return false;
+        };
+        let name = name.to_ascii_lowercase();
+        match name.strip_prefix("*.") {
+            Some(parent) => host
+                .split_once('.')
+                .is_some_and(|(first, rest)| !first.is_empty() && rest == parent),
+            None => name == host,
+        }
+    })
+}
+
+#[cfg(test)]
+mod covers_tests {
+    use super::covers;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        let names = vec![
+            "DNS:*.kafka.test".to_string(),
+            "DNS:Bootstrap.example".to_string(),
+        ];
+        assert!(covers(&names, "broker-1.kafka.test"));
+        assert!(covers(&names, "bootstrap.EXAMPLE"));
+        assert!(!covers(&names, "a.broker-1.kafka.test"));
+        assert!(!covers(&names, "kafka.test"));
+        assert!(!covers(&names, "other.example"));
+        assert!(covers(&["IP:127.0.0.1".to_string()], "127.0.0.1"));
+    }
+}
