@@ -58,11 +58,16 @@ pub enum Kind {
     UnknownTopicId,
     /// A request that breaks a configured policy (see `rule` and `check`): refused, upgraded or audited.
     PolicyViolation,
+    /// A batch with the content of one the same client had written on the partition within the content
+    /// window (`original_offset`): a non-idempotent client's retry whose answer was lost, or records an
+    /// idempotent producer sends again under a new epoch or producer id. Forwarded (the broker writes
+    /// it again) or answered with the original offset (policy `duplicate_content: answer`).
+    DuplicateContent,
 }
 
 impl Kind {
     /// Every kind, for tests and for anything that lists them.
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::OutOfOrderSequence,
         Kind::OutOfOrderCascade,
         Kind::FencedEpoch,
@@ -80,6 +85,7 @@ impl Kind {
         Kind::DuplicatePartition,
         Kind::UnknownTopicId,
         Kind::PolicyViolation,
+        Kind::DuplicateContent,
     ];
 
     /// The wire name (the `kind` of the JSON line and the metrics label).
@@ -102,6 +108,7 @@ impl Kind {
             Kind::DuplicatePartition => "duplicate_partition",
             Kind::UnknownTopicId => "unknown_topic_id",
             Kind::PolicyViolation => "policy_violation",
+            Kind::DuplicateContent => "duplicate_content",
         }
     }
 }
@@ -171,6 +178,8 @@ pub struct AuditEvent {
     /// The policy rule and check behind a `policy_violation`.
     pub rule: Option<String>,
     pub check: Option<&'static str>,
+    /// The offset the original batch got, for a `duplicate_content`.
+    pub original_offset: Option<i64>,
 }
 
 impl AuditEvent {
@@ -198,6 +207,7 @@ impl AuditEvent {
             detail: None,
             rule: None,
             check: None,
+            original_offset: None,
         }
     }
 }
@@ -426,6 +436,7 @@ mod tests {
             detail: None,
             rule: None,
             check: None,
+            original_offset: None,
         }
     }
 

@@ -307,6 +307,18 @@ pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
         1,
         600_000,
     );
+    let content_window = s.millis(
+        "content_window_ms",
+        d.content_window.as_millis() as u64,
+        0,
+        3_600_000,
+    );
+    let content_window_entries = s.int(
+        "content_window_entries",
+        Some(d.content_window_entries as i64),
+        1,
+        100_000_000,
+    ) as usize;
     s.finish(&[
         "enabled",
         "mode",
@@ -314,6 +326,8 @@ pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
         "max_tracked",
         "idle_expiry_ms",
         "in_flight_wait_ms",
+        "content_window_ms",
+        "content_window_entries",
     ]);
     GuardConfig {
         enabled,
@@ -322,6 +336,8 @@ pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
         max_tracked,
         idle_expiry,
         in_flight_wait,
+        content_window,
+        content_window_entries,
     }
 }
 

@@ -37,6 +37,35 @@ impl Guard {
         if let (true, true, Some(t)) = (tracking.opens_txn, accepted, &tracking.transactional_id) {
             self.begin_transaction(t, conn.client_id_kept().unwrap_or(""));
         }
+        if !tracking.remember.is_empty() {
+            let at = Instant::now();
+            for topic in &resp.responses {
+                for p in topic
+                    .partition_responses
+                    .iter()
+                    .filter(|p| p.error_code == 0)
+                {
+                    let Some(i) = tracking
+                        .remember
+                        .iter()
+                        .position(|(w, partition, _)| names(w, topic) && *partition == p.index)
+                    else {
+                        continue;
+                    };
+                    let (_, _, r) = tracking.remember.swap_remove(i);
+                    self.content.remember(
+                        r.key,
+                        super::content::Written {
+                            producer_id: r.producer_id,
+                            epoch: r.epoch,
+                            base_offset: p.base_offset,
+                            log_append_time: p.log_append_time_ms,
+                            at,
+                        },
+                    );
+                }
+            }
+        }
         for topic in &resp.responses {
             for p in &topic.partition_responses {
                 let Some(i) = tracking

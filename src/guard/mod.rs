@@ -21,6 +21,7 @@
 
 mod answer;
 mod batch_policy;
+pub mod content;
 pub mod coordinator;
 pub mod failures;
 mod plan;
@@ -57,6 +58,10 @@ pub struct GuardConfig {
     pub idle_expiry: Duration,
     /// The longest a retry waits for the outcome of its original still in flight.
     pub in_flight_wait: Duration,
+    /// How long a confirmed batch's content is remembered (see [`content`]); zero: not at all.
+    pub content_window: Duration,
+    /// The most batches remembered by content.
+    pub content_window_entries: usize,
 }
 
 impl Default for GuardConfig {
@@ -68,6 +73,10 @@ impl Default for GuardConfig {
             max_tracked: 1_000_000,
             idle_expiry: Duration::from_secs(86_400),
             in_flight_wait: Duration::from_secs(30),
+            // librdkafka's message.timeout.ms and the Java client's delivery.timeout.ms are 300 s
+            // and 120 s: a client retries a batch for at most that long.
+            content_window: Duration::from_secs(300),
+            content_window_entries: 100_000,
         }
     }
 }
@@ -80,6 +89,8 @@ pub struct Guard {
     pub txns: TxnTracker,
     /// Batches the broker refused with later ones pipelined behind them (see [`failures`]).
     pub failed: failures::FailedHeads,
+    /// What each client had written lately, by content (see [`content`]).
+    pub content: content::ContentWindow,
     pub audit: Arc<AuditSink>,
     pub metrics: Option<Arc<Metrics>>,
     clock: Instant,
@@ -124,6 +135,8 @@ enum Outcome {
 /// The guard's decision for one Produce request, partition by partition (same order as the request).
 pub struct ProducePlan {
     outcomes: Vec<Vec<Outcome>>,
+    /// Per partition, the content to remember if the broker writes it (see [`content`]).
+    remember: Vec<Vec<Option<Remember>>>,
     /// Each topic as the request names it, and its name (`None`: a topic id the proxy cannot name).
     topics: Vec<(OwnedWireTopic, Option<String>)>,
     partitions: Vec<Vec<i32>>,
@@ -168,11 +181,21 @@ struct Tracked {
     already_audited: bool,
 }
 
+/// A forwarded batch whose content the window learns once the broker confirms it.
+#[derive(Debug, Clone, Copy)]
+struct Remember {
+    key: content::ContentKey,
+    producer_id: i64,
+    epoch: i16,
+}
+
 /// What the response to a forwarded Produce request must teach the store, and the proxy's own answers
 /// to merge into it. Dropping it unanswered (the connection died) takes its batches out of flight.
 pub struct ProduceTracking {
     guard: Arc<Guard>,
     tracked: Vec<Tracked>,
+    /// Contents to remember per (topic, partition) if the broker writes them.
+    remember: Vec<(OwnedWireTopic, i32, Remember)>,
     local: Vec<(OwnedWireTopic, i32, LocalAnswer)>,
     acks_all: bool,
     transactional_id: Option<String>,
@@ -205,6 +228,10 @@ impl Guard {
             store: ProducerStore::new(config.max_tracked, config.idle_expiry.as_millis() as u64),
             txns: TxnTracker::new(config.max_tracked),
             failed: failures::FailedHeads::default(),
+            content: content::ContentWindow::new(
+                config.content_window_entries,
+                config.content_window,
+            ),
             config,
             audit,
             clock: Instant::now(),
@@ -334,7 +361,10 @@ impl Guard {
 
     /// Whether a response needs the guard (tracked batches or local answers to merge).
     pub fn needs_response(tracking: &ProduceTracking) -> bool {
-        !tracking.tracked.is_empty() || !tracking.local.is_empty() || tracking.opens_txn
+        !tracking.tracked.is_empty()
+            || !tracking.local.is_empty()
+            || !tracking.remember.is_empty()
+            || tracking.opens_txn
     }
 }
 

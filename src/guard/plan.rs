@@ -38,6 +38,7 @@ impl Guard {
             produce::parse(frame, body, head.api_version, names).map_err(|e| e.to_string())?;
         let mut plan = ProducePlan {
             outcomes: Vec::with_capacity(view.topics.len()),
+            remember: Vec::with_capacity(view.topics.len()),
             topics: view
                 .topics
                 .iter()
@@ -62,11 +63,13 @@ impl Guard {
         }
         for topic in &view.topics {
             let mut outcomes = Vec::with_capacity(topic.partitions.len());
+            let mut remember = vec![None; topic.partitions.len()];
             let Some(name) = topic.name else {
                 // A topic id the proxy cannot name (the stage resolved what it could, and audited the
                 // rest): the broker judges it, the proxy tracks nothing it could not name.
                 outcomes.extend(topic.partitions.iter().map(|_| Outcome::Pass));
                 plan.outcomes.push(outcomes);
+                plan.remember.push(remember);
                 continue;
             };
             if name.len() > MAX_TOPIC_NAME_BYTES {
@@ -83,26 +86,152 @@ impl Guard {
                     })
                 }));
                 plan.outcomes.push(outcomes);
+                plan.remember.push(remember);
                 continue;
             }
             let demands = policy(name);
-            for p in &topic.partitions {
+            for (i, p) in topic.partitions.iter().enumerate() {
                 let alone = !repeated.contains(&(topic.wire, p.index));
                 outcomes.push(match p.records {
                     None => Outcome::Pass,
-                    Some(records) => self.decide_partition(
-                        &view,
-                        (name, p.index, alone),
-                        records,
-                        conn,
-                        demands.as_deref(),
-                        &mut plan.opens_txn,
-                    ),
+                    Some(records) => {
+                        let (answered, learn) = match alone {
+                            true => self.content_check(
+                                &view,
+                                (name, p.index),
+                                records,
+                                conn,
+                                demands.as_deref(),
+                            ),
+                            // The broker keeps one of the repeated entries: nothing to credit.
+                            false => (None, None),
+                        };
+                        remember[i] = learn;
+                        match answered {
+                            Some(answer) => answer,
+                            None => self.decide_partition(
+                                &view,
+                                (name, p.index, alone),
+                                records,
+                                conn,
+                                demands.as_deref(),
+                                &mut plan.opens_txn,
+                            ),
+                        }
+                    }
                 });
             }
             plan.outcomes.push(outcomes);
+            plan.remember.push(remember);
         }
         Ok(plan)
+    }
+
+    /// The content window's say on a batch (see [`super::content`]): an answer with the original offset
+    /// (a client without idempotence repeating a batch the broker wrote, where the policy says
+    /// `answer`), and what to remember if the broker writes this one. Transactional batches are left
+    /// alone: after an abort, writing the same records again under a new epoch is what a transactional
+    /// producer must do.
+    fn content_check(
+        &self,
+        view: &ProduceView,
+        (topic, partition): (&str, i32),
+        records: &[u8],
+        conn: &Client,
+        demands: Option<&TopicPolicy>,
+    ) -> (Option<Outcome>, Option<Remember>) {
+        use crate::policy::{Action as PolicyAction, Check};
+        let decision = demands.and_then(|d| d.get(Check::DuplicateContent));
+        let action = decision.map_or(PolicyAction::Audit, |d| d.action);
+        if !self.content.enabled()
+            || action == PolicyAction::Allow
+            || view.transactional_id.is_some()
+        {
+            return (None, None);
+        }
+        let Some(header) = crate::protocol::batch::BatchHeader::new(records) else {
+            return (None, None);
+        };
+        if header.is_transactional() || header.magic() != 2 {
+            return (None, None);
+        }
+        let (producer_id, epoch) = (header.producer_id(), header.producer_epoch());
+        let who = (conn.principal(), conn.client_id_kept(), conn.ip());
+        let key = self
+            .content
+            .key(&who, topic, partition, header.content_digest());
+        let learn = Some(Remember {
+            key,
+            producer_id,
+            epoch,
+        });
+        let Some(seen) = self.content.seen(key, Instant::now()) else {
+            return (None, learn);
+        };
+        if producer_id >= 0 && (seen.producer_id, seen.epoch) == (producer_id, epoch) {
+            // The same producer and epoch: its sequence decides (a retry is answered as a duplicate).
+            return (None, learn);
+        }
+        let answer = action == PolicyAction::Upgrade && producer_id < 0;
+        let ago = Instant::now().saturating_duration_since(seen.at);
+        let detail = if producer_id < 0 {
+            format!(
+                "a batch without idempotence with the content of one written {:.1} s ago at offset {}: \
+                 a retry whose answer was lost{}",
+                ago.as_secs_f64(),
+                seen.base_offset,
+                if answer {
+                    "; answered with that offset instead of writing it again"
+                } else {
+                    "; forwarded, so the broker writes it again (policy duplicate_content: answer \
+                     would answer it)"
+                }
+            )
+        } else {
+            format!(
+                "producer {producer_id} epoch {epoch} sends the content producer {} epoch {} had \
+                 written {:.1} s ago at offset {}: records re-sent under a new epoch or producer id \
+                 are written again by the broker",
+                seen.producer_id,
+                seen.epoch,
+                ago.as_secs_f64(),
+                seen.base_offset
+            )
+        };
+        self.audit.emit(AuditEvent {
+            api_key: ApiKey::Produce as i16,
+            producer_id,
+            producer_epoch: epoch,
+            topic: Some(topic.to_string()),
+            partition: Some(partition),
+            received_sequence: (producer_id >= 0).then(|| header.base_sequence()),
+            original_offset: Some(seen.base_offset),
+            rule: decision.map(|d| d.rule.to_string()),
+            check: decision.map(|_| Check::DuplicateContent.name()),
+            detail: Some(detail),
+            ..AuditEvent::new(
+                Kind::DuplicateContent,
+                Source::Proxy,
+                if answer {
+                    Action::Answered
+                } else {
+                    Action::Forwarded
+                },
+            )
+            .from_conn(conn)
+        });
+        if answer {
+            return (
+                Some(Outcome::Local(LocalAnswer {
+                    error_code: codes::NONE,
+                    base_offset: seen.base_offset,
+                    log_append_time: seen.log_append_time,
+                    message: None,
+                })),
+                None,
+            );
+        }
+        (None, learn)
     }
 
     fn audit_repeated(&self, view: &ProduceView, repeated: &[(WireTopic, i32)], conn: &Client) {
@@ -471,11 +600,15 @@ impl Guard {
     ) -> ProduceAction {
         let mut tracked = Vec::new();
         let mut local = Vec::new();
+        let mut remember = Vec::new();
         let mut forwarded = 0usize;
         let total: usize = plan.outcomes.iter().map(Vec::len).sum();
         for (t, outcomes) in plan.outcomes.iter().enumerate() {
             for (p, o) in outcomes.iter().enumerate() {
                 let ((wire, name), partition) = (&plan.topics[t], plan.partitions[t][p]);
+                if let (Some(r), false) = (plan.remember[t][p], matches!(o, Outcome::Local(_))) {
+                    remember.push((wire.clone(), partition, r));
+                }
                 match o {
                     Outcome::Pass | Outcome::Wait { .. } => forwarded += 1,
                     Outcome::Track {
@@ -506,6 +639,7 @@ impl Guard {
         let tracking = ProduceTracking {
             guard: self.clone(),
             tracked,
+            remember,
             local,
             acks_all: plan.acks == -1,
             transactional_id: plan.transactional_id.clone(),
@@ -513,7 +647,8 @@ impl Guard {
             settled: false,
         };
         if forwarded == total {
-            let needed = !tracking.tracked.is_empty() || tracking.opens_txn;
+            let needed =
+                !tracking.tracked.is_empty() || !tracking.remember.is_empty() || tracking.opens_txn;
             return ProduceAction::Forward(needed.then_some(tracking));
         }
         if forwarded == 0 {

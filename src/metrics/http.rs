@@ -274,6 +274,7 @@ fn refresh_gauges(shared: &Handles) {
             ("failed_batches", shared.guard.failed.evictions()),
             ("producer_id_rates", shared.policies.new_pids.evictions()),
             ("policy_caches", crate::policy::cache_evictions()),
+            ("content_window", shared.guard.content.evictions()),
         ] {
             let counter = m.state_evictions.with_label_values(&[table]);
             let seen = counter.get();
@@ -287,6 +288,9 @@ fn refresh_gauges(shared: &Handles) {
         m.state_bytes
             .with_label_values(&["transactions"])
             .set(txns.approx_bytes() as i64);
+        m.state_bytes
+            .with_label_values(&["content_window"])
+            .set(shared.guard.content.approx_bytes() as i64);
         m.state_bytes
             .with_label_values(&["topic_ids"])
             .set(shared.brokers.topics.bytes() as i64);

@@ -102,6 +102,8 @@ pub struct ProducerMetrics {
     pub records: IntCounterVec,
     pub bytes: IntCounterVec,
     pub duplicates: IntCounterVec,
+    /// Batches with the content of one the client had written (see `guard::content`).
+    pub duplicate_content: IntCounterVec,
     pub out_of_order: IntCounterVec,
     pub fenced: IntCounterVec,
     pub epoch_bumps: IntCounterVec,
@@ -342,6 +344,14 @@ impl Metrics {
                     "Bytes of idempotent batches",
                     &producer,
                 )?,
+                duplicate_content: counter_vec(
+                    &r,
+                    "producer_duplicate_content_total",
+                    "Batches carrying the content of one the same client had written on the partition \
+                     within the content window (a lost answer's retry, or records re-sent under a new \
+                     epoch or producer id), by what the proxy did (answered, forwarded)",
+                    &["client_id", "transactional_id", "action"],
+                )?,
                 duplicates: counter_vec(
                     &r,
                     "producer_duplicates_answered_total",
@@ -449,6 +459,19 @@ impl Metrics {
             e.transactional_id.as_deref().unwrap_or(""),
         );
         let p = &self.producers;
+        if e.kind == Kind::DuplicateContent {
+            if p.admit(client, txn) {
+                let action = if e.action == crate::audit::Action::Answered {
+                    "answered"
+                } else {
+                    "forwarded"
+                };
+                p.duplicate_content
+                    .with_label_values(&[client, txn, action])
+                    .inc();
+            }
+            return;
+        }
         let vec = match e.kind {
             Kind::DuplicateAnswered => &p.duplicates,
             Kind::OutOfOrderSequence => &p.out_of_order,
@@ -532,6 +555,11 @@ impl ProducerMetrics {
                     let _ = self.principal.remove_label_values(&[&c, &t, &p]);
                 }
                 let _ = self.txn_duration.remove_label_values(&[&c, &t]);
+                for action in ["answered", "forwarded"] {
+                    let _ = self
+                        .duplicate_content
+                        .remove_label_values(&[&c, &t, action]);
+                }
                 let _ = self.open_transactions.remove_label_values(&[&c, &t]);
                 self.series_evicted.inc();
             }

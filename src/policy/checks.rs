@@ -61,10 +61,11 @@ pub enum Check {
     TransactionTimeout,
     NewProducerIdsPerMinute,
     TransactionalIdOwner,
+    DuplicateContent,
 }
 
 /// How many checks there are (the length of [`ROWS`] and of every per-check table).
-pub const CHECK_COUNT: usize = 10;
+pub const CHECK_COUNT: usize = 11;
 
 impl Check {
     pub fn row(self) -> &'static Row {
@@ -424,6 +425,29 @@ pub static ROWS: [Row; CHECK_COUNT] = [
         },
         upgrade: nothing,
     },
+    Row {
+        check: Check::DuplicateContent,
+        key: "duplicate_content",
+        scope: Scope::Produce,
+        shape: Shape::Action,
+        actions: &[Action::Allow, Action::Audit, Action::Upgrade],
+        not_possible: "content written before is not wrong in itself: the proxy reports it, or \
+                       answers it with the original offset (`upgrade`, also spelled `answer`)",
+        error: (codes::NONE, ""),
+        reject_note: "",
+        fails: |_| {
+            "batches whose content this client (transactional id, else principal, client id and \
+             address) had written on the partition within producer_state.content_window_ms: a \
+             retry whose answer was lost, or records re-sent under a new epoch or producer id"
+                .into()
+        },
+        upgrade: |_| {
+            "answer a client without idempotence with the offset its original batch got instead of \
+             writing it again (an idempotent producer's repeat under a new epoch is reported only: \
+             answering it would leave a gap in its new sequence)"
+                .into()
+        },
+    },
 ];
 
 /// What one rule sets, per check.
@@ -486,7 +510,9 @@ impl Decisions {
                     continue;
                 }
                 decided[i] = true;
-                if keep_allow || s.action != Action::Allow {
+                // Content dedup is on (audit) unless a rule says `allow`: that `allow` must reach the
+                // data path to switch it off.
+                if keep_allow || s.action != Action::Allow || row.check == Check::DuplicateContent {
                     out.0[i] = Some(Decision {
                         rule: name.clone(),
                         action: s.action,

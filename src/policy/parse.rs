@@ -194,7 +194,11 @@ fn action(s: &Section, key: &str, row: &Row) -> Option<Action> {
         s.problem(key, &format!("must be an action, got {}", describe(v)));
         return None;
     };
-    let Some(a) = Action::ALL.into_iter().find(|a| a.name() == text) else {
+    let answer = row.check == Check::DuplicateContent && text == "answer";
+    let Some(a) = Action::ALL
+        .into_iter()
+        .find(|a| a.name() == text || (answer && *a == Action::Upgrade))
+    else {
         s.problem(
             key,
             &format!("'{text}' is not an action (allow, audit, upgrade, reject)"),

@@ -3,6 +3,7 @@
 
 mod brokers;
 mod common;
+mod content;
 mod definitions;
 mod franz_go;
 mod fuzz_replay;

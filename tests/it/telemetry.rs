@@ -680,6 +680,10 @@ policies:
     assert_eq!(send_produce(&mut raw, &zombie).await[0].1, 47);
     let gap = produce(&topic, None, vec![(0, batch(pid, e + 1, 9, 1, false, "m"))]);
     assert_eq!(send_produce(&mut raw, &gap).await[0].1, 45);
+    // A repeat without idempotence: the content window reports it (default audit).
+    let plain = produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, "dup"))]);
+    assert_eq!(send_produce(&mut raw, &plain).await[0].1, 0);
+    assert_eq!(send_produce(&mut raw, &plain).await[0].1, 0);
     // Read before the two clients below take both series slots (and evict this client's series).
     scrape_into(http, &names, &mut moved).await;
     for client in ["moves-b", "moves-c"] {
