@@ -188,6 +188,9 @@ impl LostAnswers {
 
 use std::sync::Arc;
 
+/// The relay port is one: the tests that use it take turns.
+static RELAY_PORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The direct path with lost answers: a relay on the single broker's RELAY port (the broker advertises
 /// 127.0.0.1:19095 on the listener at 19094, so a client bootstrapped here stays here) that passes every
 /// byte both ways but drops the Produce answers `lost` picks, after the broker wrote the batch. Frames
@@ -297,6 +300,7 @@ async fn produce_rounds(bootstrap: &str, topic: &str, acks: &str, rounds: usize)
 async fn librdkafka_without_idempotence_loses_answers_duplicates_direct_and_not_through_the_proxy()
 {
     kafka(Cluster::Single);
+    let _relay_port = RELAY_PORT.lock().await;
     let rounds = 6;
     let expected: std::collections::BTreeSet<String> = (0..rounds)
         .flat_map(|r| (0..20).map(move |i| format!("r{r}-{i}")))
@@ -358,6 +362,63 @@ async fn librdkafka_without_idempotence_loses_answers_duplicates_direct_and_not_
             direct.len(),
             expected.len(),
             through.len()
+        );
+        proxy.stop().await;
+    }
+}
+
+/// The same proof with kafka-clients 4.4 without idempotence (it sends the very same batch again after
+/// a request timeout), acks=1 and acks=all: duplicates direct, every record once through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_without_idempotence_loses_answers_duplicates_direct_and_not_through_the_proxy() {
+    use crate::java_client::run_java_at;
+    kafka(Cluster::Single);
+    let _relay_port = RELAY_PORT.lock().await;
+    let count = |r: &std::collections::BTreeMap<String, Vec<String>>, k: &str| -> usize {
+        r[k][0].parse().expect("a count")
+    };
+    for acks in ["1", "all"] {
+        let env = [("EOS_ACKS", acks.to_string())];
+        let relay = lossy_relay(LostAnswers::new(&[2, 5])).await;
+        let direct = run_java_at("plain-retries", "127.0.0.1:19095", &env).await;
+        relay.abort();
+        assert_eq!(count(&direct, "distinct"), 120);
+        assert!(
+            count(&direct, "records") > 120,
+            "acks={acks}: direct, the retries after lost answers are written twice: {direct:?}"
+        );
+
+        let lost = LostAnswers::new(&[2, 5]);
+        let rule: DropRule = Arc::new(move |key, _| key == 0 && lost.lose());
+        let p = crate::policies::policies(
+            r#"
+policies:
+  - name: answer-repeats
+    match: { topics: { prefix: ["java-plain-retries"] } }
+    produce: { duplicate_content: answer }
+"#,
+        );
+        let proxy =
+            start_proxy_full(Cluster::Single, move |c| c.policies = p.clone(), Some(rule)).await;
+        let through = crate::java_client::run_java_with("plain-retries", &proxy, &env).await;
+        assert_eq!(
+            (count(&through, "records"), count(&through, "distinct")),
+            (120, 120),
+            "acks={acks}: through the proxy every record once (direct: {})",
+            count(&direct, "records")
+        );
+        eprintln!(
+            "acks={acks}: Java direct {} records for 120 sent, through the proxy {}",
+            count(&direct, "records"),
+            count(&through, "records")
+        );
+        assert!(
+            proxy
+                .events(Kind::DuplicateContent)
+                .iter()
+                .filter(|e| e.action == Action::Answered)
+                .count()
+                >= 2
         );
         proxy.stop().await;
     }

@@ -40,6 +40,15 @@ pub(crate) async fn run_java_with(
     proxy: &TestProxy,
     env: &[(&str, String)],
 ) -> BTreeMap<String, Vec<String>> {
+    run_java_at(scenario, proxy.bootstrap(), env).await
+}
+
+/// A scenario against any bootstrap address (the direct path of a comparison, say).
+pub(crate) async fn run_java_at(
+    scenario: &str,
+    bootstrap: &str,
+    env: &[(&str, String)],
+) -> BTreeMap<String, Vec<String>> {
     let (libs, classes) = compiled_client();
     let mut command = Command::new("java");
     command
@@ -48,7 +57,7 @@ pub(crate) async fn run_java_with(
         .arg("-Xmx256m")
         .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
         .arg("-Dlog4j2.level=warn")
-        .args(["EosClient", scenario, proxy.bootstrap()])
+        .args(["EosClient", scenario, bootstrap])
         .arg(unique_topic(&format!("java-{scenario}")));
     run_scenario("the Java scenario", command, env).await
 }

@@ -28,6 +28,10 @@
 //                another client owns (53). Prints each error's class and how long the client took to
 //                give up (it must give up, not retry for ever). Then a new producer id over the rate
 //                limit (89, throttled): the client waits for the window and writes
+//   plain-retries  a producer without idempotence (acks from EOS_ACKS) writes 6 rounds of 20 records,
+//                each round awaited, with a 2 s request timeout: an answer lost after the append makes
+//                it disconnect and send the same batch again. Prints how many records the topic holds
+//                and how many distinct ones (the test counts the duplicates)
 import java.time.Duration;
 import java.util.*;
 import java.util.concurrent.TimeUnit;
@@ -62,6 +66,7 @@ public class EosClient {
             case "zombie": zombie(); break;
             case "streams": streams("classic"); break;
             case "streams-protocol": streams("streams"); break;
+            case "plain-retries": plainRetries(); break;
             default: throw new IllegalArgumentException("unknown scenario " + args[0]);
         }
         System.out.println("RESULT ok=true");
@@ -312,6 +317,30 @@ public class EosClient {
         List<String> got = readAll(topic, "read_uncommitted", values.size());
         sameSet(got, values, "plain produce/consume");
         System.out.println("RESULT consumed=" + got.size());
+    }
+
+    static void plainRetries() throws Exception {
+        String topic = prefix + "-retries";
+        createTopic(topic, 1, 1);
+        Properties extra = new Properties();
+        extra.put("enable.idempotence", "false");
+        extra.put("acks", System.getenv().getOrDefault("EOS_ACKS", "all"));
+        extra.put("request.timeout.ms", "2000");
+        extra.put("delivery.timeout.ms", "60000");
+        extra.put("retry.backoff.ms", "100");
+        extra.put("max.in.flight.requests.per.connection", "1");
+        List<String> sent = new ArrayList<>();
+        try (KafkaProducer<String, String> p = producer(extra)) {
+            for (int r = 0; r < 6; r++) {
+                List<String> round = numbered("jr" + r, 20);
+                sendAll(p, topic, round);
+                sent.addAll(round);
+            }
+        }
+        List<String> got = readAll(topic, "read_uncommitted", sent.size());
+        check(new HashSet<>(got).equals(new HashSet<>(sent)), "every record sent is in the topic");
+        System.out.println("RESULT records=" + got.size());
+        System.out.println("RESULT distinct=" + new HashSet<>(got).size());
     }
 
     static void idempotent() throws Exception {
