@@ -229,34 +229,13 @@ impl Config {
     /// [`reader::MAX_CONFIG_BYTES`] is read: `/dev/zero`, a FIFO or a runaway file are refused before
     /// anything is buffered.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        use std::io::Read;
         let refuse = |message: String| {
             ConfigErrors(vec![Problem {
                 path: path.display().to_string(),
                 message,
             }])
         };
-        let file = std::fs::File::open(path).map_err(|e| refuse(format!("cannot read: {e}")))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| refuse(format!("cannot read: {e}")))?;
-        if !meta.is_file() {
-            return Err(refuse("not a regular file".into()));
-        }
-        let limit = reader::MAX_CONFIG_BYTES;
-        if meta.len() > limit {
-            return Err(refuse(format!(
-                "{} bytes; a config file may have at most {limit}",
-                meta.len()
-            )));
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.take(limit + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| refuse(format!("cannot read: {e}")))?;
-        if bytes.len() as u64 > limit {
-            return Err(refuse(format!("grew past {limit} bytes while being read")));
-        }
+        let bytes = reader::read_bounded(path, reader::MAX_CONFIG_BYTES).map_err(refuse)?;
         let text = String::from_utf8(bytes).map_err(|_| refuse("not UTF-8 text".into()))?;
         Config::parse(&text)
     }

@@ -418,3 +418,26 @@ pub fn nesting_depth(text: &str) -> usize {
     }
     deepest
 }
+
+/// The bytes of the regular file at `path`, if it holds at most `limit`: a device, a FIFO or a larger
+/// file is refused before anything is buffered, and one that grows while it is read is refused too
+/// (the config, certificate, key, token and password files all come through here).
+pub fn read_bounded(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > limit {
+        return Err(format!("{} bytes; at most {limit} allowed", meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("grew past {limit} bytes while being read"));
+    }
+    Ok(bytes)
+}

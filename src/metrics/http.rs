@@ -47,13 +47,8 @@ const MAX_TOKEN_BYTES: u64 = 4096;
 /// white space, such as a final newline, is ignored).
 pub fn read_token(path: &std::path::Path) -> Result<Token, String> {
     let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| at(&e))?;
-    if !meta.is_file() || meta.len() > MAX_TOKEN_BYTES {
-        return Err(at(&format!(
-            "not a regular file of at most {MAX_TOKEN_BYTES} bytes"
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+    let bytes = crate::config::reader::read_bounded(path, MAX_TOKEN_BYTES).map_err(|e| at(&e))?;
+    let text = String::from_utf8_lossy(&bytes);
     let token = text.trim();
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(at(&"must hold one word of printable ASCII"));

@@ -79,23 +79,11 @@ pub async fn watch(shared: Arc<Shared>, poll: Duration) {
     if shared.credentials.is_empty() {
         return;
     }
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangups = super::Hangups::new();
     loop {
-        #[cfg(unix)]
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
         let (force, why) = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = hangup => (true, "SIGHUP"),
+            _ = hangups.next() => (true, "SIGHUP"),
             _ = tokio::time::sleep(poll) => (false, "file changed"),
         };
         let s = shared.clone();

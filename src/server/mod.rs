@@ -57,6 +57,31 @@ pub struct Proxy {
     http_addr: Option<SocketAddr>,
 }
 
+/// SIGHUP, one wake-up per signal (never, where there are no such signals). Every holder gets each
+/// signal: the policy reload and the certificate watcher each hold one.
+pub(crate) struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    pub(crate) fn new() -> Hangups {
+        Hangups {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+
+    pub(crate) async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = self.signal.as_mut() {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+}
+
 /// How long connections may take to finish after shutdown is requested.
 const DRAIN: Duration = Duration::from_secs(5);
 

@@ -61,23 +61,11 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// Watches `path` (and SIGHUP, on unix) until shutdown.
 pub async fn watch(shared: Arc<Shared>, path: PathBuf, poll: Duration) {
     let mut last = stamp(&path);
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangups = super::Hangups::new();
     loop {
-        #[cfg(unix)]
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
         let why = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = hangup => "SIGHUP",
+            _ = hangups.next() => "SIGHUP",
             _ = tokio::time::sleep(poll) => {
                 let now = stamp(&path);
                 if now == last {

@@ -86,13 +86,9 @@ const MAX_PASSWORD_BYTES: u64 = 4096;
 /// The password in `path`: a regular file of at most 4 KiB; one final line break is not part of it.
 pub fn read_password(path: &Path) -> Result<String, String> {
     let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| at(&e))?;
-    if !meta.is_file() || meta.len() > MAX_PASSWORD_BYTES {
-        return Err(at(&format!(
-            "not a regular file of at most {MAX_PASSWORD_BYTES} bytes"
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+    let bytes =
+        crate::config::reader::read_bounded(path, MAX_PASSWORD_BYTES).map_err(|e| at(&e))?;
+    let text = String::from_utf8(bytes).map_err(|_| at(&"not UTF-8 text"))?;
     let password = text
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))

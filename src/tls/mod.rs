@@ -78,15 +78,8 @@ const MAX_PEM_FILE_BYTES: u64 = 4 << 20;
 /// A PEM file's bytes: only a regular file of at most [`MAX_PEM_FILE_BYTES`] (a path naming a device or
 /// a pipe must not hang the proxy's start).
 fn read_pem_file(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsProblem> {
-    let at = |e: &dyn std::fmt::Display| problem(key, format!("{}: {e}", path.display()));
-    let meta = std::fs::metadata(path).map_err(|e| at(&e))?;
-    if !meta.is_file() {
-        return Err(at(&"not a regular file"));
-    }
-    if meta.len() > MAX_PEM_FILE_BYTES {
-        return Err(at(&format!("larger than {MAX_PEM_FILE_BYTES} bytes")));
-    }
-    std::fs::read(path).map_err(|e| at(&e))
+    crate::config::reader::read_bounded(path, MAX_PEM_FILE_BYTES)
+        .map_err(|e| problem(key, format!("{}: {e}", path.display())))
 }
 
 /// Every certificate in a PEM file (at least one).

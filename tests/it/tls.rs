@@ -164,6 +164,18 @@ pub async fn tls_connect(
     Ok(tls)
 }
 
+/// A TLS server side from a certificate and key, without client certificates.
+fn server_tls((cert_file, key_file): (PathBuf, PathBuf)) -> ListenTls {
+    ListenTls {
+        cert_file,
+        key_file,
+        client_auth: ClientAuth::None,
+        client_ca_file: None,
+        principal_rules: Vec::new(),
+        handshake_timeout: Duration::from_secs(5),
+    }
+}
+
 /// A raw Kafka client over TLS to `addr` (SNI `localhost`), trusting `ca`, presenting `identity`.
 pub(crate) async fn tls_client(
     addr: &str,
@@ -350,6 +362,16 @@ pub fn upstream_tls(ca: PathBuf) -> kafka_eos_proxy::tls::UpstreamTls {
     }
 }
 
+/// A proxy with TLS on both sides: `listen` towards clients, the test CA's brokers at `broker`.
+async fn tls_both_sides(broker: &'static str, listen: ListenTls) -> TestProxy {
+    start_proxy_with(Cluster::Single, move |c| {
+        c.upstream.bootstrap_servers = vec![broker.to_string()];
+        c.upstream.tls = Some(upstream_tls(broker_ca()));
+        c.listen.tls = Some(listen.clone());
+    })
+    .await
+}
+
 /// The proxy reaches a broker's SSL listener (CA verified, host name checked): its own metadata
 /// refresh opens the node listeners, and clients, plaintext or TLS, write through it; every address
 /// they learn is the proxy's.
@@ -363,12 +385,7 @@ async fn the_proxy_reaches_brokers_over_tls() {
         c.upstream.tls = Some(upstream_tls(broker_ca()));
     })
     .await;
-    let both = start_proxy_with(Cluster::Single, move |c| {
-        c.upstream.bootstrap_servers = vec![SSL_BROKER.to_string()];
-        c.upstream.tls = Some(upstream_tls(broker_ca()));
-        c.listen.tls = Some(listen.clone());
-    })
-    .await;
+    let both = tls_both_sides(SSL_BROKER, listen).await;
     let topic = unique_topic("tls-upstream");
     create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
     let plain = produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, "u"))]);
@@ -416,12 +433,7 @@ async fn java_and_franz_go_through_tls_on_both_sides() {
     kafka(Cluster::Single);
     let pki = Pki::new("clients");
     let listen = listen_tls(&pki, ClientAuth::Requested, &["RULE:^CN=([^,]*),.*$/$1/"]);
-    let proxy = start_proxy_with(Cluster::Single, move |c| {
-        c.upstream.bootstrap_servers = vec![SSL_BROKER.to_string()];
-        c.upstream.tls = Some(upstream_tls(broker_ca()));
-        c.listen.tls = Some(listen.clone());
-    })
-    .await;
+    let proxy = tls_both_sides(SSL_BROKER, listen).await;
     let ca = pki.ca_file().display().to_string();
     // Java's PEM key store: the PKCS#8 key, then the certificate.
     let (cert, key) = pki.client("java-app");
@@ -576,14 +588,7 @@ async fn the_operator_endpoint_can_require_tls_and_a_token() {
     let (cert_file, key_file) = pki.server();
     let token_file = pki.dir.join("token");
     std::fs::write(&token_file, "first-token\n").expect("token");
-    let operator = ListenTls {
-        cert_file,
-        key_file,
-        client_auth: ClientAuth::None,
-        client_ca_file: None,
-        principal_rules: Vec::new(),
-        handshake_timeout: Duration::from_secs(5),
-    };
+    let operator = server_tls((cert_file, key_file));
     let token = token_file.clone();
     let proxy = start_proxy_with(Cluster::Single, move |c| {
         c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
@@ -657,14 +662,7 @@ pub(crate) async fn sni_proxy(cluster: Cluster, name: &str) -> (TestProxy, Pki) 
         "proxy",
         ExtendedKeyUsagePurpose::ServerAuth,
     );
-    let tls = ListenTls {
-        cert_file,
-        key_file,
-        client_auth: ClientAuth::None,
-        client_ca_file: None,
-        principal_rules: Vec::new(),
-        handshake_timeout: Duration::from_secs(5),
-    };
+    let tls = server_tls((cert_file, key_file));
     let proxy = start_proxy_with(cluster, move |c| {
         c.listen.tls = Some(tls.clone());
         c.listen.advertised_host = SNI_BOOTSTRAP.to_string();
@@ -1045,12 +1043,22 @@ async fn misnamed_brokers_and_expired_client_certificates_are_refused() {
     proxy.stop().await;
 }
 
+/// The first `n` values of a topic, read from the broker directly.
+async fn read_back(topic: &str, n: usize) -> Vec<String> {
+    let (direct, t) = (kafka(Cluster::Single), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        crate::rdkafka_clients::read_all(&direct, &t, "read_uncommitted", n)
+    })
+    .await
+    .expect("reader")
+}
+
 /// librdkafka 2.12 as a TLS client: with a client certificate (mTLS) to a proxy
 /// in front of the plaintext broker, and with SCRAM-SHA-512 over TLS (SASL_SSL) to a proxy in front of
 /// the SASL_SSL listener; every record written once, read back directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn librdkafka_through_tls_with_a_certificate_and_with_scram() {
-    use crate::rdkafka_clients::{produce_values, read_all};
+    use crate::rdkafka_clients::produce_values;
     let pki = Pki::new("librdkafka");
     let mtls = listen_tls(&pki, ClientAuth::Required, &["RULE:^CN=([^,]*),.*$/$1/"]);
     let plain_upstream = start_proxy_with(Cluster::Single, move |c| {
@@ -1058,12 +1066,7 @@ async fn librdkafka_through_tls_with_a_certificate_and_with_scram() {
     })
     .await;
     let tls = listen_tls(&pki, ClientAuth::None, &[]);
-    let sasl_upstream = start_proxy_with(Cluster::Single, move |c| {
-        c.upstream.bootstrap_servers = vec![SASL_SSL_BROKER.to_string()];
-        c.upstream.tls = Some(upstream_tls(broker_ca()));
-        c.listen.tls = Some(tls.clone());
-    })
-    .await;
+    let sasl_upstream = tls_both_sides(SASL_SSL_BROKER, tls).await;
     let ca = pki.ca_file().display().to_string();
     let (cert, key) = pki.client("rdkafka-app");
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
@@ -1084,12 +1087,7 @@ async fn librdkafka_through_tls_with_a_certificate_and_with_scram() {
         ],
     )
     .await;
-    let direct = kafka(Cluster::Single);
-    let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read_all(&direct, &t, "read_uncommitted", 100))
-        .await
-        .expect("reader");
-    assert_eq!(got, values);
+    assert_eq!(read_back(&topic, 100).await, values);
     assert_eq!(
         plain_upstream
             .proxy
@@ -1127,12 +1125,7 @@ async fn librdkafka_through_tls_with_a_certificate_and_with_scram() {
         ],
     )
     .await;
-    let direct = kafka(Cluster::Single);
-    let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read_all(&direct, &t, "read_uncommitted", 100))
-        .await
-        .expect("reader");
-    assert_eq!(got, values);
+    assert_eq!(read_back(&topic, 100).await, values);
     plain_upstream.stop().await;
     sasl_upstream.stop().await;
 }
