@@ -79,6 +79,19 @@ fn bench(c: &mut Criterion) {
     g.bench_function("batch_header_parse_with_crc_16KiB", |b| {
         b.iter(|| validate_client_records(std::hint::black_box(&records), true).expect("valid"))
     });
+    // The content window's share of a batch: its digest (a CRC-32C of the records) and its key.
+    let window = kafka_eos_proxy::guard::content::ContentWindow::new(
+        100_000,
+        std::time::Duration::from_secs(300),
+    );
+    g.bench_function("content_digest_and_key_16KiB", |b| {
+        b.iter(|| {
+            let h =
+                kafka_eos_proxy::protocol::batch::BatchHeader::new(std::hint::black_box(&records))
+                    .expect("header");
+            window.key(&("app", "10.0.0.1"), "topic", 0, h.content_digest())
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("producer_state");
