@@ -41,6 +41,12 @@ pub struct SniPattern {
     suffix: String,
 }
 
+impl std::fmt::Display for SniPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}{}", self.prefix, Self::NODE_ID, self.suffix)
+    }
+}
+
 impl SniPattern {
     pub const NODE_ID: &'static str = "$(nodeId)";
 
@@ -356,8 +362,8 @@ impl Config {
             }
             BrokerPorts::Sni(p) => {
                 out.push_str(&format!(
-                    "brokers share the bootstrap port, picked by SNI: node n -> {}:{} ({} -> bootstrap)\n",
-                    p.host(-1).replace("-1", "n"),
+                    "brokers share the bootstrap port, picked by SNI: {}:{} (the bootstrap name: {})\n",
+                    p,
                     l.bootstrap_port,
                     l.advertised_host
                 ));
@@ -393,6 +399,7 @@ impl Config {
         out.push_str(&crate::tls::explain(
             self.listen.tls.as_ref(),
             self.upstream.tls.as_ref(),
+            self.metrics.tls.as_ref(),
         ));
         if let Some(addr) = &self.metrics.listen {
             out.push_str(&format!(
@@ -407,17 +414,6 @@ impl Config {
                     None => "are open".to_string(),
                 }
             ));
-        }
-        if let Some(t) = &self.metrics.tls {
-            for s in crate::tls::summaries(&t.cert_file) {
-                out.push_str(&format!(
-                    "  operator certificate {}: subject {}, names [{}], expires unix {}\n",
-                    t.cert_file.display(),
-                    s.subject,
-                    s.alt_names.join(", "),
-                    s.not_after
-                ));
-            }
         }
         out.push_str(&crate::policy::explain::explain(&self.policies));
         out

@@ -205,6 +205,12 @@ pub struct ProduceTracking {
 }
 
 impl ProduceTracking {
+    /// Whether the proxy answers some partitions itself, so the broker's answer must be re-encoded
+    /// with them merged in (otherwise it is only read, and passes as the broker's bytes).
+    pub fn answers_locally(&self) -> bool {
+        !self.local.is_empty()
+    }
+
     /// Whether the request carries idempotent batches that went to the broker.
     pub fn tracks_idempotent_batches(&self) -> bool {
         !self.tracked.is_empty()

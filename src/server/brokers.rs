@@ -66,8 +66,9 @@ impl Brokers {
         self.sni().is_some()
     }
 
-    /// Which upstream a TLS client asking for host name `sni` means: `Ok(None)` the bootstrap name,
-    /// `Ok(Some(n))` node `n`'s name (a node the cluster announced), otherwise why it is refused.
+    /// With SNI routing, which upstream a TLS client asking for host name `sni` means: `Ok(None)` the
+    /// bootstrap name, `Ok(Some(n))` node `n`'s name (a node the cluster announced), otherwise why it
+    /// is refused. Without SNI routing every name means the listener's own target (`Ok(None)`).
     pub fn route_sni(&self, sni: Option<&str>) -> Result<Option<i32>, String> {
         let Some(pattern) = self.sni() else {
             return Ok(None);

@@ -17,10 +17,11 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub fn set_expiry_gauges(shared: &Shared) {
     let Some(m) = &shared.metrics else { return };
     let c = &shared.config;
-    let mut files = crate::tls::certificate_files(c.listen.tls.as_ref(), c.upstream.tls.as_ref());
-    if let Some(t) = &c.metrics.tls {
-        files.push(("operator", t.cert_file.as_path()));
-    }
+    let files = crate::tls::certificate_files(
+        c.listen.tls.as_ref(),
+        c.upstream.tls.as_ref(),
+        c.metrics.tls.as_ref(),
+    );
     for (file, path) in files {
         if let Some(expiry) = crate::tls::earliest_expiry(path) {
             m.tls_certificate_expiry

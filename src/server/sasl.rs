@@ -269,11 +269,8 @@ impl Scram {
         let v = B64
             .decode(attribute(text, 'v').ok_or("no verifier in server-final")?)
             .map_err(|e| format!("verifier: {e}"))?;
-        let same = |a: &[u8], b: &[u8]| {
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        };
         match &self.server_signature {
-            Some(expected) if same(expected, &v) => Ok(()),
+            Some(expected) if crate::tls::secrets_equal(expected, &v) => Ok(()),
             _ => Err("the broker's signature does not match: it does not know the password".into()),
         }
     }

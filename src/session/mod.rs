@@ -95,17 +95,20 @@ pub async fn run(
         }
     };
     // One port for every broker: the name the client asked for picks the upstream.
-    let target = match shared.brokers.route_sni(client.sni()) {
-        _ if !shared.brokers.routes_by_sni() => target,
-        Ok(None) => Target::Bootstrap,
-        Ok(Some(node)) => Target::Node(node),
-        Err(e) => {
-            warn!(%peer, error = %e, "closing client connection");
-            if let Some(m) = &shared.metrics {
-                m.connection_closed("sni_unknown");
+    let target = if shared.brokers.routes_by_sni() {
+        match shared.brokers.route_sni(client.sni()) {
+            Ok(None) => Target::Bootstrap,
+            Ok(Some(node)) => Target::Node(node),
+            Err(e) => {
+                warn!(%peer, error = %e, "closing client connection");
+                if let Some(m) = &shared.metrics {
+                    m.connection_closed("sni_unknown");
+                }
+                return;
             }
-            return;
         }
+    } else {
+        target
     };
     let conn = Conn {
         target,

@@ -193,13 +193,19 @@ pub fn on_response(
     let version = exchange.version;
     let out = match super::take_memo!(&mut exchange.memo, Produce) {
         Some(memo) if Guard::needs_response(&memo.tracking) => {
+            let merged = memo.tracking.answers_locally();
             let (header, resp) = cx
                 .handles
                 .guard
-                .on_produce_response(frame, version, memo.tracking, cx.client)
+                .on_produce_response(frame.clone(), version, memo.tracking, cx.client)
                 .map_err(Close::MalformedResponse)?;
-            encode_response(&header, &resp, ApiKey::Produce, version)
-                .map_err(|e| Close::MalformedResponse(e.to_string()))?
+            // Only learned from: the broker's bytes go on as they came (no re-encode).
+            if !merged {
+                frame
+            } else {
+                encode_response(&header, &resp, ApiKey::Produce, version)
+                    .map_err(|e| Close::MalformedResponse(e.to_string()))?
+            }
         }
         _ => frame,
     };

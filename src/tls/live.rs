@@ -67,11 +67,6 @@ impl<C> Live<C> {
         self.current.load_full()
     }
 
-    /// The files the configuration is built from.
-    pub fn files(&self) -> &[PathBuf] {
-        &self.files
-    }
-
     /// Builds the configuration again if a file changed since the last look (or always, with `force`).
     /// Blocking file reads: call it off the runtime's workers.
     pub fn reload(&self, force: bool) -> Reload {

@@ -317,6 +317,7 @@ pub use stream::Stream;
 pub fn certificate_files<'a>(
     listen: Option<&'a ListenTls>,
     upstream: Option<&'a UpstreamTls>,
+    operator: Option<&'a ListenTls>,
 ) -> Vec<(&'static str, &'a Path)> {
     let mut out = Vec::new();
     if let Some(l) = listen {
@@ -332,6 +333,9 @@ pub fn certificate_files<'a>(
         if let Some(c) = &u.cert_file {
             out.push(("upstream_client", c.as_path()));
         }
+    }
+    if let Some(o) = operator {
+        out.push(("operator", o.cert_file.as_path()));
     }
     out
 }
@@ -349,7 +353,11 @@ pub fn earliest_expiry(path: &Path) -> Option<i64> {
 }
 
 /// `check-config`'s account of the TLS settings: every certificate's subject, names and expiry.
-pub fn explain(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> String {
+pub fn explain(
+    listen: Option<&ListenTls>,
+    upstream: Option<&UpstreamTls>,
+    operator: Option<&ListenTls>,
+) -> String {
     let mut out = String::new();
     match listen {
         Some(l) => out.push_str(&format!(
@@ -374,7 +382,7 @@ pub fn explain(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> St
         )),
         None => out.push_str("brokers are reached in plaintext\n"),
     }
-    for (what, path) in certificate_files(listen, upstream) {
+    for (what, path) in certificate_files(listen, upstream, operator) {
         for s in summaries(path) {
             out.push_str(&format!(
                 "  {what} certificate {}: subject {}, names [{}], expires {} (unix {})\n",
@@ -388,6 +396,12 @@ pub fn explain(listen: Option<&ListenTls>, upstream: Option<&UpstreamTls>) -> St
         }
     }
     out
+}
+
+/// Whether two secrets (a bearer token, a SCRAM signature) are equal, in a time that does not depend
+/// on where they first differ.
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A reloadable TLS configuration, whatever it configures (for the watcher).

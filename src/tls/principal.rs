@@ -182,6 +182,67 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What an operator checks on a certificate: its subject, its alternative names, when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub subject: String,
+    pub alt_names: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// The summary of a DER certificate; `None` if it cannot be read.
+pub fn summary(der: &[u8]) -> Option<Summary> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let alt_names = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => format!("DNS:{d}"),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => format!(
+                        "IP:{}",
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    16 => format!(
+                        "IP:{}",
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    _ => format!("IP:{}", hex(ip)),
+                },
+                other => format!("{other}"),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Summary {
+        subject: rfc2253(cert.subject()),
+        alt_names,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Whether a certificate's subject alternative names (as [`Summary::alt_names`] lists them,
+/// `DNS:name` / `IP:address`) cover `host`: exactly, or by a wildcard in the leftmost label only
+/// (`*.example.com` covers `a.example.com`, not `a.b.example.com`), as clients check.
+pub fn covers(alt_names: &[String], host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    alt_names.iter().any(|n| {
+        let Some(name) = n.strip_prefix("DNS:").or_else(|| n.strip_prefix("IP:")) else {
+            return false;
+        };
+        let name = name.to_ascii_lowercase();
+        match name.strip_prefix("*.") {
+            Some(parent) => host
+                .split_once('.')
+                .is_some_and(|(first, rest)| !first.is_empty() && rest == parent),
+            None => name == host,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,72 +307,6 @@ mod tests {
         assert_eq!(subject_rfc2253(b"not a certificate"), None);
         assert_eq!(escape(" #a "), r"\ #a\ ");
     }
-}
-
-/// What an operator checks on a certificate: its subject, its alternative names, when it expires.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Summary {
-    pub subject: String,
-    pub alt_names: Vec<String>,
-    /// Seconds since the Unix epoch.
-    pub not_after: i64,
-}
-
-/// The summary of a DER certificate; `None` if it cannot be read.
-pub fn summary(der: &[u8]) -> Option<Summary> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let alt_names = match cert.subject_alternative_name() {
-        Ok(Some(ext)) => ext
-            .value
-            .general_names
-            .iter()
-            .map(|n| match n {
-                GeneralName::DNSName(d) => format!("DNS:{d}"),
-                GeneralName::IPAddress(ip) => match ip.len() {
-                    4 => format!(
-                        "IP:{}",
-                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
-                    ),
-                    16 => format!(
-                        "IP:{}",
-                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
-                    ),
-                    _ => format!("IP:{}", hex(ip)),
-                },
-                other => format!("{other}"),
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    Some(Summary {
-        subject: rfc2253(cert.subject()),
-        alt_names,
-        not_after: cert.validity().not_after.timestamp(),
-    })
-}
-
-/// Whether a certificate's subject alternative names (as [`Summary::alt_names`] lists them,
-/// `DNS:name` / `IP:address`) cover `host`: exactly, or by a wildcard in the leftmost label only
-/// (`*.example.com` covers `a.example.com`, not `a.b.example.com`), as clients check.
-pub fn covers(alt_names: &[String], host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    alt_names.iter().any(|n| {
-        let Some(name) = n.strip_prefix("DNS:").or_else(|| n.strip_prefix("IP:")) else {
-            return false;
-        };
-        let name = name.to_ascii_lowercase();
-        match name.strip_prefix("*.") {
-            Some(parent) => host
-                .split_once('.')
-                .is_some_and(|(first, rest)| !first.is_empty() && rest == parent),
-            None => name == host,
-        }
-    })
-}
-
-#[cfg(test)]
-mod covers_tests {
-    use super::covers;
 
     #[test]
     fn wildcards_cover_one_label() {
