@@ -36,6 +36,20 @@ pub fn record_batch_sized(pid: i64, epoch: i16, seq: i32, n: i32, size: usize) -
     build_batch(pid, epoch, seq, n, false, |_| value.clone())
 }
 
+/// The records' creation time: when this process first built a batch. Fixed, so a batch built twice
+/// is byte-identical (the content window and the retry tests rely on that); recent, because a broker
+/// deletes records older than its retention (7 days by default) at its first retention check, 30 s
+/// after it starts: a fixed date in the past made reads in the tests come back short, but only
+/// against a freshly started broker and only when the check fell between a write and its read.
+pub fn batch_timestamp() -> i64 {
+    static AT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
 fn build_batch(
     pid: i64,
     epoch: i16,
@@ -54,7 +68,7 @@ fn build_batch(
             timestamp_type: TimestampType::Creation,
             offset: i64::from(i),
             sequence: if pid < 0 { -1 } else { seq + i },
-            timestamp: 1_700_000_000_000,
+            timestamp: batch_timestamp(),
             key: None,
             value: Some(value(seq + i)),
             headers: Default::default(),

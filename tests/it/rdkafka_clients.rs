@@ -110,9 +110,8 @@ pub async fn produce_values(
 /// returned too, so duplicates show up.
 pub fn read_all(bootstrap: &str, topic: &str, isolation: &str, expected: usize) -> Vec<String> {
     let mut cfg = client_config(bootstrap);
-    // Should the consumer's position ever be reset (an offset the broker refuses right after a fresh
-    // start), it goes back to the beginning: librdkafka's default, latest, would skip records and make
-    // a count look short.
+    // Should the consumer's position ever be reset, it goes back to the beginning: librdkafka's
+    // default, latest, would skip records and make a count look short.
     cfg.set("group.id", unique_topic("reader"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -350,7 +350,7 @@ fn one_record_batch(value: &str) -> Bytes {
         timestamp_type: TimestampType::Creation,
         offset: 0,
         sequence: -1,
-        timestamp: 0,
+        timestamp: kafka_eos_proxy::testkit::batch_timestamp(),
         key: None,
         value: Some(Bytes::copy_from_slice(value.as_bytes())),
         headers: Default::default(),
