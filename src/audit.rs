@@ -63,11 +63,18 @@ pub enum Kind {
     /// idempotent producer sends again under a new epoch or producer id. Forwarded (the broker writes
     /// it again) or answered with the original offset (policy `duplicate_content: answer`).
     DuplicateContent,
+    /// The idempotence upgrade obtained an upstream producer id for a client without idempotence
+    /// (`producer_id`): its batches go upstream under it from now on.
+    ProducerUpgraded,
+    /// An upgraded producer's partition started again after a refusal or a batch of unknown fate: at
+    /// the sequence after its last written batch, or under a new epoch at sequence 0 (`detail` says
+    /// which, and how many batches of unknown fate a late retry would write again).
+    UpgradeResequenced,
 }
 
 impl Kind {
     /// Every kind, for tests and for anything that lists them.
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 20] = [
         Kind::OutOfOrderSequence,
         Kind::OutOfOrderCascade,
         Kind::FencedEpoch,
@@ -86,6 +93,8 @@ impl Kind {
         Kind::UnknownTopicId,
         Kind::PolicyViolation,
         Kind::DuplicateContent,
+        Kind::ProducerUpgraded,
+        Kind::UpgradeResequenced,
     ];
 
     /// The wire name (the `kind` of the JSON line and the metrics label).
@@ -109,6 +118,8 @@ impl Kind {
             Kind::UnknownTopicId => "unknown_topic_id",
             Kind::PolicyViolation => "policy_violation",
             Kind::DuplicateContent => "duplicate_content",
+            Kind::ProducerUpgraded => "producer_upgraded",
+            Kind::UpgradeResequenced => "upgrade_resequenced",
         }
     }
 }

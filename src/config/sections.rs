@@ -319,6 +319,12 @@ pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
         1,
         100_000_000,
     ) as usize;
+    let upgraded_producers = s.int(
+        "upgraded_producers",
+        Some(d.upgraded_producers as i64),
+        1,
+        10_000_000,
+    ) as usize;
     s.finish(&[
         "enabled",
         "mode",
@@ -328,6 +334,7 @@ pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
         "in_flight_wait_ms",
         "content_window_ms",
         "content_window_entries",
+        "upgraded_producers",
     ]);
     GuardConfig {
         enabled,
@@ -338,6 +345,7 @@ pub(super) fn parse_producer_state(s: &Section) -> GuardConfig {
         in_flight_wait,
         content_window,
         content_window_entries,
+        upgraded_producers,
     }
 }
 

@@ -66,6 +66,8 @@ impl Guard {
                 }
             }
         }
+        // After the content window learned: a duplicate the upgrade turns into a success has no offset.
+        self.settle_stamps(&mut tracking, &mut resp);
         for topic in &resp.responses {
             for p in &topic.partition_responses {
                 let Some(i) = tracking
@@ -167,7 +169,7 @@ impl Guard {
 }
 
 /// Whether the answer's topic entry is the topic the request named so.
-fn names(wire: &OwnedWireTopic, answer: &TopicProduceResponse) -> bool {
+pub(super) fn names(wire: &OwnedWireTopic, answer: &TopicProduceResponse) -> bool {
     match wire {
         OwnedWireTopic::Name(n) => answer.name.0.as_str() == &**n,
         OwnedWireTopic::Id(id) => answer.topic_id.as_bytes() == id,

@@ -34,7 +34,11 @@ impl Guard {
                 fails.push((x, Check::AcksAll, msg));
             }
         }
-        if let Some(x) = d.get(Check::Idempotence) {
+        // `upgrade`: not a violation, the batch goes upstream idempotent (see `upgrade`).
+        if let Some(x) = d
+            .get(Check::Idempotence)
+            .filter(|x| x.action != PolicyAction::Upgrade)
+        {
             if !info.is_idempotent() {
                 let msg = format!(
                     "topic {topic} requires an idempotent producer (enable.idempotence=true)"

@@ -71,6 +71,13 @@ impl ContentWindow {
     }
 
     /// The key of `digest` sent by `identity` to `topic`/`partition`.
+    /// A client identity's own key (the upgraded producer it shares across its connections), from
+    /// the same random per-process keys.
+    pub fn identity(&self, identity: &impl Hash) -> u128 {
+        let half = |salt: u8| self.hasher.hash_one((salt, identity));
+        u128::from(half(3)) << 64 | u128::from(half(4))
+    }
+
     pub fn key(
         &self,
         identity: &impl Hash,

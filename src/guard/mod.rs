@@ -27,6 +27,7 @@ pub mod failures;
 mod plan;
 pub mod store;
 pub mod txn;
+pub mod upgrade;
 
 use crate::audit::{Action, AuditEvent, AuditSink, Kind, Source};
 use crate::eos::Batch;
@@ -62,6 +63,8 @@ pub struct GuardConfig {
     pub content_window: Duration,
     /// The most batches remembered by content.
     pub content_window_entries: usize,
+    /// Client identities the idempotence upgrade keeps an upstream producer for.
+    pub upgraded_producers: usize,
 }
 
 impl Default for GuardConfig {
@@ -77,6 +80,7 @@ impl Default for GuardConfig {
             // and 120 s: a client retries a batch for at most that long.
             content_window: Duration::from_secs(300),
             content_window_entries: 100_000,
+            upgraded_producers: 10_000,
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Guard {
     pub failed: failures::FailedHeads,
     /// What each client had written lately, by content (see [`content`]).
     pub content: content::ContentWindow,
+    /// The upstream producers of clients whose idempotence the proxy upgrades.
+    pub upgrades: upgrade::Upgrades,
     pub audit: Arc<AuditSink>,
     pub metrics: Option<Arc<Metrics>>,
     clock: Instant,
@@ -137,6 +143,12 @@ pub struct ProducePlan {
     outcomes: Vec<Vec<Outcome>>,
     /// Per partition, the content to remember if the broker writes it (see [`content`]).
     remember: Vec<Vec<Option<Remember>>>,
+    /// Batches the idempotence upgrade applies to, as (record count, content digest), until
+    /// [`Guard::stamp`] gives them stamps.
+    upgradable: Vec<Vec<Option<(i32, [u64; 2])>>>,
+    stamps: Vec<Vec<Option<upgrade::Stamp>>>,
+    /// The upstream producer the stamps are of, and its producer id.
+    upgraded: Option<(Arc<std::sync::Mutex<upgrade::Producer>>, i64)>,
     /// Each topic as the request names it, and its name (`None`: a topic id the proxy cannot name).
     topics: Vec<(OwnedWireTopic, Option<String>)>,
     partitions: Vec<Vec<i32>>,
@@ -151,6 +163,11 @@ pub struct ProducePlan {
 
 impl ProducePlan {
     /// Whether some partition waits for an in-flight original (see [`Guard::resolve_waits`]).
+    /// Whether the idempotence upgrade applies to a batch of the request.
+    pub fn has_upgradable(&self) -> bool {
+        self.upgradable.iter().flatten().any(Option::is_some)
+    }
+
     pub fn has_waits(&self) -> bool {
         self.outcomes
             .iter()
@@ -202,13 +219,22 @@ pub struct ProduceTracking {
     /// A transactional batch was forwarded: a broker success opens the transaction at the proxy.
     opens_txn: bool,
     settled: bool,
+    /// Batches the idempotence upgrade stamped, and the producer they went upstream as.
+    stamps: Vec<upgrade::Stamped>,
+    upgraded: Option<(Arc<std::sync::Mutex<upgrade::Producer>>, i64)>,
 }
 
 impl ProduceTracking {
     /// Whether the proxy answers some partitions itself, so the broker's answer must be re-encoded
     /// with them merged in (otherwise it is only read, and passes as the broker's bytes).
     pub fn answers_locally(&self) -> bool {
-        !self.local.is_empty()
+        // An upgraded producer's answer may be rewritten (see `Guard::settle_stamps`).
+        !self.local.is_empty() || !self.stamps.is_empty()
+    }
+
+    /// Whether the idempotence upgrade stamped batches of the request (it then goes with acks=all).
+    pub fn upgraded(&self) -> bool {
+        !self.stamps.is_empty()
     }
 
     /// Whether the request carries idempotent batches that went to the broker.
@@ -222,6 +248,16 @@ impl Drop for ProduceTracking {
         if !self.settled {
             for t in &self.tracked {
                 self.guard.store.settle(&t.key, t.batch);
+            }
+        }
+        // Stamps never answered (the connection broke, or the answer could not be read): their fate
+        // is unknown; the client's retry goes out under the same stamp.
+        if let (Some((producer, _)), false) = (&self.upgraded, self.stamps.is_empty()) {
+            let mut p = upgrade::lock(producer);
+            for s in self.stamps.drain(..) {
+                if let Some(lane) = p.lane(&s.name, s.partition) {
+                    lane.settle(s.stamp, upgrade::Fate::Unknown, false);
+                }
             }
         }
     }
@@ -238,6 +274,7 @@ impl Guard {
                 config.content_window_entries,
                 config.content_window,
             ),
+            upgrades: upgrade::Upgrades::new(config.upgraded_producers),
             config,
             audit,
             clock: Instant::now(),

@@ -39,6 +39,9 @@ impl Guard {
         let mut plan = ProducePlan {
             outcomes: Vec::with_capacity(view.topics.len()),
             remember: Vec::with_capacity(view.topics.len()),
+            upgradable: Vec::with_capacity(view.topics.len()),
+            stamps: Vec::new(),
+            upgraded: None,
             topics: view
                 .topics
                 .iter()
@@ -68,6 +71,7 @@ impl Guard {
                 // A topic id the proxy cannot name (the stage resolved what it could, and audited the
                 // rest): the broker judges it, the proxy tracks nothing it could not name.
                 outcomes.extend(topic.partitions.iter().map(|_| Outcome::Pass));
+                plan.upgradable.push(vec![None; outcomes.len()]);
                 plan.outcomes.push(outcomes);
                 plan.remember.push(remember);
                 continue;
@@ -85,11 +89,14 @@ impl Guard {
                         )),
                     })
                 }));
+                plan.upgradable.push(vec![None; outcomes.len()]);
                 plan.outcomes.push(outcomes);
                 plan.remember.push(remember);
                 continue;
             }
             let demands = policy(name);
+            let upgrading = demands.as_deref().is_some_and(upgrades_idempotence);
+            let mut upgradable = vec![None; topic.partitions.len()];
             for (i, p) in topic.partitions.iter().enumerate() {
                 let alone = !repeated.contains(&(topic.wire, p.index));
                 outcomes.push(match p.records {
@@ -109,20 +116,27 @@ impl Guard {
                         remember[i] = learn;
                         match answered {
                             Some(answer) => answer,
-                            None => self.decide_partition(
-                                &view,
-                                (name, p.index, alone),
-                                records,
-                                conn,
-                                demands.as_deref(),
-                                &mut plan.opens_txn,
-                            ),
+                            None => {
+                                let outcome = self.decide_partition(
+                                    &view,
+                                    (name, p.index, alone),
+                                    records,
+                                    conn,
+                                    demands.as_deref(),
+                                    &mut plan.opens_txn,
+                                );
+                                if upgrading && alone && matches!(outcome, Outcome::Pass) {
+                                    upgradable[i] = upgrade_candidate(&view, records);
+                                }
+                                outcome
+                            }
                         }
                     }
                 });
             }
             plan.outcomes.push(outcomes);
             plan.remember.push(remember);
+            plan.upgradable.push(upgradable);
         }
         Ok(plan)
     }
@@ -142,7 +156,13 @@ impl Guard {
     ) -> (Option<Outcome>, Option<Remember>) {
         use crate::policy::{Action as PolicyAction, Check};
         let decision = demands.and_then(|d| d.get(Check::DuplicateContent));
-        let action = decision.map_or(PolicyAction::Audit, |d| d.action);
+        // The idempotence upgrade promises that a retry is never written twice: unless the topic says
+        // otherwise, a retry of a written batch is answered.
+        let action = match decision {
+            Some(d) => d.action,
+            None if demands.is_some_and(upgrades_idempotence) => PolicyAction::Upgrade,
+            None => PolicyAction::Audit,
+        };
         if !self.content.enabled()
             || action == PolicyAction::Allow
             || view.transactional_id.is_some()
@@ -601,6 +621,7 @@ impl Guard {
         let mut tracked = Vec::new();
         let mut local = Vec::new();
         let mut remember = Vec::new();
+        let mut stamps = Vec::new();
         let mut forwarded = 0usize;
         let total: usize = plan.outcomes.iter().map(Vec::len).sum();
         for (t, outcomes) in plan.outcomes.iter().enumerate() {
@@ -608,6 +629,15 @@ impl Guard {
                 let ((wire, name), partition) = (&plan.topics[t], plan.partitions[t][p]);
                 if let (Some(r), false) = (plan.remember[t][p], matches!(o, Outcome::Local(_))) {
                     remember.push((wire.clone(), partition, r));
+                }
+                let stamp = plan.stamps.get(t).and_then(|s| s[p]);
+                if let (Some(stamp), false) = (stamp, matches!(o, Outcome::Local(_))) {
+                    stamps.push(upgrade::Stamped {
+                        wire: wire.clone(),
+                        name: name.clone().unwrap_or_default(),
+                        partition,
+                        stamp,
+                    });
                 }
                 match o {
                     Outcome::Pass | Outcome::Wait { .. } => forwarded += 1,
@@ -645,7 +675,38 @@ impl Guard {
             transactional_id: plan.transactional_id.clone(),
             opens_txn: plan.opens_txn && plan.acks != 0,
             settled: false,
+            stamps,
+            upgraded: plan.upgraded.clone(),
         };
+        if !tracking.stamps.is_empty() {
+            // Upgraded batches: the request goes with their stamps written in (only the forwarded
+            // partitions, if some are answered here).
+            let no_names = TopicNames::new();
+            let base = if forwarded == total {
+                frame.clone()
+            } else {
+                match produce::parse(frame, view_frame_body, plan.version, &no_names) {
+                    Ok(view) => {
+                        let keep =
+                            |t: usize, p: usize| !matches!(plan.outcomes[t][p], Outcome::Local(_));
+                        view.rebuild(frame, keep)
+                    }
+                    Err(_) => frame.clone(),
+                }
+            };
+            let pid = plan.upgraded.as_ref().map_or(-1, |u| u.1);
+            let out = stamp_request(&base, view_frame_body, plan.version, &tracking.stamps, pid);
+            return match out {
+                Some(out) => ProduceAction::Rebuilt(out, tracking),
+                // Cannot happen for bytes the plan read; if it did, nothing goes upstream stamped
+                // and the lanes learn the fate as unknown.
+                None => {
+                    let mut tracking = tracking;
+                    let _ = std::mem::take(&mut tracking.stamps);
+                    ProduceAction::Forward(Some(tracking))
+                }
+            };
+        }
         if forwarded == total {
             let needed =
                 !tracking.tracked.is_empty() || !tracking.remember.is_empty() || tracking.opens_txn;
@@ -673,6 +734,57 @@ impl Guard {
         let keep = |t: usize, p: usize| !matches!(plan.outcomes[t][p], Outcome::Local(_));
         ProduceAction::Rebuilt(view.rebuild(frame, keep), tracking)
     }
+}
+
+/// `frame` with the upgrade's stamps written into its batches (a copy; the records are not touched).
+fn stamp_request(
+    frame: &Bytes,
+    body: usize,
+    version: i16,
+    stamps: &[upgrade::Stamped],
+    producer_id: i64,
+) -> Option<Bytes> {
+    let no_names = TopicNames::new();
+    let view = produce::parse(frame, body, version, &no_names).ok()?;
+    let mut at = Vec::with_capacity(stamps.len());
+    for s in stamps {
+        let records = view
+            .topics
+            .iter()
+            .filter(|t| t.wire.to_owned() == s.wire)
+            .flat_map(|t| t.partitions.iter())
+            .find(|p| p.index == s.partition)
+            .and_then(|p| p.records)?;
+        let start = records.as_ptr() as usize - frame.as_ptr() as usize;
+        at.push((start..start + records.len(), s.stamp));
+    }
+    let mut out = bytes::BytesMut::from(&frame[..]);
+    for (range, stamp) in at {
+        upgrade::restamp(&mut out[range], producer_id, &stamp)?;
+    }
+    Some(out.freeze())
+}
+
+/// Whether the policies upgrade the idempotence of a topic's writers.
+fn upgrades_idempotence(d: &TopicPolicy) -> bool {
+    d.get(crate::policy::Check::Idempotence)
+        .is_some_and(|x| x.action == crate::policy::Action::Upgrade)
+}
+
+/// A batch the idempotence upgrade can stamp: (record count, content digest). Only what a client
+/// without idempotence sends outside a transaction, in the v2 format; a control batch or one with a
+/// producer id is left as it came (the broker judges it).
+fn upgrade_candidate(view: &ProduceView, records: &[u8]) -> Option<(i32, [u64; 2])> {
+    let h = crate::protocol::batch::BatchHeader::new(records)?;
+    let whole = usize::try_from(h.batch_length()).ok()? + 12 == records.len();
+    (view.transactional_id.is_none()
+        && whole
+        && h.magic() == 2
+        && h.producer_id() < 0
+        && !h.is_transactional()
+        && !h.is_control()
+        && h.record_count() > 0)
+        .then(|| (h.record_count(), h.content_digest()))
 }
 
 /// The topic partitions a Produce request names more than once (sorted, each once).

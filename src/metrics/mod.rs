@@ -107,6 +107,10 @@ pub struct ProducerMetrics {
     pub out_of_order: IntCounterVec,
     pub fenced: IntCounterVec,
     pub epoch_bumps: IntCounterVec,
+    /// Batches the idempotence upgrade sent upstream under a producer id the proxy obtained.
+    pub upgraded_batches: IntCounterVec,
+    /// Restarts of an upgraded producer's partition, by how (rewound, epoch_bump).
+    pub upgrade_restarts: IntCounterVec,
     pub txn_committed: IntCounterVec,
     pub txn_aborted: IntCounterVec,
     pub txn_duration: HistogramVec,
@@ -376,6 +380,21 @@ impl Metrics {
                     "Epoch changes seen in acknowledged batches",
                     &producer,
                 )?,
+                upgraded_batches: counter_vec(
+                    &r,
+                    "producer_upgraded_batches_total",
+                    "Batches of a client without idempotence sent upstream as an idempotent \
+                     producer's by the idempotence upgrade",
+                    &producer,
+                )?,
+                upgrade_restarts: counter_vec(
+                    &r,
+                    "producer_upgrade_restarts_total",
+                    "Partitions of an upgraded producer started again after a refused batch or one of \
+                     unknown fate, by how: rewound (to the sequence after the last written batch) or \
+                     epoch_bump (a new epoch at sequence 0)",
+                    &["client_id", "transactional_id", "how"],
+                )?,
                 txn_committed: counter_vec(
                     &r,
                     "transactions_committed_total",
@@ -514,8 +533,9 @@ impl ProducerMetrics {
             .set(1);
     }
 
-    fn all(&self) -> [&IntCounterVec; 9] {
+    fn all(&self) -> [&IntCounterVec; 10] {
         [
+            &self.upgraded_batches,
             &self.batches,
             &self.records,
             &self.bytes,
@@ -559,6 +579,9 @@ impl ProducerMetrics {
                     let _ = self
                         .duplicate_content
                         .remove_label_values(&[&c, &t, action]);
+                }
+                for how in ["rewound", "epoch_bump"] {
+                    let _ = self.upgrade_restarts.remove_label_values(&[&c, &t, how]);
                 }
                 let _ = self.open_transactions.remove_label_values(&[&c, &t]);
                 self.series_evicted.inc();

@@ -237,12 +237,22 @@ pub static ROWS: [Row; CHECK_COUNT] = [
         key: "idempotence",
         scope: Scope::Produce,
         shape: Shape::Action,
-        actions: ALLOW_AUDIT_REJECT,
-        not_possible: CANNOT_MAKE_COMPLIANT,
+        actions: &[
+            Action::Allow,
+            Action::Audit,
+            Action::Upgrade,
+            Action::Reject,
+        ],
+        not_possible: "",
         error: (codes::POLICY_VIOLATION, "POLICY_VIOLATION"),
         reject_note: "",
         fails: |_| "non-idempotent batches".into(),
-        upgrade: nothing,
+        upgrade: |_| {
+            "send a client's batches upstream as an idempotent producer's: a producer id the proxy \
+             obtains for the client (principal, client id, address), sequences per partition, \
+             acks=all; its retries are written once"
+                .into()
+        },
     },
     Row {
         check: Check::Transactions,

@@ -196,7 +196,7 @@ policies:
     match:
       topics: { regex: ["pay(["], prefx: [x] }
       client_addresses: ["10.0.0.1/8"]
-    produce: { idempotence: upgrade, acks_all: maybe, max_batch_bytes: { limit: 0, action: reject }, extra: 1 }
+    produce: { transactions: upgrade, acks_all: maybe, max_batch_bytes: { limit: 0, action: reject }, extra: 1 }
     consume: { read_committed: reject }
   - name: a
     match: { topics: [t] }
@@ -219,7 +219,7 @@ policies:
         "policies[0].match.topics.regex[0]: invalid regex",
         "policies[0].match.topics.prefx: unknown key",
         "policies[0].match.client_addresses[0]: '10.0.0.1/8' has host bits set",
-        "policies[0].produce.idempotence: 'upgrade' is not possible",
+        "policies[0].produce.transactions: 'upgrade' is not possible",
         "policies[0].produce.acks_all: 'maybe' is not an action",
         "policies[0].produce.max_batch_bytes.limit: must be an integer from 1",
         "policies[0].produce.extra: unknown key",

@@ -1,7 +1,13 @@
 //! Kafka error codes the proxy gives or reads (the protocol's own numbers; one place for all of them).
 
 pub const NONE: i16 = 0;
+pub const UNKNOWN_SERVER_ERROR: i16 = -1;
 pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+pub const REQUEST_TIMED_OUT: i16 = 7;
+pub const NETWORK_EXCEPTION: i16 = 13;
+pub const NOT_ENOUGH_REPLICAS: i16 = 19;
+pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
+pub const KAFKA_STORAGE_ERROR: i16 = 56;
 pub const UNKNOWN_TOPIC_ID: i16 = 100;
 pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
 pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;

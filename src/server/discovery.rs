@@ -163,3 +163,50 @@ pub async fn name_topic_ids(handles: &Handles, ids: &[[u8; 16]]) -> Vec<([u8; 16
     }
     unnamed
 }
+
+/// InitProducerId v4 (Kafka 2.7+): what the proxy asks for an upgraded producer.
+const INIT_PRODUCER_ID_VERSION: i16 = 4;
+
+/// A new idempotent producer id from the cluster, for the idempotence upgrade (no transactional id,
+/// as an idempotent Java producer asks; the bootstrap servers in turn, each bounded by the connect
+/// timeout). Returns the producer id (its epoch is 0).
+pub async fn new_producer_id(handles: &Handles) -> anyhow::Result<i64> {
+    use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
+    let up = &handles.upstream;
+    let body = InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(i32::MAX)
+        .with_producer_id((-1).into())
+        .with_producer_epoch(-1);
+    let mut last_err = anyhow::anyhow!("no bootstrap servers");
+    for server in &up.bootstrap_servers {
+        let exchange = async {
+            let mut conn = super::own::OwnConnection::open(handles, server).await?;
+            conn.call::<_, InitProducerIdResponse>(
+                ApiKey::InitProducerId,
+                INIT_PRODUCER_ID_VERSION,
+                &body,
+            )
+            .await
+        };
+        match tokio::time::timeout(up.connect_timeout, exchange).await {
+            Ok(Ok(resp)) if resp.error_code == 0 && resp.producer_id.0 >= 0 => {
+                return Ok(resp.producer_id.0)
+            }
+            Ok(Ok(resp)) => {
+                last_err = anyhow::anyhow!(
+                    "bootstrap server {server} answered InitProducerId with error {}",
+                    resp.error_code
+                )
+            }
+            Ok(Err(e)) => last_err = e.context(format!("bootstrap server {server}")),
+            Err(_) => {
+                last_err = anyhow::anyhow!(
+                    "bootstrap server {server}: no answer within {:?}",
+                    up.connect_timeout
+                )
+            }
+        }
+    }
+    Err(last_err)
+}

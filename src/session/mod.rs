@@ -361,6 +361,11 @@ async fn response_pump(
                     Some(Ok(f)) => f.freeze(),
                 };
                 activity.touch();
+                if let Some(break_it) = &conn.shared.hooks.break_before_answer {
+                    if break_it(api_key) {
+                        return Close::UpstreamClosed;
+                    }
+                }
                 let answered = metrics.map(|m| {
                     m.bytes_from_upstream.inc_by(frame.len() as u64);
                     Instant::now()

@@ -50,6 +50,10 @@ pub struct Hooks {
     /// Called with the api key and frame of every broker response before it goes to the client; `true`
     /// drops it (the proxy has processed it, the client never sees it): a lost response, for retry tests.
     pub drop_client_frame: Option<Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>>,
+    /// Called with the api key of every broker response before the proxy reads it; `true` closes the
+    /// session as if the broker connection had broken right then (the request was handled upstream,
+    /// its answer never read): a batch of unknown fate, for the idempotence upgrade's tests.
+    pub break_before_answer: Option<Arc<dyn Fn(i16) -> bool + Send + Sync>>,
     /// Called with every request frame the proxy writes upstream (after any rewrite).
     pub on_upstream_frame: Option<Arc<dyn Fn(&[u8]) + Send + Sync>>,
     /// Called with every audit event.

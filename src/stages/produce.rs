@@ -81,6 +81,13 @@ pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result
         cx.upstream.flush().await?;
         guard.resolve_waits(&mut plan, cx.client).await;
     }
+    if plan.has_upgradable() {
+        // Stamped last, right before the request goes upstream: sequences go out in the order given.
+        match upgraded_producer(cx).await {
+            Ok(producer) => guard.stamp(&mut plan, &producer, cx.client),
+            Err(why) => guard.hold_upgradable(&mut plan, &why),
+        }
+    }
     let tracking = match guard.finish(plan, &req.frame, req.head.body_offset.unwrap_or(0)) {
         ProduceAction::Forward(tracking) => tracking,
         ProduceAction::Rebuilt(rebuilt, tracking) => {
@@ -102,6 +109,17 @@ pub async fn on_request(cx: &mut RequestCx<'_, '_>, req: &mut Request) -> Result
             return Ok(Step::Answer(answer));
         }
     };
+    if let (Some(t), false) = (&tracking, acks == -1) {
+        if t.upgraded() {
+            // An idempotent producer writes with acks=all (the broker's dedup needs the write
+            // replicated); an acks=0 client still gets no answer.
+            let at = wire::produce_acks_offset(&req.out, &req.head)
+                .map_err(|e| Close::MalformedRequest(format!("produce: {e}")))?;
+            req.out = patched(&req.out, at, &(-1i16).to_be_bytes());
+            req.swallow |= acks == 0;
+            req.expects_response = true;
+        }
+    }
     if let Some(tracking) = tracking {
         let in_flight = (req.expects_response && tracking.tracks_idempotent_batches())
             .then(|| count_in_flight(cx));
@@ -161,6 +179,75 @@ async fn topic_names(cx: &mut RequestCx<'_, '_>, req: &Request) -> Result<TopicN
         }
     }
     Ok(names)
+}
+
+/// The upstream producer of this client's identity for the idempotence upgrade: the one its other
+/// connections use, or a new producer id from the cluster (counted against the producer-id rate
+/// policy, as a client's own InitProducerId is).
+async fn upgraded_producer(
+    cx: &mut RequestCx<'_, '_>,
+) -> Result<Arc<std::sync::Mutex<crate::guard::upgrade::Producer>>, String> {
+    use crate::policy::rate::Admission;
+    let (handles, client) = (cx.handles, cx.client);
+    let guard = &handles.guard;
+    let identity =
+        guard
+            .content
+            .identity(&(client.principal(), client.client_id_kept(), client.ip()));
+    if let Some(p) = guard.upgrades.get(identity) {
+        return Ok(p);
+    }
+    let _one_at_a_time = guard.upgrades.obtaining.lock().await;
+    if let Some(p) = guard.upgrades.get(identity) {
+        return Ok(p);
+    }
+    let pp = cx.state.policies.policies().producer_policy(client);
+    let limit = pp
+        .get(Check::NewProducerIdsPerMinute)
+        .and_then(|d| Some((d.limit()?, d.rule.clone())));
+    let buckets = super::init_producer_id::new_id_buckets(client);
+    let rate = &handles.policies.new_pids;
+    if let Some((limit, rule)) = &limit {
+        let now = std::time::Instant::now();
+        if let Some(b) = buckets
+            .iter()
+            .find(|b| rate.check(b, *limit, now) != Admission::Admitted)
+        {
+            return Err(format!(
+                "policy '{rule}': {b} reached {limit} new producer ids per minute; the upgrade \
+                 obtains one for it when the window has room"
+            ));
+        }
+    }
+    let producer_id = discovery::new_producer_id(handles)
+        .await
+        .map_err(|e| format!("no producer id for the idempotence upgrade: {e:#}"))?;
+    if limit.is_some() {
+        let now = std::time::Instant::now();
+        for b in &buckets {
+            rate.count(b, now);
+        }
+    }
+    let producer = guard
+        .upgrades
+        .insert(identity, producer_id)
+        .ok_or_else(|| {
+            format!(
+            "all {} upgraded producers have batches in flight (producer_state.upgraded_producers)",
+            guard.config.upgraded_producers
+        )
+        })?;
+    guard.audit.emit(AuditEvent {
+        api_key: ApiKey::Produce as i16,
+        producer_id,
+        producer_epoch: 0,
+        detail: Some(format!(
+            "a client without idempotence writes where produce.idempotence is 'upgrade': its \
+             batches go upstream as idempotent producer {producer_id}, with acks=all"
+        )),
+        ..AuditEvent::new(Kind::ProducerUpgraded, Source::Proxy, Action::Observed).from_conn(client)
+    });
+    Ok(producer)
 }
 
 /// One more idempotent produce request in flight; more than five on one connection is reported once.

@@ -319,6 +319,17 @@ pub async fn start_proxy_full(
     tweak: impl Fn(&mut Config),
     drop_rule: Option<DropRule>,
 ) -> TestProxy {
+    start_proxy_faulty(cluster, tweak, drop_rule, None).await
+}
+
+/// [`start_proxy_full`], and `break_rule` picks broker answers the proxy never reads: its session
+/// closes as if the broker connection broke after the broker handled the request.
+pub async fn start_proxy_faulty(
+    cluster: Cluster,
+    tweak: impl Fn(&mut Config),
+    drop_rule: Option<DropRule>,
+    break_rule: Option<Arc<dyn Fn(i16) -> bool + Send + Sync>>,
+) -> TestProxy {
     init_logging();
     let upstream = kafka(cluster);
     let leaks = Arc::new(LeakDetector::default());
@@ -338,6 +349,7 @@ pub async fn start_proxy_full(
         let hooks = Hooks {
             on_client_frame: Some(Arc::new(move |f: &[u8]| detector.inspect(f))),
             drop_client_frame: drop_rule.clone(),
+            break_before_answer: break_rule.clone(),
             // Produce requests only (api key 0): what the broker was asked to write.
             on_upstream_frame: Some(Arc::new(move |f: &[u8]| {
                 if f.len() > 6 && f[4..6] == [0, 0] {

@@ -164,38 +164,63 @@ async fn records_re_sent_under_a_new_epoch_or_producer_id_are_reported() {
     proxy.stop().await;
 }
 
-/// Which Produce answers are lost: the n-th answers (counting from 1) in `lost`.
+/// Which Produce answers are lost: the n-th answers (counting from 1) in `lost`; those in `resets`
+/// are lost with their connection (it is closed instead of answered).
 #[derive(Clone)]
-struct LostAnswers {
+pub(crate) struct LostAnswers {
     lost: Arc<Vec<usize>>,
+    resets: Arc<Vec<usize>>,
     seen: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl LostAnswers {
-    fn new(lost: &[usize]) -> LostAnswers {
+    pub(crate) fn new(lost: &[usize]) -> LostAnswers {
+        LostAnswers::with_resets(lost, &[])
+    }
+
+    pub(crate) fn with_resets(lost: &[usize], resets: &[usize]) -> LostAnswers {
         LostAnswers {
             lost: Arc::new(lost.to_vec()),
+            resets: Arc::new(resets.to_vec()),
             seen: Arc::default(),
         }
     }
 
-    /// Called for each Produce answer on its way to the client: whether it is lost.
-    fn lose(&self) -> bool {
+    /// Called for each Produce answer on its way to the client: what happens to it.
+    pub(crate) fn next(&self) -> Fault {
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.lost.contains(&n)
+        if self.lost.contains(&n) {
+            Fault::Lose
+        } else if self.resets.contains(&n) {
+            Fault::Reset
+        } else {
+            Fault::Pass
+        }
     }
+
+    /// Whether the next answer is lost (counting every answer, reset or not).
+    pub(crate) fn lose(&self) -> bool {
+        self.next() == Fault::Lose
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    Pass,
+    Lose,
+    Reset,
 }
 
 use std::sync::Arc;
 
 /// The relay port is one: the tests that use it take turns.
-static RELAY_PORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static RELAY_PORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The direct path with lost answers: a relay on the single broker's RELAY port (the broker advertises
 /// 127.0.0.1:19095 on the listener at 19094, so a client bootstrapped here stays here) that passes every
 /// byte both ways but drops the Produce answers `lost` picks, after the broker wrote the batch. Frames
 /// are read by their size prefix; requests' correlation ids say which answers are Produce answers.
-async fn lossy_relay(lost: LostAnswers) -> tokio::task::JoinHandle<()> {
+pub(crate) async fn lossy_relay(lost: LostAnswers) -> tokio::task::JoinHandle<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:19095")
         .await
@@ -242,8 +267,11 @@ async fn lossy_relay(lost: LostAnswers) -> tokio::task::JoinHandle<()> {
                     }
                     let corr = i32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
                     let produce = produce_corr.lock().unwrap().remove(&corr);
-                    if produce && lost.lose() {
-                        continue;
+                    match (produce, produce.then(|| lost.next())) {
+                        (true, Some(Fault::Lose)) => continue,
+                        // Both directions end: the client sees its connection close.
+                        (true, Some(Fault::Reset)) => return,
+                        _ => {}
                     }
                     if cw.write_all(&size).await.is_err() || cw.write_all(&frame).await.is_err() {
                         return;
@@ -257,7 +285,12 @@ async fn lossy_relay(lost: LostAnswers) -> tokio::task::JoinHandle<()> {
 /// librdkafka without idempotence writes `rounds` rounds of 20 records, waiting for each round's
 /// delivery, with a short request timeout (a lost answer: it disconnects and sends the batch again).
 /// Returns the values the topic holds, read directly.
-async fn produce_rounds(bootstrap: &str, topic: &str, acks: &str, rounds: usize) -> Vec<String> {
+pub(crate) async fn produce_rounds(
+    bootstrap: &str,
+    topic: &str,
+    acks: &str,
+    rounds: usize,
+) -> Vec<String> {
     let (bs, t, acks) = (bootstrap.to_string(), topic.to_string(), acks.to_string());
     tokio::task::spawn_blocking(move || {
         use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};

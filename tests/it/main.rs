@@ -14,4 +14,5 @@ mod rdkafka_clients;
 mod refusals;
 mod telemetry;
 mod tls;
+mod upgrade;
 mod wire;

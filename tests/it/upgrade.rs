@@ -1,0 +1,304 @@
+//! The idempotence upgrade (issue #15): `produce.idempotence: upgrade` sends the batches of a client
+//! without idempotence upstream as an idempotent producer's (a producer id the proxy obtained,
+//! per-partition sequences, acks=all), so that neither a lost answer nor a broken connection makes
+//! its retry a duplicate. Counted against real Kafka with librdkafka and kafka-clients 4.4, each
+//! against the direct path under the same faults.
+
+use crate::common::*;
+use crate::content::{lossy_relay, produce_rounds, Fault, LostAnswers, RELAY_PORT};
+use crate::producer_state::{batch, produce, send_produce};
+use crate::rdkafka_clients::create_topic;
+use crate::wire::Raw;
+use kafka_eos_proxy::audit::{Action, Kind};
+use kafka_protocol::messages::{ApiKey, ProduceRequest, RequestHeader};
+use kafka_protocol::protocol::Decodable;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+const UPGRADE: &str = r#"
+policies:
+  - name: upgrade
+    match: { topics: { prefix: ["upgrade-", "java-upgrade"] } }
+    produce: { idempotence: upgrade }
+"#;
+
+/// Every batch of the Produce requests the proxy sent upstream: (acks, producer id, epoch, base
+/// sequence, record count).
+fn upstream_batches(proxy: &TestProxy) -> Vec<(i16, i64, i16, i32, i32)> {
+    let frames = proxy.upstream_frames.lock().unwrap().clone();
+    let mut out = Vec::new();
+    for f in frames {
+        let mut body = f.slice(4..);
+        let version = i16::from_be_bytes([f[6], f[7]]);
+        let header_version = ApiKey::Produce.request_header_version(version);
+        RequestHeader::decode(&mut body, header_version).expect("header");
+        let req = ProduceRequest::decode(&mut body, version).expect("produce");
+        for t in &req.topic_data {
+            for p in &t.partition_data {
+                let Some(r) = &p.records else { continue };
+                let be = |a: usize, n: usize| &r[a..a + n];
+                out.push((
+                    req.acks,
+                    i64::from_be_bytes(be(43, 8).try_into().unwrap()),
+                    i16::from_be_bytes(be(51, 2).try_into().unwrap()),
+                    i32::from_be_bytes(be(53, 4).try_into().unwrap()),
+                    i32::from_be_bytes(be(57, 4).try_into().unwrap()),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The same faults inside the proxy: the break hook sees every Produce answer first (a reset: the
+/// proxy never reads it); the drop hook loses a lost one after the proxy read it.
+fn proxy_faults(faults: LostAnswers) -> (DropRule, Arc<dyn Fn(i16) -> bool + Send + Sync>) {
+    let pending: Arc<std::sync::Mutex<Option<Fault>>> = Arc::default();
+    let p2 = pending.clone();
+    let brk: Arc<dyn Fn(i16) -> bool + Send + Sync> = Arc::new(move |key| {
+        if key != 0 {
+            return false;
+        }
+        let f = faults.next();
+        *p2.lock().unwrap() = Some(f);
+        f == Fault::Reset
+    });
+    let drop: DropRule =
+        Arc::new(move |key, _| key == 0 && pending.lock().unwrap().take() == Some(Fault::Lose));
+    (drop, brk)
+}
+
+/// The issue's proof for librdkafka without idempotence, acks=1 and acks=all: the 2nd Produce answer
+/// is lost after the append, the 4th is lost with its connection. Direct (a relay doing exactly
+/// that), the retries are written again. Through the upgrading proxy (the 2nd answer read and then
+/// lost on the way to the client; the 4th never read: the proxy's broker connection breaks), every
+/// record is written once: the first retry is answered from the content window, the second is sent
+/// again under the stamp its first attempt had, and the broker deduplicates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_without_idempotence_is_written_once_through_the_upgrade() {
+    kafka(Cluster::Single);
+    let _relay_port = RELAY_PORT.lock().await;
+    let rounds = 6;
+    let expected: BTreeSet<String> = (0..rounds)
+        .flat_map(|r| (0..20).map(move |i| format!("r{r}-{i}")))
+        .collect();
+    for acks in ["1", "all"] {
+        let relay = lossy_relay(LostAnswers::with_resets(&[2], &[4])).await;
+        let topic = unique_topic("upgrade-direct");
+        create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+        let direct = produce_rounds("127.0.0.1:19095", &topic, acks, rounds).await;
+        relay.abort();
+        let duplicates = direct.len() - expected.len();
+        assert!(
+            duplicates > 0,
+            "acks={acks}: direct, retries after lost answers and resets are written twice"
+        );
+        assert_eq!(direct.iter().cloned().collect::<BTreeSet<_>>(), expected);
+
+        let (drop, brk) = proxy_faults(LostAnswers::with_resets(&[2], &[4]));
+        let p = crate::policies::policies(UPGRADE);
+        let proxy = start_proxy_faulty(
+            Cluster::Single,
+            move |c| c.policies = p.clone(),
+            Some(drop),
+            Some(brk),
+        )
+        .await;
+        let topic = unique_topic("upgrade-rdkafka");
+        create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+        let through = produce_rounds(proxy.bootstrap(), &topic, acks, rounds).await;
+        assert_eq!(
+            through.iter().cloned().collect::<BTreeSet<_>>(),
+            expected,
+            "acks={acks}: nothing lost"
+        );
+        assert_eq!(
+            through.len(),
+            expected.len(),
+            "acks={acks}: through the proxy every record once (direct: {duplicates} duplicates)"
+        );
+        let upstream = upstream_batches(&proxy);
+        assert!(
+            upstream.iter().all(|b| b.0 == -1 && b.1 >= 0),
+            "acks={acks}: every batch went upstream idempotent with acks=all: {upstream:?}"
+        );
+        let stamps: Vec<_> = upstream.iter().map(|b| (b.1, b.2, b.3)).collect();
+        let distinct: BTreeSet<_> = stamps.iter().collect();
+        assert!(
+            distinct.len() < stamps.len(),
+            "acks={acks}: the batch whose answer was never read went again under its own stamp: \
+             {upstream:?}"
+        );
+        assert_eq!(proxy.events(Kind::ProducerUpgraded).len(), 1);
+        let answered = proxy
+            .events(Kind::DuplicateContent)
+            .iter()
+            .filter(|e| e.action == Action::Answered)
+            .count();
+        assert!(
+            answered >= 1,
+            "acks={acks}: the lost answer's retry answered"
+        );
+        eprintln!(
+            "acks={acks}: librdkafka direct {} records for {} sent ({duplicates} duplicates), \
+             through the upgrading proxy {}",
+            direct.len(),
+            expected.len(),
+            through.len()
+        );
+        proxy.stop().await;
+    }
+}
+
+/// The same with kafka-clients 4.4 without idempotence: duplicates direct, every record once through
+/// the upgrading proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_without_idempotence_is_written_once_through_the_upgrade() {
+    use crate::java_client::run_java_at;
+    kafka(Cluster::Single);
+    let _relay_port = RELAY_PORT.lock().await;
+    let count = |r: &std::collections::BTreeMap<String, Vec<String>>, k: &str| -> usize {
+        r[k][0].parse().expect("a count")
+    };
+    for acks in ["1", "all"] {
+        let env = [("EOS_ACKS", acks.to_string())];
+        let relay = lossy_relay(LostAnswers::with_resets(&[2], &[4])).await;
+        let direct = run_java_at("plain-retries", "127.0.0.1:19095", &env).await;
+        relay.abort();
+        assert_eq!(count(&direct, "distinct"), 120);
+        assert!(
+            count(&direct, "records") > 120,
+            "acks={acks}: direct, retries are written twice: {direct:?}"
+        );
+
+        let (drop, brk) = proxy_faults(LostAnswers::with_resets(&[2], &[4]));
+        let p = crate::policies::policies(&UPGRADE.replace("java-upgrade", "java-plain-retries"));
+        let proxy = start_proxy_faulty(
+            Cluster::Single,
+            move |c| c.policies = p.clone(),
+            Some(drop),
+            Some(brk),
+        )
+        .await;
+        let through = crate::java_client::run_java_with("plain-retries", &proxy, &env).await;
+        assert_eq!(
+            (count(&through, "records"), count(&through, "distinct")),
+            (120, 120),
+            "acks={acks}: through the upgrading proxy every record once (direct: {})",
+            count(&direct, "records")
+        );
+        let upstream = upstream_batches(&proxy);
+        assert!(
+            upstream.iter().all(|b| b.0 == -1 && b.1 >= 0),
+            "{upstream:?}"
+        );
+        eprintln!(
+            "acks={acks}: Java direct {} records for 120 sent, through the upgrading proxy {}",
+            count(&direct, "records"),
+            count(&through, "records")
+        );
+        proxy.stop().await;
+    }
+}
+
+/// On the wire: a client without idempotence gets one producer id for all its connections, its
+/// sequences follow across them, a batch the broker refuses makes the partition start again at the
+/// sequence after the last written one, and the producer-id rate policy bounds the ids the proxy
+/// obtains for clients that keep changing their identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_sequences_follow_across_connections_and_recover_from_a_refusal() {
+    let p = crate::policies::policies(
+        r#"
+policies:
+  - name: upgrade
+    match: { topics: { prefix: ["upgrade-"] } }
+    produce: { idempotence: upgrade }
+  - name: few-ids
+    producers: { new_producer_ids_per_minute: { limit: 1, action: reject } }
+"#,
+    );
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+    let topic = unique_topic("upgrade-wire");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    // One record a batch: the test kit's encoder makes one batch per record without a producer id.
+    let plain = |tag: &str| produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, tag))]);
+
+    let mut first = Raw::connect_as(&node, "app").await;
+    assert_eq!(
+        send_produce(&mut first, &plain("a")).await,
+        vec![(0, 0, 0, None)]
+    );
+    let mut second = Raw::connect_as(&node, "app").await;
+    assert_eq!(
+        send_produce(&mut second, &plain("b")).await,
+        vec![(0, 0, 1, None)]
+    );
+
+    // A batch the broker refuses (too large for the topic): not written, the partition goes on at
+    // the sequence after the last written batch, and the next batch is written.
+    let mut big = produce(
+        &topic,
+        None,
+        vec![(
+            0,
+            kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000),
+        )],
+    );
+    big.timeout_ms = 10_000;
+    let refused = send_produce(&mut first, &big).await;
+    assert_eq!(refused[0].1, 10, "MESSAGE_TOO_LARGE: {refused:?}");
+    assert_eq!(
+        send_produce(&mut first, &plain("c")).await,
+        vec![(0, 0, 2, None)]
+    );
+
+    let upstream = upstream_batches(&proxy);
+    let pids: BTreeSet<i64> = upstream.iter().map(|b| b.1).collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one producer id for the client: {upstream:?}"
+    );
+    let seqs: Vec<(i16, i32)> = upstream.iter().map(|b| (b.2, b.3)).collect();
+    assert_eq!(
+        seqs,
+        vec![(0, 0), (0, 1), (0, 2), (0, 2)],
+        "sequences follow across connections; after the refusal the partition starts again at 2"
+    );
+    assert_eq!(proxy.events(Kind::UpgradeResequenced).len(), 1);
+
+    // Another client id: a second producer id would exceed the rate policy's 1 per minute for the
+    // address, so its batch is held back with a retriable error and nothing is written.
+    let mut other = Raw::connect_as(&node, "other-app").await;
+    let held = send_produce(&mut other, &plain("d")).await;
+    assert_eq!(held[0].1, 19, "NOT_ENOUGH_REPLICAS, retriable: {held:?}");
+    assert!(
+        held[0].3.as_deref().unwrap_or("").contains("per minute"),
+        "{held:?}"
+    );
+    assert_eq!(crate::content::end_offset(&topic, 0).await, 3);
+    proxy.stop().await;
+}
+
+/// Producers that are idempotent or transactional already are never touched by the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_and_transactional_producers_are_left_alone() {
+    let p = crate::policies::policies(UPGRADE);
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
+    let topic = unique_topic("upgrade-idem");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    let mut raw = Raw::connect_as(&node, "app").await;
+    let (pid, epoch) = crate::producer_state::init_producer_id(&mut raw, None).await;
+    let req = produce(&topic, None, vec![(0, batch(pid, epoch, 0, 2, false, "i"))]);
+    assert_eq!(send_produce(&mut raw, &req).await, vec![(0, 0, 0, None)]);
+    let upstream = upstream_batches(&proxy);
+    assert_eq!(
+        upstream,
+        vec![(-1, pid, epoch, 0, 2)],
+        "sent as the client stamped it"
+    );
+    assert!(proxy.events(Kind::ProducerUpgraded).is_empty());
+    proxy.stop().await;
+}
