@@ -145,7 +145,7 @@ pub struct ProducePlan {
     remember: Vec<Vec<Option<Remember>>>,
     /// Batches the idempotence upgrade applies to, as (record count, content digest), until
     /// [`Guard::stamp`] gives them stamps.
-    upgradable: Vec<Vec<Option<(i32, [u64; 2])>>>,
+    upgradable: Vec<Vec<Option<upgrade::Candidate>>>,
     stamps: Vec<Vec<Option<upgrade::Stamp>>>,
     /// The upstream producer the stamps are of, and its producer id.
     upgraded: Option<(Arc<std::sync::Mutex<upgrade::Producer>>, i64)>,

@@ -774,7 +774,7 @@ fn upgrades_idempotence(d: &TopicPolicy) -> bool {
 /// A batch the idempotence upgrade can stamp: (record count, content digest). Only what a client
 /// without idempotence sends outside a transaction, in the v2 format; a control batch or one with a
 /// producer id is left as it came (the broker judges it).
-fn upgrade_candidate(view: &ProduceView, records: &[u8]) -> Option<(i32, [u64; 2])> {
+fn upgrade_candidate(view: &ProduceView, records: &[u8]) -> Option<upgrade::Candidate> {
     let h = crate::protocol::batch::BatchHeader::new(records)?;
     let whole = usize::try_from(h.batch_length()).ok()? + 12 == records.len();
     (view.transactional_id.is_none()

@@ -33,8 +33,16 @@ pub const MAX_LANES_PER_PRODUCER: usize = 10_000;
 /// Batches per lane in flight or of unknown fate (the broker deduplicates the last five per producer
 /// and partition; more in flight than that cannot be deduplicated anyway).
 pub const MAX_UNRESOLVED: usize = 32;
-/// Bytes one lane costs, about (the map entry, the topic name shared, the stamp vectors' headers).
-pub const LANE_BYTES: usize = 160;
+/// Bytes one lane costs besides its topic name and stamps, about (the map entry and its key, the
+/// lane's counters, the two stamp vectors' headers).
+pub const LANE_BYTES: usize = 120;
+/// Bytes of one unresolved stamp.
+pub const STAMP_BYTES: usize = std::mem::size_of::<Stamp>();
+/// Bytes of one upgraded producer besides its lanes (its map entry, the shared handle, the lock).
+pub const PRODUCER_BYTES: usize = 128;
+
+/// A batch the upgrade can stamp: its record count and content digest.
+pub type Candidate = (i32, [u64; 2]);
 
 /// The sequence after `seq + count - 1`, wrapping at i32::MAX to 0 as Kafka's sequences do.
 fn after(seq: i32, count: i32) -> i32 {
@@ -303,14 +311,25 @@ impl Upgrades {
         Some(p)
     }
 
-    /// Producers kept and partitions tracked, for the state gauges.
-    pub fn size(&self) -> (usize, usize) {
+    /// About the bytes kept: [`PRODUCER_BYTES`] per producer, [`LANE_BYTES`] per partition and
+    /// [`STAMP_BYTES`] per unresolved batch (the topic names are counted within the lanes).
+    pub fn approx_bytes(&self) -> usize {
         let all = lock(&self.producers);
-        let lanes = all
-            .values()
-            .map(|p| p.try_lock().map(|p| p.lanes()).unwrap_or(0))
-            .sum();
-        (all.len(), lanes)
+        all.values()
+            .map(|p| {
+                PRODUCER_BYTES
+                    + p.try_lock().map_or(0, |p| {
+                        p.lanes
+                            .iter()
+                            .map(|((t, _), l)| {
+                                LANE_BYTES
+                                    + t.len()
+                                    + STAMP_BYTES * (l.in_flight.capacity() + l.unknown.capacity())
+                            })
+                            .sum()
+                    })
+            })
+            .sum()
     }
 
     pub fn evictions(&self) -> u64 {
@@ -649,6 +668,42 @@ mod tests {
             stamp(&mut lane, 1, [i as u64, 0]);
         }
         assert_eq!(lane.reserve(1, D1).0, Reserve::Full);
+    }
+
+    #[test]
+    fn a_stamp_costs_what_the_readme_says() {
+        assert_eq!(STAMP_BYTES, 32);
+    }
+
+    #[test]
+    fn restamping_writes_the_producer_and_keeps_the_batch_valid() {
+        let mut b = crate::testkit::record_batch(-1, -1, -1, 1, false, "x").to_vec();
+        let records_before = b[61..].to_vec();
+        let s = Stamp {
+            epoch: 2,
+            seq: 7,
+            count: 3,
+            digest: D1,
+            resent: false,
+        };
+        assert!(restamp(&mut b, 42, &s).is_some());
+        let h = crate::protocol::batch::BatchHeader::new(&b).unwrap();
+        assert_eq!(
+            (h.producer_id(), h.producer_epoch(), h.base_sequence()),
+            (42, 2, 7)
+        );
+        assert!(h.crc_ok(), "the CRC is recomputed");
+        assert_eq!(b[61..], records_before[..], "records untouched");
+        assert!(
+            restamp(&mut b[..40], 42, &s).is_none(),
+            "a cut batch is refused"
+        );
+        let mut lying = b.clone();
+        lying.push(0);
+        assert!(
+            restamp(&mut lying, 42, &s).is_none(),
+            "a length that lies is refused"
+        );
     }
 
     #[test]

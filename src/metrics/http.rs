@@ -269,6 +269,7 @@ fn refresh_gauges(shared: &Handles) {
             ("producer_id_rates", shared.policies.new_pids.evictions()),
             ("policy_caches", crate::policy::cache_evictions()),
             ("content_window", shared.guard.content.evictions()),
+            ("upgraded_producers", shared.guard.upgrades.evictions()),
         ] {
             let counter = m.state_evictions.with_label_values(&[table]);
             let seen = counter.get();
@@ -285,6 +286,9 @@ fn refresh_gauges(shared: &Handles) {
         m.state_bytes
             .with_label_values(&["content_window"])
             .set(shared.guard.content.approx_bytes() as i64);
+        m.state_bytes
+            .with_label_values(&["upgraded_producers"])
+            .set(shared.guard.upgrades.approx_bytes() as i64);
         m.state_bytes
             .with_label_values(&["topic_ids"])
             .set(shared.brokers.topics.bytes() as i64);

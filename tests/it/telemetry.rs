@@ -121,6 +121,9 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
             c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
             c.watchdog.margin = Duration::from_millis(0);
             c.watchdog.interval = Duration::from_millis(100);
+            c.policies = crate::policies::policies(
+                "policies:\n  - name: up\n    match: { topics: { prefix: [telemetry-up-] } }\n    produce: { idempotence: upgrade }\n",
+            );
         },
         Some(rule),
     )
@@ -169,6 +172,33 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
         .await[0]
             .1,
         45
+    );
+
+    // A client without idempotence on a topic whose policy upgrades it: a batch, its repeat (answered
+    // from the content window), a batch the broker refuses (too large), and one more after it.
+    let up = unique_topic("telemetry-up");
+    create_topic(proxy.bootstrap(), &up, 1, 1).await;
+    let plain = |tag: &str| produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, tag))]);
+    assert_eq!(
+        send_produce(&mut raw, &plain("u")).await,
+        vec![(0, 0, 0, None)]
+    );
+    assert_eq!(
+        send_produce(&mut raw, &plain("u")).await,
+        vec![(0, 0, 0, None)]
+    );
+    let big = produce(
+        &up,
+        None,
+        vec![(
+            0,
+            kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000),
+        )],
+    );
+    assert_eq!(send_produce(&mut raw, &big).await[0].1, 10);
+    assert_eq!(
+        send_produce(&mut raw, &plain("w")).await,
+        vec![(0, 0, 1, None)]
     );
 
     // A zombie, and a transaction that outlives its timeout (the watchdog flags it).
@@ -280,6 +310,21 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
         )),
         4.0,
         "first, retry, bump, gap"
+    );
+    assert_eq!(
+        m(&format!(
+            "kafka_eos_proxy_producer_upgraded_batches_total{raw_labels}"
+        )),
+        3.0,
+        "the first, the refused one, the one after it (the repeat was answered)"
+    );
+    assert_eq!(
+        m("kafka_eos_proxy_producer_upgrade_restarts_total{client_id=\"raw-test\",how=\"rewound\",transactional_id=\"\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("kafka_eos_proxy_producer_duplicate_content_total{action=\"answered\",client_id=\"raw-test\",transactional_id=\"\"}"),
+        1.0
     );
     assert_eq!(m(&format!("kafka_eos_proxy_producer_fenced_total{{client_id=\"raw-test\",transactional_id=\"{txn}\"}}")), 1.0);
     let rd = |name: &str| {
@@ -622,6 +667,9 @@ policies:
   - name: acks-audit
     match: { topics: { prefix: ["moves-pol-"] } }
     produce: { acks_all: audit }
+  - name: upgrade
+    match: { topics: { prefix: ["moves-up-"] } }
+    produce: { idempotence: upgrade }
 "#;
     let config_file = std::env::temp_dir().join(unique_topic("moves-config"));
     let af = audit_file.clone();
@@ -684,6 +732,23 @@ policies:
     let plain = produce(&topic, None, vec![(0, batch(-1, -1, -1, 1, false, "dup"))]);
     assert_eq!(send_produce(&mut raw, &plain).await[0].1, 0);
     assert_eq!(send_produce(&mut raw, &plain).await[0].1, 0);
+    // The idempotence upgrade: a batch, one the broker refuses (too large), one after it (the
+    // partition restarts at the sequence after the first).
+    let up = unique_topic("moves-up");
+    create_topic(proxy.bootstrap(), &up, 1, 1).await;
+    let upgraded = produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, "u"))]);
+    assert_eq!(send_produce(&mut raw, &upgraded).await[0].1, 0);
+    let big = produce(
+        &up,
+        None,
+        vec![(
+            0,
+            kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000),
+        )],
+    );
+    assert_eq!(send_produce(&mut raw, &big).await[0].1, 10);
+    let after = produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, "v"))]);
+    assert_eq!(send_produce(&mut raw, &after).await[0].1, 0);
     // Read before the two clients below take both series slots (and evict this client's series).
     scrape_into(http, &names, &mut moved).await;
     for client in ["moves-b", "moves-c"] {
