@@ -57,7 +57,11 @@ fn main() {
         .set("bootstrap.servers", bootstrap)
         .set("broker.address.family", "v4")
         .set("acks", "all")
-        .set("enable.idempotence", "true")
+        // BENCH_IDEMPOTENCE=false: a producer without idempotence (scripts/bench's upgrade paths).
+        .set(
+            "enable.idempotence",
+            std::env::var("BENCH_IDEMPOTENCE").unwrap_or_else(|_| "true".into()),
+        )
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
