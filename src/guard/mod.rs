@@ -25,6 +25,7 @@ pub mod content;
 pub mod coordinator;
 pub mod failures;
 mod plan;
+pub mod shift;
 pub mod store;
 pub mod txn;
 pub mod upgrade;
@@ -97,6 +98,8 @@ pub struct Guard {
     pub content: content::ContentWindow,
     /// The upstream producers of clients whose idempotence the proxy upgrades.
     pub upgrades: upgrade::Upgrades,
+    /// Sequences shifted for idempotent producers whose repeats across epochs the proxy answered.
+    pub shifts: shift::Shifts,
     pub audit: Arc<AuditSink>,
     pub metrics: Option<Arc<Metrics>>,
     clock: Instant,
@@ -147,6 +150,9 @@ pub struct ProducePlan {
     /// [`Guard::stamp`] gives them stamps.
     upgradable: Vec<Vec<Option<upgrade::Candidate>>>,
     stamps: Vec<Vec<Option<upgrade::Stamp>>>,
+    /// Idempotent batches that go upstream under a lower sequence (repeats answered below them, see
+    /// [`shift`]): (producer id, epoch, upstream sequence).
+    shifted: Vec<Vec<Option<(i64, i16, i32)>>>,
     /// The upstream producer the stamps are of, and its producer id.
     upgraded: Option<(Arc<std::sync::Mutex<upgrade::Producer>>, i64)>,
     /// Each topic as the request names it, and its name (`None`: a topic id the proxy cannot name).
@@ -275,6 +281,7 @@ impl Guard {
                 config.content_window,
             ),
             upgrades: upgrade::Upgrades::new(config.upgraded_producers),
+            shifts: shift::Shifts::new(config.content_window_entries),
             config,
             audit,
             clock: Instant::now(),

@@ -41,6 +41,7 @@ impl Guard {
             remember: Vec::with_capacity(view.topics.len()),
             upgradable: Vec::with_capacity(view.topics.len()),
             stamps: Vec::new(),
+            shifted: Vec::with_capacity(view.topics.len()),
             upgraded: None,
             topics: view
                 .topics
@@ -72,6 +73,7 @@ impl Guard {
                 // rest): the broker judges it, the proxy tracks nothing it could not name.
                 outcomes.extend(topic.partitions.iter().map(|_| Outcome::Pass));
                 plan.upgradable.push(vec![None; outcomes.len()]);
+                plan.shifted.push(vec![None; outcomes.len()]);
                 plan.outcomes.push(outcomes);
                 plan.remember.push(remember);
                 continue;
@@ -90,6 +92,7 @@ impl Guard {
                     })
                 }));
                 plan.upgradable.push(vec![None; outcomes.len()]);
+                plan.shifted.push(vec![None; outcomes.len()]);
                 plan.outcomes.push(outcomes);
                 plan.remember.push(remember);
                 continue;
@@ -97,6 +100,7 @@ impl Guard {
             let demands = policy(name);
             let upgrading = demands.as_deref().is_some_and(upgrades_idempotence);
             let mut upgradable = vec![None; topic.partitions.len()];
+            let mut shifted = vec![None; topic.partitions.len()];
             for (i, p) in topic.partitions.iter().enumerate() {
                 let alone = !repeated.contains(&(topic.wire, p.index));
                 outcomes.push(match p.records {
@@ -128,6 +132,9 @@ impl Guard {
                                 if upgrading && alone && matches!(outcome, Outcome::Pass) {
                                     upgradable[i] = upgrade_candidate(&view, records);
                                 }
+                                if !matches!(outcome, Outcome::Local(_)) {
+                                    shifted[i] = self.shifted(&view, (name, p.index), records);
+                                }
                                 outcome
                             }
                         }
@@ -137,6 +144,7 @@ impl Guard {
             plan.outcomes.push(outcomes);
             plan.remember.push(remember);
             plan.upgradable.push(upgradable);
+            plan.shifted.push(shifted);
         }
         Ok(plan)
     }
@@ -192,7 +200,8 @@ impl Guard {
             // The same producer and epoch: its sequence decides (a retry is answered as a duplicate).
             return (None, learn);
         }
-        let answer = action == PolicyAction::Upgrade && producer_id < 0;
+        let answer = action == PolicyAction::Upgrade
+            && (producer_id < 0 || self.credit_repeat((topic, partition), &header, &seen));
         let ago = Instant::now().saturating_duration_since(seen.at);
         let detail = if producer_id < 0 {
             format!(
@@ -210,12 +219,17 @@ impl Guard {
         } else {
             format!(
                 "producer {producer_id} epoch {epoch} sends the content producer {} epoch {} had \
-                 written {:.1} s ago at offset {}: records re-sent under a new epoch or producer id \
-                 are written again by the broker",
+                 written {:.1} s ago at offset {}: records re-sent under a new epoch or producer id{}",
                 seen.producer_id,
                 seen.epoch,
                 ago.as_secs_f64(),
-                seen.base_offset
+                seen.base_offset,
+                if answer {
+                    "; answered with that offset, and the producer's later sequences on this \
+                     partition go upstream shifted down by its records"
+                } else {
+                    " are written again by the broker"
+                }
             )
         };
         self.audit.emit(AuditEvent {
@@ -252,6 +266,70 @@ impl Guard {
             );
         }
         (None, learn)
+    }
+
+    /// An idempotent producer's repeat across epochs, to be answered: credited to the producer state
+    /// as written at the original offset (so that its retry is answered as a duplicate and the next
+    /// batch is in sequence), and a hole left in its upstream sequences. Only a batch in sequence (or of
+    /// a producer-partition the proxy does not know) is answered; anything else goes to the broker.
+    fn credit_repeat(
+        &self,
+        (topic, partition): (&str, i32),
+        header: &crate::protocol::batch::BatchHeader,
+        seen: &super::content::Written,
+    ) -> bool {
+        let (pid, epoch) = (header.producer_id(), header.producer_epoch());
+        let Some(key) = self.store.key(pid, topic, partition) else {
+            return false;
+        };
+        let batch = Batch {
+            epoch,
+            first_seq: header.base_sequence(),
+            last_seq: header.last_sequence(),
+        };
+        let now = self.now();
+        if !self.store.check_and_track(&key, batch, now).forwards() {
+            return false;
+        }
+        let count = header.record_count();
+        if !self
+            .shifts
+            .add((pid, epoch), (topic, partition), batch.first_seq, count)
+        {
+            self.store.settle(&key, batch);
+            return false;
+        }
+        let acked = Acked {
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq,
+            first_offset: seen.base_offset,
+            timestamp: if seen.log_append_time >= 0 {
+                seen.log_append_time
+            } else {
+                header.max_timestamp()
+            },
+            acks_all: true,
+        };
+        self.store.acknowledge(&key, batch, acked, now);
+        true
+    }
+
+    /// The sequence an idempotent batch goes upstream with, if repeats answered below it shift it.
+    fn shifted(
+        &self,
+        view: &ProduceView,
+        (topic, partition): (&str, i32),
+        records: &[u8],
+    ) -> Option<(i64, i16, i32)> {
+        let h = crate::protocol::batch::BatchHeader::new(records)?;
+        if view.transactional_id.is_some() || h.is_transactional() || h.producer_id() < 0 {
+            return None;
+        }
+        let (pid, epoch, seq) = (h.producer_id(), h.producer_epoch(), h.base_sequence());
+        let up = self
+            .shifts
+            .upstream_sequence((pid, epoch), (topic, partition), seq);
+        (up != seq).then_some((pid, epoch, up))
     }
 
     fn audit_repeated(&self, view: &ProduceView, repeated: &[(WireTopic, i32)], conn: &Client) {
@@ -622,6 +700,8 @@ impl Guard {
         let mut local = Vec::new();
         let mut remember = Vec::new();
         let mut stamps = Vec::new();
+        // Batches whose header changes on the way up: (topic, partition, producer id, epoch, sequence).
+        let mut rewrites = Vec::new();
         let mut forwarded = 0usize;
         let total: usize = plan.outcomes.iter().map(Vec::len).sum();
         for (t, outcomes) in plan.outcomes.iter().enumerate() {
@@ -631,7 +711,14 @@ impl Guard {
                     remember.push((wire.clone(), partition, r));
                 }
                 let stamp = plan.stamps.get(t).and_then(|s| s[p]);
+                let shifted = plan.shifted.get(t).and_then(|s| s[p]);
+                if let (Some((pid, epoch, seq)), false) = (shifted, matches!(o, Outcome::Local(_)))
+                {
+                    rewrites.push((wire.clone(), partition, pid, epoch, seq));
+                }
                 if let (Some(stamp), false) = (stamp, matches!(o, Outcome::Local(_))) {
+                    let pid = plan.upgraded.as_ref().map_or(-1, |u| u.1);
+                    rewrites.push((wire.clone(), partition, pid, stamp.epoch, stamp.seq));
                     stamps.push(upgrade::Stamped {
                         wire: wire.clone(),
                         name: name.clone().unwrap_or_default(),
@@ -678,9 +765,9 @@ impl Guard {
             stamps,
             upgraded: plan.upgraded.clone(),
         };
-        if !tracking.stamps.is_empty() {
-            // Upgraded batches: the request goes with their stamps written in (only the forwarded
-            // partitions, if some are answered here).
+        if !rewrites.is_empty() {
+            // Upgraded batches and shifted sequences: the request goes with them written in (only the
+            // forwarded partitions, if some are answered here).
             let no_names = TopicNames::new();
             let base = if forwarded == total {
                 frame.clone()
@@ -694,15 +781,21 @@ impl Guard {
                     Err(_) => frame.clone(),
                 }
             };
-            let pid = plan.upgraded.as_ref().map_or(-1, |u| u.1);
-            let out = stamp_request(&base, view_frame_body, plan.version, &tracking.stamps, pid);
+            let out = stamp_request(&base, view_frame_body, plan.version, &rewrites);
             return match out {
                 Some(out) => ProduceAction::Rebuilt(out, tracking),
-                // Cannot happen for bytes the plan read; if it did, nothing goes upstream stamped
-                // and the lanes learn the fate as unknown.
+                // Cannot happen for bytes the plan read; if it did, the request goes as it came and
+                // the lanes learn that their stamps never reached the broker.
                 None => {
                     let mut tracking = tracking;
-                    let _ = std::mem::take(&mut tracking.stamps);
+                    if let Some((producer, _)) = &plan.upgraded {
+                        let mut p = upgrade::lock(producer);
+                        for s in tracking.stamps.drain(..) {
+                            if let Some(lane) = p.lane(&s.name, s.partition) {
+                                lane.settle(s.stamp, upgrade::Fate::NotWritten, false);
+                            }
+                        }
+                    }
                     ProduceAction::Forward(Some(tracking))
                 }
             };
@@ -741,26 +834,25 @@ fn stamp_request(
     frame: &Bytes,
     body: usize,
     version: i16,
-    stamps: &[upgrade::Stamped],
-    producer_id: i64,
+    rewrites: &[(OwnedWireTopic, i32, i64, i16, i32)],
 ) -> Option<Bytes> {
     let no_names = TopicNames::new();
     let view = produce::parse(frame, body, version, &no_names).ok()?;
-    let mut at = Vec::with_capacity(stamps.len());
-    for s in stamps {
+    let mut at = Vec::with_capacity(rewrites.len());
+    for (wire, partition, pid, epoch, seq) in rewrites {
         let records = view
             .topics
             .iter()
-            .filter(|t| t.wire.to_owned() == s.wire)
+            .filter(|t| t.wire.to_owned() == *wire)
             .flat_map(|t| t.partitions.iter())
-            .find(|p| p.index == s.partition)
+            .find(|p| p.index == *partition)
             .and_then(|p| p.records)?;
         let start = records.as_ptr() as usize - frame.as_ptr() as usize;
-        at.push((start..start + records.len(), s.stamp));
+        at.push((start..start + records.len(), *pid, *epoch, *seq));
     }
     let mut out = bytes::BytesMut::from(&frame[..]);
-    for (range, stamp) in at {
-        upgrade::restamp(&mut out[range], producer_id, &stamp)?;
+    for (range, pid, epoch, seq) in at {
+        upgrade::restamp(&mut out[range], pid, epoch, seq)?;
     }
     Some(out.freeze())
 }

@@ -542,15 +542,15 @@ impl super::Guard {
 
 /// Writes producer id, epoch and base sequence into a v2 batch's header and recomputes its CRC (the
 /// records are untouched: they carry only deltas). `None` if the bytes are not one whole v2 batch.
-pub fn restamp(batch: &mut [u8], producer_id: i64, stamp: &Stamp) -> Option<()> {
+pub fn restamp(batch: &mut [u8], producer_id: i64, epoch: i16, seq: i32) -> Option<()> {
     let h = crate::protocol::batch::BatchHeader::new(batch)?;
     let len = usize::try_from(h.batch_length()).ok()?.checked_add(12)?;
     if len != batch.len() || h.magic() != 2 {
         return None;
     }
     batch[43..51].copy_from_slice(&producer_id.to_be_bytes());
-    batch[51..53].copy_from_slice(&stamp.epoch.to_be_bytes());
-    batch[53..57].copy_from_slice(&stamp.seq.to_be_bytes());
+    batch[51..53].copy_from_slice(&epoch.to_be_bytes());
+    batch[53..57].copy_from_slice(&seq.to_be_bytes());
     let crc = crc32c::crc32c(&batch[21..]);
     batch[17..21].copy_from_slice(&crc.to_be_bytes());
     Some(())
@@ -686,7 +686,7 @@ mod tests {
             digest: D1,
             resent: false,
         };
-        assert!(restamp(&mut b, 42, &s).is_some());
+        assert!(restamp(&mut b, 42, s.epoch, s.seq).is_some());
         let h = crate::protocol::batch::BatchHeader::new(&b).unwrap();
         assert_eq!(
             (h.producer_id(), h.producer_epoch(), h.base_sequence()),
@@ -695,13 +695,13 @@ mod tests {
         assert!(h.crc_ok(), "the CRC is recomputed");
         assert_eq!(b[61..], records_before[..], "records untouched");
         assert!(
-            restamp(&mut b[..40], 42, &s).is_none(),
+            restamp(&mut b[..40], 42, s.epoch, s.seq).is_none(),
             "a cut batch is refused"
         );
         let mut lying = b.clone();
         lying.push(0);
         assert!(
-            restamp(&mut lying, 42, &s).is_none(),
+            restamp(&mut lying, 42, s.epoch, s.seq).is_none(),
             "a length that lies is refused"
         );
     }

@@ -287,6 +287,9 @@ fn refresh_gauges(shared: &Handles) {
             .with_label_values(&["content_window"])
             .set(shared.guard.content.approx_bytes() as i64);
         m.state_bytes
+            .with_label_values(&["sequence_shifts"])
+            .set(shared.guard.shifts.approx_bytes() as i64);
+        m.state_bytes
             .with_label_values(&["upgraded_producers"])
             .set(shared.guard.upgrades.approx_bytes() as i64);
         m.state_bytes

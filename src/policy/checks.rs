@@ -452,9 +452,9 @@ pub static ROWS: [Row; CHECK_COUNT] = [
                 .into()
         },
         upgrade: |_| {
-            "answer a client without idempotence with the offset its original batch got instead of \
-             writing it again (an idempotent producer's repeat under a new epoch is reported only: \
-             answering it would leave a gap in its new sequence)"
+            "answer a repeat with the offset its original batch got instead of writing it again (an \
+             idempotent producer's later batches on the partition then go upstream with their \
+             sequences shifted down by the records answered)"
                 .into()
         },
     },

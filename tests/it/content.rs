@@ -126,41 +126,129 @@ async fn a_repeat_without_idempotence_is_recognised_by_its_content() {
     proxy.stop().await;
 }
 
+/// Records an idempotent producer re-sends under a new epoch or producer id (librdkafka after an
+/// epoch bump): reported by default and written again by the broker; with `duplicate_content: answer`
+/// answered with the original offset, and the producer's later batches on that partition go upstream
+/// with their sequences shifted down by the records answered, so the broker sees no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_re_sent_under_a_new_epoch_or_producer_id_are_reported() {
+async fn records_re_sent_under_a_new_epoch_or_producer_id_are_reported_or_answered() {
     let p = crate::policies::policies(ANSWER);
     let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
     let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
-    let topic = unique_topic("content-answer-epoch");
-    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
     let mut raw = Raw::connect_as(&node, "bumper").await;
+
+    // Default (audit): reported, and the broker writes the records again.
+    let audited = unique_topic("content-epoch-audit");
+    create_topic(&kafka(Cluster::Single), &audited, 1, 1).await;
     let (pid, e) = init_producer_id(&mut raw, None).await;
-    let write =
-        |p: i64, epoch: i16| produce(&topic, None, vec![(0, batch(p, epoch, 0, 2, false, "x"))]);
-    assert_eq!(send_produce(&mut raw, &write(pid, e)).await[0].2, 0);
+    let x = |topic: &str, p: i64, epoch: i16| {
+        produce(topic, None, vec![(0, batch(p, epoch, 0, 2, false, "x"))])
+    };
+    assert_eq!(send_produce(&mut raw, &x(&audited, pid, e)).await[0].2, 0);
     // The same producer and epoch repeating its batch is a retry, answered by sequence as before.
-    assert_eq!(send_produce(&mut raw, &write(pid, e)).await[0].2, 0);
+    assert_eq!(send_produce(&mut raw, &x(&audited, pid, e)).await[0].2, 0);
     assert!(proxy.events(Kind::DuplicateContent).is_empty());
-    // After an epoch bump the same records at sequence 0: the broker writes them again (offset 2);
-    // the proxy reports it, and forwards it even under `answer` (answering would leave the new epoch's
-    // sequence with a gap the broker refuses).
-    assert_eq!(send_produce(&mut raw, &write(pid, e + 1)).await[0].2, 2);
+    assert_eq!(
+        send_produce(&mut raw, &x(&audited, pid, e + 1)).await[0].2,
+        2
+    );
     let events = proxy.events(Kind::DuplicateContent);
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(
         (
             events[0].producer_id,
             events[0].producer_epoch,
-            events[0].original_offset
+            events[0].original_offset,
+            events[0].action
         ),
-        (pid, e + 1, Some(0))
+        (pid, e + 1, Some(0), Action::Forwarded)
     );
-    assert_eq!(events[0].action, Action::Forwarded);
-    // A new producer id with the same records: reported too.
+
+    // `answer`: the repeat under the new epoch is answered with offset 0 and not written; the next
+    // batches (sequences 2 and 4 to the client) reach the broker as 0 and 2 of the new epoch.
+    let topic = unique_topic("content-answer-epoch");
+    create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
+    let (pid, e) = init_producer_id(&mut raw, None).await;
+    let next = |p: i64, epoch: i16, seq: i32, tag: &str| {
+        produce(&topic, None, vec![(0, batch(p, epoch, seq, 2, false, tag))])
+    };
+    assert_eq!(
+        send_produce(&mut raw, &x(&topic, pid, e)).await,
+        vec![(0, 0, 0, None)]
+    );
+    let frames_before = proxy.upstream_frames.lock().unwrap().len();
+    assert_eq!(
+        send_produce(&mut raw, &x(&topic, pid, e + 1)).await,
+        vec![(0, 0, 0, None)]
+    );
+    assert_eq!(
+        proxy.upstream_frames.lock().unwrap().len(),
+        frames_before,
+        "answered at the proxy, nothing sent"
+    );
+    assert_eq!(
+        send_produce(&mut raw, &next(pid, e + 1, 2, "y")).await,
+        vec![(0, 0, 2, None)]
+    );
+    // Its retry is answered by sequence (the producer state credits the answered batch too).
+    assert_eq!(
+        send_produce(&mut raw, &next(pid, e + 1, 2, "y")).await,
+        vec![(0, 0, 2, None)]
+    );
+    assert_eq!(
+        send_produce(&mut raw, &next(pid, e + 1, 4, "z")).await,
+        vec![(0, 0, 4, None)]
+    );
+    // A new producer id with the same records: answered too, and its next batch shifted.
     let (pid2, e2) = init_producer_id(&mut raw, None).await;
     assert_ne!(pid2, pid);
-    assert_eq!(send_produce(&mut raw, &write(pid2, e2)).await[0].2, 4);
-    assert_eq!(proxy.events(Kind::DuplicateContent).len(), 2);
+    assert_eq!(
+        send_produce(&mut raw, &x(&topic, pid2, e2)).await,
+        vec![(0, 0, 0, None)]
+    );
+    assert_eq!(
+        send_produce(&mut raw, &next(pid2, e2, 2, "w")).await,
+        vec![(0, 0, 6, None)]
+    );
+    let answered: Vec<_> = proxy
+        .events(Kind::DuplicateContent)
+        .into_iter()
+        .filter(|e| e.action == Action::Answered)
+        .map(|e| (e.producer_id, e.producer_epoch, e.original_offset))
+        .collect();
+    assert_eq!(answered, vec![(pid, e + 1, Some(0)), (pid2, e2, Some(0))]);
+    assert_eq!(
+        crate::content::end_offset(&topic, 0).await,
+        8,
+        "x, y, z, w once each"
+    );
+    let upstream: Vec<(i64, i16, i32)> = proxy.upstream_frames.lock().unwrap()[frames_before..]
+        .iter()
+        .map(|f| {
+            let mut body = f.slice(4..);
+            let version = i16::from_be_bytes([f[6], f[7]]);
+            use kafka_protocol::protocol::Decodable;
+            kafka_protocol::messages::RequestHeader::decode(
+                &mut body,
+                kafka_protocol::messages::ApiKey::Produce.request_header_version(version),
+            )
+            .expect("header");
+            let req = kafka_protocol::messages::ProduceRequest::decode(&mut body, version)
+                .expect("produce");
+            let r = req.topic_data[0].partition_data[0]
+                .records
+                .clone()
+                .expect("records");
+            let h = kafka_eos_proxy::protocol::batch::BatchHeader::new(&r).expect("a batch");
+            assert!(h.crc_ok(), "the CRC follows the new sequence");
+            (h.producer_id(), h.producer_epoch(), h.base_sequence())
+        })
+        .collect();
+    assert_eq!(
+        upstream,
+        vec![(pid, e + 1, 0), (pid, e + 1, 2), (pid2, e2, 0)],
+        "y and z shifted down by the two records answered; w the same"
+    );
     proxy.stop().await;
 }
 
