@@ -146,7 +146,8 @@ impl Lane {
                 return (Reserve::Busy, None);
             }
             if self.unknown.is_empty() && !self.must_bump {
-                restarted = Some(Restart::Rewound {
+                // Nothing to report when every batch of unknown fate was retried and written.
+                restarted = (self.next_seq != self.acked_next).then_some(Restart::Rewound {
                     from: self.next_seq,
                     to: self.acked_next,
                 });
@@ -361,7 +362,7 @@ impl super::Guard {
     ) {
         let mut p = lock(producer);
         let producer_id = p.producer_id;
-        let mut stamped = 0u64;
+        let (mut stamped, mut resent) = (0u64, 0u64);
         plan.stamps = plan
             .upgradable
             .iter()
@@ -387,6 +388,7 @@ impl super::Guard {
                     Reserve::Stamp(s) => {
                         plan.stamps[t][i] = Some(s);
                         stamped += 1;
+                        resent += u64::from(s.resent);
                     }
                     Reserve::Busy | Reserve::Full => {
                         plan.outcomes[t][i] = super::Outcome::Local(super::LocalAnswer {
@@ -411,6 +413,12 @@ impl super::Guard {
                     .upgraded_batches
                     .with_label_values(&labels)
                     .inc_by(stamped);
+                if resent > 0 {
+                    m.producers
+                        .upgrade_resent
+                        .with_label_values(&labels)
+                        .inc_by(resent);
+                }
             }
         }
     }

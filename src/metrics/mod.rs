@@ -109,6 +109,8 @@ pub struct ProducerMetrics {
     pub epoch_bumps: IntCounterVec,
     /// Batches the idempotence upgrade sent upstream under a producer id the proxy obtained.
     pub upgraded_batches: IntCounterVec,
+    /// Retries of upgraded batches of unknown fate, sent again under their first stamp.
+    pub upgrade_resent: IntCounterVec,
     /// Restarts of an upgraded producer's partition, by how (rewound, epoch_bump).
     pub upgrade_restarts: IntCounterVec,
     pub txn_committed: IntCounterVec,
@@ -387,6 +389,14 @@ impl Metrics {
                      producer's by the idempotence upgrade",
                     &producer,
                 )?,
+                upgrade_resent: counter_vec(
+                    &r,
+                    "producer_upgrade_resent_total",
+                    "Retries of upgraded batches whose first attempt's fate was unknown (no answer, a \
+                     timeout), sent again under that attempt's producer id, epoch and sequence so that \
+                     the broker writes them once",
+                    &producer,
+                )?,
                 upgrade_restarts: counter_vec(
                     &r,
                     "producer_upgrade_restarts_total",
@@ -533,8 +543,9 @@ impl ProducerMetrics {
             .set(1);
     }
 
-    fn all(&self) -> [&IntCounterVec; 10] {
+    fn all(&self) -> [&IntCounterVec; 11] {
         [
+            &self.upgrade_resent,
             &self.upgraded_batches,
             &self.batches,
             &self.records,

@@ -115,7 +115,14 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
         let corr = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
         key == ApiKey::Produce as i16 && d.lock().unwrap().remove(&corr)
     });
-    let proxy = start_proxy_full(
+    // Set: the next Produce answer is never read (its broker connection breaks), for a batch of
+    // unknown fate.
+    let break_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b = break_next.clone();
+    let brk: Arc<dyn Fn(i16) -> bool + Send + Sync> = Arc::new(move |key| {
+        key == ApiKey::Produce as i16 && b.swap(false, std::sync::atomic::Ordering::SeqCst)
+    });
+    let proxy = start_proxy_faulty(
         Cluster::Single,
         |c| {
             c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
@@ -126,6 +133,7 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
             );
         },
         Some(rule),
+        Some(brk),
     )
     .await;
     let http = proxy
@@ -199,6 +207,15 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
     assert_eq!(
         send_produce(&mut raw, &plain("w")).await,
         vec![(0, 0, 1, None)]
+    );
+    // One whose answer the proxy never reads: its retry on a new connection goes under its stamp.
+    let mut lost = Raw::connect(&leader).await;
+    break_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    lost.send(ApiKey::Produce, 11, &plain("l")).await;
+    assert!(lost.recv_frame().await.is_none(), "the connection broke");
+    assert_eq!(
+        send_produce(&mut raw, &plain("l")).await,
+        vec![(0, 0, 2, None)]
     );
 
     // A zombie, and a transaction that outlives its timeout (the watchdog flags it).
@@ -315,8 +332,15 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
         m(&format!(
             "kafka_eos_proxy_producer_upgraded_batches_total{raw_labels}"
         )),
-        3.0,
-        "the first, the refused one, the one after it (the repeat was answered)"
+        5.0,
+        "the first, the refused one, the one after it, the lost one and its retry (the repeat \
+         was answered)"
+    );
+    assert_eq!(
+        m(&format!(
+            "kafka_eos_proxy_producer_upgrade_resent_total{raw_labels}"
+        )),
+        1.0
     );
     assert_eq!(
         m("kafka_eos_proxy_producer_upgrade_restarts_total{client_id=\"raw-test\",how=\"rewound\",transactional_id=\"\"}"),
@@ -673,33 +697,43 @@ policies:
 "#;
     let config_file = std::env::temp_dir().join(unique_topic("moves-config"));
     let af = audit_file.clone();
-    let proxy = start_proxy_with(Cluster::Single, move |c| {
-        // The broker's SSL listener, so that the certificate expiry gauge has a CA file to watch.
-        c.upstream.bootstrap_servers = vec![crate::tls::SSL_BROKER.to_string()];
-        c.upstream.tls = Some(crate::tls::upstream_tls(crate::tls::broker_ca()));
-        c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
-        c.metrics.max_producer_series = 2;
-        c.producer_state.max_tracked = 16;
-        c.limits.max_connections = 6;
-        c.watchdog.margin = Duration::from_millis(0);
-        c.watchdog.interval = Duration::from_millis(100);
-        c.watchdog.lso_stuck = Duration::from_millis(500);
-        c.audit.file = Some(af.clone());
-        // An audit topic on a cluster nobody answers at, with room for one event: the rest are dropped.
-        c.audit.kafka = Some(kafka_eos_proxy::config::KafkaAuditConfig {
-            topic: "nowhere".into(),
-            bootstrap_servers: vec!["127.0.0.1:1".into()],
-            queue: 1,
-            tls: None,
-            sasl: None,
-        });
-        c.policies = kafka_eos_proxy::Config::parse(&format!(
-            "{}{policy_yaml}",
-            proxy_yaml("127.0.0.1:1", 1, 2)
-        ))
-        .unwrap()
-        .policies;
-    })
+    let break_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b = break_next.clone();
+    let brk: Arc<dyn Fn(i16) -> bool + Send + Sync> = Arc::new(move |key| {
+        key == ApiKey::Produce as i16 && b.swap(false, std::sync::atomic::Ordering::SeqCst)
+    });
+    let proxy = start_proxy_faulty(
+        Cluster::Single,
+        move |c| {
+            // The broker's SSL listener, so that the certificate expiry gauge has a CA file to watch.
+            c.upstream.bootstrap_servers = vec![crate::tls::SSL_BROKER.to_string()];
+            c.upstream.tls = Some(crate::tls::upstream_tls(crate::tls::broker_ca()));
+            c.metrics.listen = Some(format!("{PROXY_HOST}:0"));
+            c.metrics.max_producer_series = 2;
+            c.producer_state.max_tracked = 16;
+            c.limits.max_connections = 6;
+            c.watchdog.margin = Duration::from_millis(0);
+            c.watchdog.interval = Duration::from_millis(100);
+            c.watchdog.lso_stuck = Duration::from_millis(500);
+            c.audit.file = Some(af.clone());
+            // An audit topic on a cluster nobody answers at, with room for one event: the rest are dropped.
+            c.audit.kafka = Some(kafka_eos_proxy::config::KafkaAuditConfig {
+                topic: "nowhere".into(),
+                bootstrap_servers: vec!["127.0.0.1:1".into()],
+                queue: 1,
+                tls: None,
+                sasl: None,
+            });
+            c.policies = kafka_eos_proxy::Config::parse(&format!(
+                "{}{policy_yaml}",
+                proxy_yaml("127.0.0.1:1", 1, 2)
+            ))
+            .unwrap()
+            .policies;
+        },
+        None,
+        Some(brk),
+    )
     .await;
     std::fs::write(
         &config_file,
@@ -749,6 +783,14 @@ policies:
     assert_eq!(send_produce(&mut raw, &big).await[0].1, 10);
     let after = produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, "v"))]);
     assert_eq!(send_produce(&mut raw, &after).await[0].1, 0);
+    // One whose answer the proxy never reads (its broker connection breaks): the retry goes again
+    // under its first stamp.
+    let lost = produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, "l"))]);
+    let mut once = Raw::connect_as(&leader, "moves-a").await;
+    break_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    once.send(ApiKey::Produce, 11, &lost).await;
+    assert!(once.recv_frame().await.is_none(), "the connection broke");
+    assert_eq!(send_produce(&mut raw, &lost).await[0].2, 2);
     // Read before the two clients below take both series slots (and evict this client's series).
     scrape_into(http, &names, &mut moved).await;
     for client in ["moves-b", "moves-c"] {
