@@ -150,11 +150,16 @@ pub fn validate_client_records(records: &[u8], check_crc: bool) -> Result<BatchI
         return Err(refuse(INVALID_RECORD, "magic is not 2"));
     }
     let total = i64::from(h.batch_length()) + 12;
-    if total < HEADER_LEN as i64 || total > records.len() as i64 {
+    if total < HEADER_LEN as i64 {
         return Err(refuse(
             CORRUPT_MESSAGE,
-            "batch length disagrees with the records size",
+            "batch length shorter than a batch header",
         ));
+    }
+    if total > records.len() as i64 {
+        // The broker's batch iterator stops at a batch cut short, so it counts no batch at all:
+        // "exactly one record batch" fails with INVALID_RECORD (checked against Kafka 4.4).
+        return Err(refuse(INVALID_RECORD, "batch length runs past the records"));
     }
     if total != records.len() as i64 {
         return Err(refuse(
@@ -251,8 +256,15 @@ pub mod tests {
         m[8..12].copy_from_slice(&1000i32.to_be_bytes());
         assert_eq!(
             code(&m, false),
+            Some(errors::INVALID_RECORD),
+            "a length running past the records: no whole batch for the broker"
+        );
+        let mut m = ok.clone();
+        m[8..12].copy_from_slice(&20i32.to_be_bytes());
+        assert_eq!(
+            code(&m, false),
             Some(errors::CORRUPT_MESSAGE),
-            "length lies"
+            "a length shorter than a header"
         );
         let mut two = ok.clone();
         two.extend_from_slice(&ok);

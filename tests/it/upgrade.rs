@@ -293,12 +293,90 @@ async fn idempotent_and_transactional_producers_are_left_alone() {
     let (pid, epoch) = crate::producer_state::init_producer_id(&mut raw, None).await;
     let req = produce(&topic, None, vec![(0, batch(pid, epoch, 0, 2, false, "i"))]);
     assert_eq!(send_produce(&mut raw, &req).await, vec![(0, 0, 0, None)]);
+    // Pipelined: five requests in flight go upstream in the order the client sent them.
+    for seq in (2..12).step_by(2) {
+        let req = produce(
+            &topic,
+            None,
+            vec![(0, batch(pid, epoch, seq, 2, false, "i"))],
+        );
+        raw.send(
+            ApiKey::Produce,
+            crate::producer_state::PRODUCE_VERSION,
+            &req,
+        )
+        .await;
+    }
+    for _ in 0..5 {
+        raw.recv_frame().await.expect("answered");
+    }
+    // A transactional producer.
+    let txn = unique_topic("upgrade-txn");
+    let (tpid, te) = crate::producer_state::init_producer_id(&mut raw, Some(&txn)).await;
+    assert_eq!(
+        crate::producer_state::add_partitions(&mut raw, &txn, (tpid, te), &topic, 0).await,
+        0
+    );
+    let treq = produce(
+        &topic,
+        Some(&txn),
+        vec![(0, batch(tpid, te, 0, 1, true, "t"))],
+    );
+    assert_eq!(send_produce(&mut raw, &treq).await[0].1, 0);
     let upstream = upstream_batches(&proxy);
     assert_eq!(
         upstream,
-        vec![(-1, pid, epoch, 0, 2)],
-        "sent as the client stamped it"
+        vec![
+            (-1, pid, epoch, 0, 2),
+            (-1, pid, epoch, 2, 2),
+            (-1, pid, epoch, 4, 2),
+            (-1, pid, epoch, 6, 2),
+            (-1, pid, epoch, 8, 2),
+            (-1, pid, epoch, 10, 2),
+            (-1, tpid, te, 0, 1)
+        ],
+        "sent as the clients stamped them, in their order"
     );
     assert!(proxy.events(Kind::ProducerUpgraded).is_empty());
+    proxy.stop().await;
+}
+
+/// Batches the upgrade cannot restamp (a length that lies, a control batch from a client) are answered
+/// with the broker's own errors for them, and nothing is stamped or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_that_cannot_be_restamped_are_refused_as_the_broker_refuses_them() {
+    let p = crate::policies::policies(UPGRADE);
+    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let topic = unique_topic("upgrade-bad");
+    create_topic(&kafka(Cluster::Single), &topic, 2, 1).await;
+    let mut lying = batch(-1, -1, -1, 1, false, "x").to_vec();
+    lying[8..12].copy_from_slice(&5000i32.to_be_bytes());
+    let mut control = batch(-1, -1, -1, 1, false, "c").to_vec();
+    control[22] |= 0x20;
+    let crc = crc32c::crc32c(&control[21..]);
+    control[17..21].copy_from_slice(&crc.to_be_bytes());
+    let req = produce(
+        &topic,
+        None,
+        vec![
+            (0, bytes::Bytes::from(lying)),
+            (1, bytes::Bytes::from(control)),
+        ],
+    );
+    let codes = |answer: Vec<(i32, i16, i64, Option<String>)>| -> Vec<(i32, i16)> {
+        answer.iter().map(|a| (a.0, a.1)).collect()
+    };
+    let mut direct = Raw::connect(&kafka(Cluster::Single)).await;
+    let broker = codes(send_produce(&mut direct, &req).await);
+    let mut raw = Raw::connect(&format!("{PROXY_HOST}:{}", proxy.broker_port(1))).await;
+    let through = codes(send_produce(&mut raw, &req).await);
+    assert_eq!(through, broker, "the broker's own errors");
+    assert!(through.iter().all(|c| c.1 != 0), "{through:?}");
+    assert!(
+        upstream_batches(&proxy).iter().all(|b| b.1 < 0),
+        "nothing stamped"
+    );
+    assert_eq!(crate::content::end_offset(&topic, 0).await, 0);
+    assert_eq!(crate::content::end_offset(&topic, 1).await, 0);
     proxy.stop().await;
 }
