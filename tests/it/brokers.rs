@@ -8,7 +8,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::Duration;
 
-async fn create_on(bootstrap: &str, topic: &str, node: i32) {
+pub(crate) async fn create_on(bootstrap: &str, topic: &str, node: i32) {
     let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().unwrap();
     let assignment: &[&[i32]] = &[&[node]];
     let res = admin
