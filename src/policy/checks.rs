@@ -237,12 +237,7 @@ pub static ROWS: [Row; CHECK_COUNT] = [
         key: "idempotence",
         scope: Scope::Produce,
         shape: Shape::Action,
-        actions: &[
-            Action::Allow,
-            Action::Audit,
-            Action::Upgrade,
-            Action::Reject,
-        ],
+        actions: &Action::ALL,
         not_possible: "",
         error: (codes::POLICY_VIOLATION, "POLICY_VIOLATION"),
         reject_note: "",
@@ -271,12 +266,7 @@ pub static ROWS: [Row; CHECK_COUNT] = [
         key: "acks_all",
         scope: Scope::Produce,
         shape: Shape::Action,
-        actions: &[
-            Action::Allow,
-            Action::Audit,
-            Action::Upgrade,
-            Action::Reject,
-        ],
+        actions: &Action::ALL,
         not_possible: "",
         error: (codes::INVALID_REQUIRED_ACKS, "INVALID_REQUIRED_ACKS"),
         reject_note: " for acks=1; acks=0 cannot be answered, so nothing is written and the \
@@ -364,12 +354,7 @@ pub static ROWS: [Row; CHECK_COUNT] = [
         key: "transaction_timeout_ms",
         scope: Scope::Producers,
         shape: Shape::Bounds,
-        actions: &[
-            Action::Allow,
-            Action::Audit,
-            Action::Upgrade,
-            Action::Reject,
-        ],
+        actions: &Action::ALL,
         not_possible: "",
         error: (
             codes::INVALID_TRANSACTION_TIMEOUT,

@@ -488,39 +488,43 @@ async fn librdkafka_without_idempotence_loses_answers_duplicates_direct_and_not_
     }
 }
 
-/// The same proof with kafka-clients 4.4 without idempotence (it sends the very same batch again after
-/// a request timeout), acks=1 and acks=all: duplicates direct, every record once through the proxy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn java_without_idempotence_loses_answers_duplicates_direct_and_not_through_the_proxy() {
+/// kafka-clients 4.4 without idempotence (the `plain-retries` scenario: it sends the very same batch
+/// again after a request timeout), acks=1 and acks=all, under `faults` twice: direct through the lossy
+/// relay, then through a proxy with `policy` and the same faults inside it (`inside` makes the hooks).
+/// Asserts that the direct path duplicated and the proxy wrote every record once, then runs `check` on
+/// the proxy. Returns (acks, records direct, records through the proxy).
+pub(crate) async fn java_plain_retries(
+    faults: impl Fn() -> LostAnswers,
+    policy: &str,
+    inside: impl Fn(LostAnswers) -> (DropRule, Option<Arc<dyn Fn(i16) -> bool + Send + Sync>>),
+    check: impl Fn(&TestProxy, &str),
+) -> Vec<(&'static str, usize, usize)> {
     use crate::java_client::run_java_at;
     kafka(Cluster::Single);
     let _relay_port = RELAY_PORT.lock().await;
     let count = |r: &std::collections::BTreeMap<String, Vec<String>>, k: &str| -> usize {
         r[k][0].parse().expect("a count")
     };
+    let mut figures = Vec::new();
     for acks in ["1", "all"] {
         let env = [("EOS_ACKS", acks.to_string())];
-        let relay = lossy_relay(LostAnswers::new(&[2, 5])).await;
+        let relay = lossy_relay(faults()).await;
         let direct = run_java_at("plain-retries", "127.0.0.1:19095", &env).await;
         relay.abort();
         assert_eq!(count(&direct, "distinct"), 120);
         assert!(
             count(&direct, "records") > 120,
-            "acks={acks}: direct, the retries after lost answers are written twice: {direct:?}"
+            "acks={acks}: direct, the retries are written twice: {direct:?}"
         );
-
-        let lost = LostAnswers::new(&[2, 5]);
-        let rule: DropRule = Arc::new(move |key, _| key == 0 && lost.lose());
-        let p = crate::policies::policies(
-            r#"
-policies:
-  - name: answer-repeats
-    match: { topics: { prefix: ["java-plain-retries"] } }
-    produce: { duplicate_content: answer }
-"#,
-        );
-        let proxy =
-            start_proxy_full(Cluster::Single, move |c| c.policies = p.clone(), Some(rule)).await;
+        let (drop, brk) = inside(faults());
+        let p = crate::policies::policies(policy);
+        let proxy = start_proxy_faulty(
+            Cluster::Single,
+            move |c| c.policies = p.clone(),
+            Some(drop),
+            brk,
+        )
+        .await;
         let through = crate::java_client::run_java_with("plain-retries", &proxy, &env).await;
         assert_eq!(
             (count(&through, "records"), count(&through, "distinct")),
@@ -528,19 +532,41 @@ policies:
             "acks={acks}: through the proxy every record once (direct: {})",
             count(&direct, "records")
         );
+        check(&proxy, acks);
         eprintln!(
             "acks={acks}: Java direct {} records for 120 sent, through the proxy {}",
             count(&direct, "records"),
             count(&through, "records")
         );
-        assert!(
-            proxy
+        figures.push((acks, count(&direct, "records"), count(&through, "records")));
+        proxy.stop().await;
+    }
+    figures
+}
+
+/// The same proof with kafka-clients 4.4: duplicates direct, every record once through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_without_idempotence_loses_answers_duplicates_direct_and_not_through_the_proxy() {
+    java_plain_retries(
+        || LostAnswers::new(&[2, 5]),
+        r#"
+policies:
+  - name: answer-repeats
+    match: { topics: { prefix: ["java-plain-retries"] } }
+    produce: { duplicate_content: answer }
+"#,
+        |lost| {
+            let rule: DropRule = Arc::new(move |key, _| key == 0 && lost.lose());
+            (rule, None)
+        },
+        |proxy, acks| {
+            let answered = proxy
                 .events(Kind::DuplicateContent)
                 .iter()
                 .filter(|e| e.action == Action::Answered)
-                .count()
-                >= 2
-        );
-        proxy.stop().await;
-    }
+                .count();
+            assert!(answered >= 2, "acks={acks}: the retries answered");
+        },
+    )
+    .await;
 }

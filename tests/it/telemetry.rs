@@ -78,6 +78,12 @@ fn dashboard_metrics() -> BTreeSet<String> {
         .collect()
 }
 
+/// A batch without idempotence larger than the broker takes (MESSAGE_TOO_LARGE: refused before writing).
+fn too_large(topic: &str) -> kafka_protocol::messages::ProduceRequest {
+    let batch = kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000);
+    produce(topic, None, vec![(0, batch)])
+}
+
 /// librdkafka, as `client_id`: one transaction committed, then one aborted, one record each.
 async fn commit_then_abort(bootstrap: &str, topic: &str, txn_id: &str, client_id: &str) {
     let (bs, t, tx, client) = (
@@ -195,14 +201,7 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
         send_produce(&mut raw, &plain("u")).await,
         vec![(0, 0, 0, None)]
     );
-    let big = produce(
-        &up,
-        None,
-        vec![(
-            0,
-            kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000),
-        )],
-    );
+    let big = too_large(&up);
     assert_eq!(send_produce(&mut raw, &big).await[0].1, 10);
     assert_eq!(
         send_produce(&mut raw, &plain("w")).await,
@@ -772,14 +771,7 @@ policies:
     create_topic(proxy.bootstrap(), &up, 1, 1).await;
     let upgraded = produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, "u"))]);
     assert_eq!(send_produce(&mut raw, &upgraded).await[0].1, 0);
-    let big = produce(
-        &up,
-        None,
-        vec![(
-            0,
-            kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000),
-        )],
-    );
+    let big = too_large(&up);
     assert_eq!(send_produce(&mut raw, &big).await[0].1, 10);
     let after = produce(&up, None, vec![(0, batch(-1, -1, -1, 1, false, "v"))]);
     assert_eq!(send_produce(&mut raw, &after).await[0].1, 0);

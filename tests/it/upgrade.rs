@@ -152,54 +152,25 @@ async fn librdkafka_without_idempotence_is_written_once_through_the_upgrade() {
 }
 
 /// The same with kafka-clients 4.4 without idempotence: duplicates direct, every record once through
-/// the upgrading proxy.
+/// the upgrading proxy, every batch upstream idempotent with acks=all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn java_without_idempotence_is_written_once_through_the_upgrade() {
-    use crate::java_client::run_java_at;
-    kafka(Cluster::Single);
-    let _relay_port = RELAY_PORT.lock().await;
-    let count = |r: &std::collections::BTreeMap<String, Vec<String>>, k: &str| -> usize {
-        r[k][0].parse().expect("a count")
-    };
-    for acks in ["1", "all"] {
-        let env = [("EOS_ACKS", acks.to_string())];
-        let relay = lossy_relay(LostAnswers::with_resets(&[2], &[4])).await;
-        let direct = run_java_at("plain-retries", "127.0.0.1:19095", &env).await;
-        relay.abort();
-        assert_eq!(count(&direct, "distinct"), 120);
-        assert!(
-            count(&direct, "records") > 120,
-            "acks={acks}: direct, retries are written twice: {direct:?}"
-        );
-
-        let (drop, brk) = proxy_faults(LostAnswers::with_resets(&[2], &[4]));
-        let p = crate::policies::policies(&UPGRADE.replace("java-upgrade", "java-plain-retries"));
-        let proxy = start_proxy_faulty(
-            Cluster::Single,
-            move |c| c.policies = p.clone(),
-            Some(drop),
-            Some(brk),
-        )
-        .await;
-        let through = crate::java_client::run_java_with("plain-retries", &proxy, &env).await;
-        assert_eq!(
-            (count(&through, "records"), count(&through, "distinct")),
-            (120, 120),
-            "acks={acks}: through the upgrading proxy every record once (direct: {})",
-            count(&direct, "records")
-        );
-        let upstream = upstream_batches(&proxy);
-        assert!(
-            upstream.iter().all(|b| b.0 == -1 && b.1 >= 0),
-            "{upstream:?}"
-        );
-        eprintln!(
-            "acks={acks}: Java direct {} records for 120 sent, through the upgrading proxy {}",
-            count(&direct, "records"),
-            count(&through, "records")
-        );
-        proxy.stop().await;
-    }
+    crate::content::java_plain_retries(
+        || LostAnswers::with_resets(&[2], &[4]),
+        &UPGRADE.replace("java-upgrade", "java-plain-retries"),
+        |faults| {
+            let (drop, brk) = proxy_faults(faults);
+            (drop, Some(brk))
+        },
+        |proxy, acks| {
+            let upstream = upstream_batches(proxy);
+            assert!(
+                upstream.iter().all(|b| b.0 == -1 && b.1 >= 0),
+                "acks={acks}: {upstream:?}"
+            );
+        },
+    )
+    .await;
 }
 
 /// On the wire: a client without idempotence gets one producer id for all its connections, its
