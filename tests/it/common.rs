@@ -138,6 +138,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Decides, per broker response (api key, frame), whether the proxy drops it before the client sees it.
 pub type DropRule = Arc<dyn Fn(i16, &[u8]) -> bool + Send + Sync>;
+/// Picks broker answers (by api key) the proxy never reads: its session closes as if the broker
+/// connection broke after the broker handled the request.
+pub type BreakRule = Arc<dyn Fn(i16) -> bool + Send + Sync>;
 
 pub struct TestProxy {
     pub proxy: Option<Proxy>,
@@ -328,7 +331,7 @@ pub async fn start_proxy_faulty(
     cluster: Cluster,
     tweak: impl Fn(&mut Config),
     drop_rule: Option<DropRule>,
-    break_rule: Option<Arc<dyn Fn(i16) -> bool + Send + Sync>>,
+    break_rule: Option<BreakRule>,
 ) -> TestProxy {
     init_logging();
     let upstream = kafka(cluster);

@@ -496,7 +496,7 @@ async fn librdkafka_without_idempotence_loses_answers_duplicates_direct_and_not_
 pub(crate) async fn java_plain_retries(
     faults: impl Fn() -> LostAnswers,
     policy: &str,
-    inside: impl Fn(LostAnswers) -> (DropRule, Option<Arc<dyn Fn(i16) -> bool + Send + Sync>>),
+    inside: impl Fn(LostAnswers) -> (DropRule, Option<BreakRule>),
     check: impl Fn(&TestProxy, &str),
 ) -> Vec<(&'static str, usize, usize)> {
     use crate::java_client::run_java_at;

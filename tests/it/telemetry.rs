@@ -78,6 +78,17 @@ fn dashboard_metrics() -> BTreeSet<String> {
         .collect()
 }
 
+/// A break hook and its switch: once set, the next Produce answer is never read (the proxy's broker
+/// connection breaks), for a batch of unknown fate.
+fn break_next_produce_answer() -> (Arc<std::sync::atomic::AtomicBool>, BreakRule) {
+    let switch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = switch.clone();
+    let hook: BreakRule = Arc::new(move |key| {
+        key == ApiKey::Produce as i16 && s.swap(false, std::sync::atomic::Ordering::SeqCst)
+    });
+    (switch, hook)
+}
+
 /// A batch without idempotence larger than the broker takes (MESSAGE_TOO_LARGE: refused before writing).
 fn too_large(topic: &str) -> kafka_protocol::messages::ProduceRequest {
     let batch = kafka_eos_proxy::testkit::record_batch_sized(-1, -1, -1, 1, 2_000_000);
@@ -121,13 +132,7 @@ async fn metrics_endpoint_and_dashboard_match_real_traffic() {
         let corr = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
         key == ApiKey::Produce as i16 && d.lock().unwrap().remove(&corr)
     });
-    // Set: the next Produce answer is never read (its broker connection breaks), for a batch of
-    // unknown fate.
-    let break_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let b = break_next.clone();
-    let brk: Arc<dyn Fn(i16) -> bool + Send + Sync> = Arc::new(move |key| {
-        key == ApiKey::Produce as i16 && b.swap(false, std::sync::atomic::Ordering::SeqCst)
-    });
+    let (break_next, brk) = break_next_produce_answer();
     let proxy = start_proxy_faulty(
         Cluster::Single,
         |c| {
@@ -696,11 +701,7 @@ policies:
 "#;
     let config_file = std::env::temp_dir().join(unique_topic("moves-config"));
     let af = audit_file.clone();
-    let break_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let b = break_next.clone();
-    let brk: Arc<dyn Fn(i16) -> bool + Send + Sync> = Arc::new(move |key| {
-        key == ApiKey::Produce as i16 && b.swap(false, std::sync::atomic::Ordering::SeqCst)
-    });
+    let (break_next, brk) = break_next_produce_answer();
     let proxy = start_proxy_faulty(
         Cluster::Single,
         move |c| {

@@ -53,10 +53,10 @@ fn upstream_batches(proxy: &TestProxy) -> Vec<(i16, i64, i16, i32, i32)> {
 
 /// The same faults inside the proxy: the break hook sees every Produce answer first (a reset: the
 /// proxy never reads it); the drop hook loses a lost one after the proxy read it.
-fn proxy_faults(faults: LostAnswers) -> (DropRule, Arc<dyn Fn(i16) -> bool + Send + Sync>) {
+fn proxy_faults(faults: LostAnswers) -> (DropRule, BreakRule) {
     let pending: Arc<std::sync::Mutex<Option<Fault>>> = Arc::default();
     let p2 = pending.clone();
-    let brk: Arc<dyn Fn(i16) -> bool + Send + Sync> = Arc::new(move |key| {
+    let brk: BreakRule = Arc::new(move |key| {
         if key != 0 {
             return false;
         }
