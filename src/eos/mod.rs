@@ -59,6 +59,30 @@ pub struct Acked {
     pub acks_all: bool,
 }
 
+impl Acked {
+    /// A batch the broker wrote at `first_offset`: its answer's `log_append_time` (-1 on CreateTime
+    /// topics) decides the timestamp a duplicate is answered with, else the batch's `max_timestamp`.
+    pub fn written(
+        batch: Batch,
+        first_offset: i64,
+        log_append_time: i64,
+        max_timestamp: i64,
+        acks_all: bool,
+    ) -> Acked {
+        Acked {
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq,
+            first_offset,
+            timestamp: if log_append_time >= 0 {
+                log_append_time
+            } else {
+                max_timestamp
+            },
+            acks_all,
+        }
+    }
+}
+
 /// One acknowledged batch as stored, 12 bytes. Its first sequence is not stored: the window is contiguous
 /// (see [`PartitionState::acknowledge`]), so it follows the previous batch's last sequence. Offset and
 /// timestamp are stored as differences from the previous batch (the oldest's are in the state itself),

@@ -87,17 +87,13 @@ impl Guard {
                 } = tracking.tracked.swap_remove(i);
                 if p.error_code == codes::NONE {
                     self.failed.accepted(&key);
-                    let acked = Acked {
-                        first_seq: batch.first_seq,
-                        last_seq: batch.last_seq,
-                        first_offset: p.base_offset,
-                        timestamp: if p.log_append_time_ms >= 0 {
-                            p.log_append_time_ms
-                        } else {
-                            max_ts
-                        },
-                        acks_all: tracking.acks_all,
-                    };
+                    let acked = Acked::written(
+                        batch,
+                        p.base_offset,
+                        p.log_append_time_ms,
+                        max_ts,
+                        tracking.acks_all,
+                    );
                     if self.store.acknowledge(&key, batch, acked, now) {
                         if let Some(m) = &self.metrics {
                             let labels = producer_labels(

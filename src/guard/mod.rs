@@ -227,7 +227,7 @@ pub struct ProduceTracking {
     settled: bool,
     /// Batches the idempotence upgrade stamped, and the producer they went upstream as.
     stamps: Vec<upgrade::Stamped>,
-    upgraded: Option<(Arc<std::sync::Mutex<upgrade::Producer>>, i64)>,
+    upgraded: Option<Arc<std::sync::Mutex<upgrade::Producer>>>,
 }
 
 impl ProduceTracking {
@@ -258,7 +258,7 @@ impl Drop for ProduceTracking {
         }
         // Stamps never answered (the connection broke, or the answer could not be read): their fate
         // is unknown; the client's retry goes out under the same stamp.
-        if let (Some((producer, _)), false) = (&self.upgraded, self.stamps.is_empty()) {
+        if let (Some(producer), false) = (&self.upgraded, self.stamps.is_empty()) {
             let mut p = upgrade::lock(producer);
             for s in self.stamps.drain(..) {
                 if let Some(lane) = p.lane(&s.name, s.partition) {

@@ -72,8 +72,8 @@ impl Guard {
                 // A topic id the proxy cannot name (the stage resolved what it could, and audited the
                 // rest): the broker judges it, the proxy tracks nothing it could not name.
                 outcomes.extend(topic.partitions.iter().map(|_| Outcome::Pass));
-                plan.upgradable.push(vec![None; outcomes.len()]);
-                plan.shifted.push(vec![None; outcomes.len()]);
+                plan.upgradable.push(Vec::new());
+                plan.shifted.push(Vec::new());
                 plan.outcomes.push(outcomes);
                 plan.remember.push(remember);
                 continue;
@@ -91,16 +91,22 @@ impl Guard {
                         )),
                     })
                 }));
-                plan.upgradable.push(vec![None; outcomes.len()]);
-                plan.shifted.push(vec![None; outcomes.len()]);
+                plan.upgradable.push(Vec::new());
+                plan.shifted.push(Vec::new());
                 plan.outcomes.push(outcomes);
                 plan.remember.push(remember);
                 continue;
             }
             let demands = policy(name);
             let upgrading = demands.as_deref().is_some_and(upgrades_idempotence);
-            let mut upgradable = vec![None; topic.partitions.len()];
-            let mut shifted = vec![None; topic.partitions.len()];
+            // Allocated only when the upgrade or an answered repeat can apply (empty: none).
+            let n = topic.partitions.len();
+            let mut upgradable = if upgrading { vec![None; n] } else { Vec::new() };
+            let mut shifted = if self.shifts.is_empty() {
+                Vec::new()
+            } else {
+                vec![None; n]
+            };
             for (i, p) in topic.partitions.iter().enumerate() {
                 let alone = !repeated.contains(&(topic.wire, p.index));
                 outcomes.push(match p.records {
@@ -132,7 +138,7 @@ impl Guard {
                                 if upgrading && alone && matches!(outcome, Outcome::Pass) {
                                     upgradable[i] = upgrade_candidate(&view, records);
                                 }
-                                if !matches!(outcome, Outcome::Local(_)) {
+                                if !shifted.is_empty() && !matches!(outcome, Outcome::Local(_)) {
                                     shifted[i] = self.shifted(&view, (name, p.index), records);
                                 }
                                 outcome
@@ -299,17 +305,13 @@ impl Guard {
             self.store.settle(&key, batch);
             return false;
         }
-        let acked = Acked {
-            first_seq: batch.first_seq,
-            last_seq: batch.last_seq,
-            first_offset: seen.base_offset,
-            timestamp: if seen.log_append_time >= 0 {
-                seen.log_append_time
-            } else {
-                header.max_timestamp()
-            },
-            acks_all: true,
-        };
+        let acked = Acked::written(
+            batch,
+            seen.base_offset,
+            seen.log_append_time,
+            header.max_timestamp(),
+            true,
+        );
         self.store.acknowledge(&key, batch, acked, now);
         true
     }
@@ -710,8 +712,11 @@ impl Guard {
                 if let (Some(r), false) = (plan.remember[t][p], matches!(o, Outcome::Local(_))) {
                     remember.push((wire.clone(), partition, r));
                 }
-                let stamp = plan.stamps.get(t).and_then(|s| s[p]);
-                let shifted = plan.shifted.get(t).and_then(|s| s[p]);
+                let stamp = plan.stamps.get(t).and_then(|s| s.get(p).copied().flatten());
+                let shifted = plan
+                    .shifted
+                    .get(t)
+                    .and_then(|s| s.get(p).copied().flatten());
                 if let (Some((pid, epoch, seq)), false) = (shifted, matches!(o, Outcome::Local(_)))
                 {
                     rewrites.push((wire.clone(), partition, pid, epoch, seq));
@@ -763,7 +768,7 @@ impl Guard {
             opens_txn: plan.opens_txn && plan.acks != 0,
             settled: false,
             stamps,
-            upgraded: plan.upgraded.clone(),
+            upgraded: plan.upgraded.as_ref().map(|u| u.0.clone()),
         };
         if !rewrites.is_empty() {
             // Upgraded batches and shifted sequences: the request goes with them written in (only the

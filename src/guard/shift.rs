@@ -82,6 +82,11 @@ impl Shifts {
         true
     }
 
+    /// Whether no sequence is shifted anywhere (the common case: nothing to look up).
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
+    }
+
     /// The sequence a batch starting at `seq` goes upstream with (`seq` itself if nothing was answered
     /// below it).
     pub fn upstream_sequence(
@@ -90,7 +95,7 @@ impl Shifts {
         (topic, partition): (&str, i32),
         seq: i32,
     ) -> i32 {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.is_empty() {
             return seq;
         }
         let inner = lock(&self.inner);

@@ -258,10 +258,6 @@ impl Producer {
         Some(self.lanes.entry(key).or_default())
     }
 
-    pub fn lanes(&self) -> usize {
-        self.lanes.len()
-    }
-
     fn is_idle(&self) -> bool {
         self.lanes.values().all(Lane::is_idle)
     }
@@ -503,7 +499,7 @@ impl super::Guard {
         resp: &mut kafka_protocol::messages::ProduceResponse,
     ) {
         use crate::protocol::codes;
-        let Some((producer, _)) = tracking.upgraded.clone() else {
+        let Some(producer) = tracking.upgraded.clone() else {
             return;
         };
         let mut p = lock(&producer);

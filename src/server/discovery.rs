@@ -9,6 +9,7 @@ use crate::protocol::codes;
 use crate::stages::Handles;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
+use kafka_protocol::protocol::{Decodable, Encodable};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,10 +69,22 @@ async fn ask_metadata(
     server: &str,
     body: &MetadataRequest,
 ) -> anyhow::Result<MetadataResponse> {
+    ask(handles, server, ApiKey::Metadata, METADATA_VERSION, body).await
+}
+
+/// One request of the proxy's own to `server` on a connection of its own, bounded by the connect
+/// timeout as a whole.
+async fn ask<Req: Encodable, Resp: Decodable>(
+    handles: &Handles,
+    server: &str,
+    key: ApiKey,
+    version: i16,
+    body: &Req,
+) -> anyhow::Result<Resp> {
     let up = &handles.upstream;
     let exchange = async {
         let mut conn = super::own::OwnConnection::open(handles, server).await?;
-        conn.call(ApiKey::Metadata, METADATA_VERSION, body).await
+        conn.call(key, version, body).await
     };
     tokio::time::timeout(up.connect_timeout, exchange)
         .await
@@ -180,32 +193,25 @@ pub async fn new_producer_id(handles: &Handles) -> anyhow::Result<i64> {
         .with_producer_epoch(-1);
     let mut last_err = anyhow::anyhow!("no bootstrap servers");
     for server in &up.bootstrap_servers {
-        let exchange = async {
-            let mut conn = super::own::OwnConnection::open(handles, server).await?;
-            conn.call::<_, InitProducerIdResponse>(
-                ApiKey::InitProducerId,
-                INIT_PRODUCER_ID_VERSION,
-                &body,
-            )
-            .await
-        };
-        match tokio::time::timeout(up.connect_timeout, exchange).await {
-            Ok(Ok(resp)) if resp.error_code == 0 && resp.producer_id.0 >= 0 => {
+        let answer = ask::<_, InitProducerIdResponse>(
+            handles,
+            server,
+            ApiKey::InitProducerId,
+            INIT_PRODUCER_ID_VERSION,
+            &body,
+        )
+        .await;
+        match answer {
+            Ok(resp) if resp.error_code == 0 && resp.producer_id.0 >= 0 => {
                 return Ok(resp.producer_id.0)
             }
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 last_err = anyhow::anyhow!(
                     "bootstrap server {server} answered InitProducerId with error {}",
                     resp.error_code
                 )
             }
-            Ok(Err(e)) => last_err = e.context(format!("bootstrap server {server}")),
-            Err(_) => {
-                last_err = anyhow::anyhow!(
-                    "bootstrap server {server}: no answer within {:?}",
-                    up.connect_timeout
-                )
-            }
+            Err(e) => last_err = e.context(format!("bootstrap server {server}")),
         }
     }
     Err(last_err)
