@@ -8,9 +8,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::Duration;
 
-pub(crate) async fn create_on(bootstrap: &str, topic: &str, node: i32) {
+/// Creates `topic` with one partition on `replicas` (the first is the preferred leader).
+pub(crate) async fn create_on(bootstrap: &str, topic: &str, replicas: &[i32]) {
     let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().unwrap();
-    let assignment: &[&[i32]] = &[&[node]];
+    let assignment: &[&[i32]] = &[replicas];
     let res = admin
         .create_topics(
             &[NewTopic::new(
@@ -25,6 +26,15 @@ pub(crate) async fn create_on(bootstrap: &str, topic: &str, node: i32) {
     for r in res {
         r.expect("topic created");
     }
+}
+
+/// The node leading partition 0 of `topic`, as the cluster's metadata says.
+pub(crate) fn leader_of(bootstrap: &str, topic: &str) -> i32 {
+    let c: BaseConsumer = client_config(bootstrap).create().unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(20))
+        .unwrap();
+    md.topics()[0].partitions()[0].leader()
 }
 
 fn brokers_seen(bootstrap: &str) -> Vec<(i32, String, i32)> {
@@ -53,7 +63,7 @@ async fn brokers_joining_later_get_listeners_and_leaving_ones_disturb_nobody() {
     );
 
     let steady = unique_topic("dyn-steady");
-    create_on(&bs, &steady, 1).await;
+    create_on(&bs, &steady, &[1]).await;
     produce_values(
         &bs,
         &steady,
@@ -91,7 +101,7 @@ async fn brokers_joining_later_get_listeners_and_leaving_ones_disturb_nobody() {
 
     // A topic that lives only on the new broker is written and read through its new listener.
     let on_new = unique_topic("dyn-new");
-    create_on(&bs, &on_new, 2).await;
+    create_on(&bs, &on_new, &[2]).await;
     let values: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
     produce_values(&bs, &on_new, &values, &[]).await;
     let got = tokio::task::spawn_blocking({

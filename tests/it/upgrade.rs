@@ -360,8 +360,34 @@ async fn batches_that_cannot_be_restamped_are_refused_as_the_broker_refuses_them
 /// state across its restart, so a retry re-sent under its stamp is deduplicated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn librdkafka_without_idempotence_is_written_once_across_a_broker_bounce() {
+    // One replica: the partition is offline while its broker restarts.
+    written_once_across_a_bounce(3, &[3]).await;
+}
+
+/// The same when the partition's leader moves: replicas on a new broker and on node 1, the new one
+/// leading; its controlled shutdown hands the leadership to node 1 while the rounds go on. The
+/// client's batches move to another broker connection, and the upgraded producer's sequences go on
+/// there under the same producer id (the new leader has its state from the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_without_idempotence_is_written_once_when_the_leader_moves() {
+    let proxy = written_once_across_a_bounce(4, &[4, 1]).await;
+    let pids: BTreeSet<i64> = upstream_batches(&proxy).iter().map(|b| b.1).collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one upgraded producer on both leaders: {pids:?}"
+    );
+    proxy.stop().await;
+}
+
+/// Adds broker `node` to the dynamic cluster, writes the rounds to a topic on `replicas` (the first
+/// leads) through an upgrading proxy while `node` is bounced, checks every record is there once and,
+/// where another replica could take over, that the leadership moved; the proxy is returned running.
+async fn written_once_across_a_bounce(node: i32, replicas: &'static [i32]) -> TestProxy {
     let direct = kafka(Cluster::Dynamic);
-    tokio::task::spawn_blocking(|| kafka_script(&["add-broker", "dynamic", "3"]))
+    let id = node.to_string();
+    let i2 = id.clone();
+    tokio::task::spawn_blocking(move || kafka_script(&["add-broker", "dynamic", &i2]))
         .await
         .unwrap();
     let (drop, brk) = proxy_faults(LostAnswers::with_resets(&[2], &[5]));
@@ -374,14 +400,18 @@ async fn librdkafka_without_idempotence_is_written_once_across_a_broker_bounce()
     )
     .await;
     let shared = proxy.proxy.as_ref().unwrap().shared().clone();
-    eventually("a listener for node 3", Duration::from_secs(30), || {
-        let s = shared.clone();
-        async move { s.brokers.proxy_port(3).is_some() }
-    })
+    eventually(
+        &format!("a listener for node {node}"),
+        Duration::from_secs(30),
+        || {
+            let s = shared.clone();
+            async move { s.brokers.proxy_port(node).is_some() }
+        },
+    )
     .await;
     let topic = unique_topic("upgrade-bounce");
-    crate::brokers::create_on(&direct, &topic, 3).await;
-    let (bs, t) = (proxy.bootstrap().to_string(), topic.clone());
+    crate::brokers::create_on(&direct, &topic, replicas).await;
+    let (bs, t, i2) = (proxy.bootstrap().to_string(), topic.clone(), id.clone());
     tokio::task::spawn_blocking(move || {
         use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
         let producer: ThreadedProducer<DefaultProducerContext> =
@@ -397,8 +427,9 @@ async fn librdkafka_without_idempotence_is_written_once_across_a_broker_bounce()
         let mut bounce = None;
         for r in 0..6 {
             if r == 2 {
-                bounce = Some(std::thread::spawn(|| {
-                    kafka_script(&["restart-broker", "dynamic", "3"])
+                let i3 = i2.clone();
+                bounce = Some(std::thread::spawn(move || {
+                    kafka_script(&["restart-broker", "dynamic", &i3])
                 }));
             }
             for i in 0..20 {
@@ -414,21 +445,30 @@ async fn librdkafka_without_idempotence_is_written_once_across_a_broker_bounce()
     .await
     .expect("producer task");
     let (d, t) = (direct.clone(), topic.clone());
-    let got = tokio::task::spawn_blocking(move || {
-        crate::rdkafka_clients::read_all(&d, &t, "read_uncommitted", 120)
+    let (got, leader) = tokio::task::spawn_blocking(move || {
+        let got = crate::rdkafka_clients::read_all(&d, &t, "read_uncommitted", 120);
+        (got, crate::brokers::leader_of(&d, &t))
     })
     .await
     .unwrap();
     let distinct: BTreeSet<&String> = got.iter().collect();
-    tokio::task::spawn_blocking(|| kafka_script(&["remove-broker", "dynamic", "3"]))
+    tokio::task::spawn_blocking(move || kafka_script(&["remove-broker", "dynamic", &id]))
         .await
         .unwrap();
     assert_eq!(distinct.len(), 120, "nothing lost");
     assert_eq!(got.len(), 120, "every record once across the bounce");
+    if replicas.len() > 1 {
+        // The dynamic cluster never moves a leader back by itself: the one that took over still leads.
+        assert_eq!(
+            leader, replicas[1],
+            "the leadership moved during the rounds"
+        );
+    }
     eprintln!(
-        "broker bounce: {} records for 120 through the upgrading proxy; {} restarts audited",
+        "broker bounce (replicas {replicas:?}): {} records for 120 through the upgrading proxy; {} \
+         restarts audited",
         got.len(),
         proxy.events(Kind::UpgradeResequenced).len()
     );
-    proxy.stop().await;
+    proxy
 }
