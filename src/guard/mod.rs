@@ -168,12 +168,12 @@ pub struct ProducePlan {
 }
 
 impl ProducePlan {
-    /// Whether some partition waits for an in-flight original (see [`Guard::resolve_waits`]).
     /// Whether the idempotence upgrade applies to a batch of the request.
     pub fn has_upgradable(&self) -> bool {
         self.upgradable.iter().flatten().any(Option::is_some)
     }
 
+    /// Whether some partition waits for an in-flight original (see [`Guard::resolve_waits`]).
     pub fn has_waits(&self) -> bool {
         self.outcomes
             .iter()
@@ -259,12 +259,7 @@ impl Drop for ProduceTracking {
         // Stamps never answered (the connection broke, or the answer could not be read): their fate
         // is unknown; the client's retry goes out under the same stamp.
         if let (Some(producer), false) = (&self.upgraded, self.stamps.is_empty()) {
-            let mut p = upgrade::lock(producer);
-            for s in self.stamps.drain(..) {
-                if let Some(lane) = p.lane(&s.name, s.partition) {
-                    lane.settle(s.stamp, upgrade::Fate::Unknown, false);
-                }
-            }
+            upgrade::lock(producer).settle_all(self.stamps.drain(..), upgrade::Fate::Unknown);
         }
     }
 }

@@ -794,12 +794,8 @@ impl Guard {
                 None => {
                     let mut tracking = tracking;
                     if let Some((producer, _)) = &plan.upgraded {
-                        let mut p = upgrade::lock(producer);
-                        for s in tracking.stamps.drain(..) {
-                            if let Some(lane) = p.lane(&s.name, s.partition) {
-                                lane.settle(s.stamp, upgrade::Fate::NotWritten, false);
-                            }
-                        }
+                        upgrade::lock(producer)
+                            .settle_all(tracking.stamps.drain(..), upgrade::Fate::NotWritten);
                     }
                     ProduceAction::Forward(Some(tracking))
                 }

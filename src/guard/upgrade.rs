@@ -258,6 +258,15 @@ impl Producer {
         Some(self.lanes.entry(key).or_default())
     }
 
+    /// Stamped batches that got no answer of the broker's: each lane learns `fate`.
+    pub(super) fn settle_all(&mut self, stamps: impl Iterator<Item = Stamped>, fate: Fate) {
+        for s in stamps {
+            if let Some(lane) = self.lane(&s.name, s.partition) {
+                lane.settle(s.stamp, fate, false);
+            }
+        }
+    }
+
     fn is_idle(&self) -> bool {
         self.lanes.values().all(Lane::is_idle)
     }
@@ -347,6 +356,16 @@ pub(super) struct Stamped {
 /// retries without refreshing metadata, and which the broker too returns before writing anything.
 pub const HOLD_BACK: i16 = crate::protocol::codes::NOT_ENOUGH_REPLICAS;
 
+/// The proxy's own [`HOLD_BACK`] answer for a batch, saying `why`.
+fn held_back(why: String) -> super::Outcome {
+    super::Outcome::Local(super::LocalAnswer {
+        error_code: HOLD_BACK,
+        base_offset: -1,
+        log_append_time: -1,
+        message: Some(format!("kafka-eos-proxy: {why}; retry")),
+    })
+}
+
 impl super::Guard {
     /// Gives every batch the upgrade applies to a stamp of `producer` (sequences in request order), or
     /// a retriable answer if its partition is re-sequencing. Restarts are audited.
@@ -387,15 +406,10 @@ impl super::Guard {
                         resent += u64::from(s.resent);
                     }
                     Reserve::Busy | Reserve::Full => {
-                        plan.outcomes[t][i] = super::Outcome::Local(super::LocalAnswer {
-                            error_code: HOLD_BACK,
-                            base_offset: -1,
-                            log_append_time: -1,
-                            message: Some(format!(
-                                "kafka-eos-proxy: partition {name}-{partition} of the upgraded \
-                                 producer {producer_id} is re-sequencing after a failed batch; retry"
-                            )),
-                        });
+                        plan.outcomes[t][i] = held_back(format!(
+                            "partition {name}-{partition} of the upgraded producer {producer_id} \
+                             is re-sequencing after a failed batch"
+                        ));
                     }
                 }
             }
@@ -425,12 +439,7 @@ impl super::Guard {
         for (t, topic) in plan.upgradable.iter().enumerate() {
             for (i, u) in topic.iter().enumerate() {
                 if u.is_some() {
-                    plan.outcomes[t][i] = super::Outcome::Local(super::LocalAnswer {
-                        error_code: HOLD_BACK,
-                        base_offset: -1,
-                        log_append_time: -1,
-                        message: Some(format!("kafka-eos-proxy: {why}; retry")),
-                    });
+                    plan.outcomes[t][i] = held_back(why.to_string());
                 }
             }
         }
@@ -504,20 +513,17 @@ impl super::Guard {
         };
         let mut p = lock(&producer);
         for topic in resp.responses.iter_mut() {
-            let (name, id) = (topic.name.0.clone(), *topic.topic_id.as_bytes());
-            let named = |w: &crate::protocol::produce::OwnedWireTopic| match w {
-                crate::protocol::produce::OwnedWireTopic::Name(n) => name.as_str() == &**n,
-                crate::protocol::produce::OwnedWireTopic::Id(i) => *i == id,
-            };
-            for r in topic.partition_responses.iter_mut() {
+            for k in 0..topic.partition_responses.len() {
+                let index = topic.partition_responses[k].index;
                 let Some(i) = tracking
                     .stamps
                     .iter()
-                    .position(|s| named(&s.wire) && s.partition == r.index)
+                    .position(|s| super::answer::names(&s.wire, topic) && s.partition == index)
                 else {
                     continue;
                 };
                 let s = tracking.stamps.swap_remove(i);
+                let r = &mut topic.partition_responses[k];
                 let fate = fate(r.error_code);
                 if let Some(lane) = p.lane(&s.name, s.partition) {
                     lane.settle(s.stamp, fate, r.error_code == codes::UNKNOWN_PRODUCER_ID);

@@ -40,8 +40,7 @@ policies:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_without_idempotence_is_recognised_by_its_content() {
-    let p = crate::policies::policies(ANSWER);
-    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let proxy = crate::policies::start_with_policies(ANSWER).await;
     let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
     // One record a batch: the test kit's encoder makes one batch per record without a producer id.
     let plain =
@@ -132,8 +131,7 @@ async fn a_repeat_without_idempotence_is_recognised_by_its_content() {
 /// with their sequences shifted down by the records answered, so the broker sees no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_re_sent_under_a_new_epoch_or_producer_id_are_reported_or_answered() {
-    let p = crate::policies::policies(ANSWER);
-    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let proxy = crate::policies::start_with_policies(ANSWER).await;
     let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
     let mut raw = Raw::connect_as(&node, "bumper").await;
 

@@ -26,7 +26,8 @@ pub(crate) fn policies(yaml: &str) -> kafka_eos_proxy::policy::Policies {
     }
 }
 
-async fn start_with_policies(yaml: &str) -> TestProxy {
+/// A proxy in front of the single broker with the policies of a YAML snippet.
+pub(crate) async fn start_with_policies(yaml: &str) -> TestProxy {
     let p = policies(yaml);
     start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await
 }

@@ -69,6 +69,19 @@ fn proxy_faults(faults: LostAnswers) -> (DropRule, BreakRule) {
     (drop, brk)
 }
 
+/// A proxy upgrading the test topics' producers, with `faults` applied to its Produce answers.
+async fn upgrading_proxy(cluster: Cluster, faults: LostAnswers) -> TestProxy {
+    let (drop, brk) = proxy_faults(faults);
+    let p = crate::policies::policies(UPGRADE);
+    start_proxy_faulty(
+        cluster,
+        move |c| c.policies = p.clone(),
+        Some(drop),
+        Some(brk),
+    )
+    .await
+}
+
 /// The issue's proof for librdkafka without idempotence, acks=1 and acks=all: the 2nd Produce answer
 /// is lost after the append, the 4th is lost with its connection. Direct (a relay doing exactly
 /// that), the retries are written again. Through the upgrading proxy (the 2nd answer read and then
@@ -96,15 +109,7 @@ async fn librdkafka_without_idempotence_is_written_once_through_the_upgrade() {
         );
         assert_eq!(direct.iter().cloned().collect::<BTreeSet<_>>(), expected);
 
-        let (drop, brk) = proxy_faults(LostAnswers::with_resets(&[2], &[4]));
-        let p = crate::policies::policies(UPGRADE);
-        let proxy = start_proxy_faulty(
-            Cluster::Single,
-            move |c| c.policies = p.clone(),
-            Some(drop),
-            Some(brk),
-        )
-        .await;
+        let proxy = upgrading_proxy(Cluster::Single, LostAnswers::with_resets(&[2], &[4])).await;
         let topic = unique_topic("upgrade-rdkafka");
         create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
         let through = produce_rounds(proxy.bootstrap(), &topic, acks, rounds).await;
@@ -179,7 +184,7 @@ async fn java_without_idempotence_is_written_once_through_the_upgrade() {
 /// obtains for clients that keep changing their identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgraded_sequences_follow_across_connections_and_recover_from_a_refusal() {
-    let p = crate::policies::policies(
+    let proxy = crate::policies::start_with_policies(
         r#"
 policies:
   - name: upgrade
@@ -188,8 +193,8 @@ policies:
   - name: few-ids
     producers: { new_producer_ids_per_minute: { limit: 1, action: reject } }
 "#,
-    );
-    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    )
+    .await;
     let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
     let topic = unique_topic("upgrade-wire");
     create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
@@ -256,8 +261,7 @@ policies:
 /// Producers that are idempotent or transactional already are never touched by the upgrade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_and_transactional_producers_are_left_alone() {
-    let p = crate::policies::policies(UPGRADE);
-    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let proxy = crate::policies::start_with_policies(UPGRADE).await;
     let node = format!("{PROXY_HOST}:{}", proxy.broker_port(1));
     let topic = unique_topic("upgrade-idem");
     create_topic(&kafka(Cluster::Single), &topic, 1, 1).await;
@@ -317,8 +321,7 @@ async fn idempotent_and_transactional_producers_are_left_alone() {
 /// with the broker's own errors for them, and nothing is stamped or written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_that_cannot_be_restamped_are_refused_as_the_broker_refuses_them() {
-    let p = crate::policies::policies(UPGRADE);
-    let proxy = start_proxy_with(Cluster::Single, move |c| c.policies = p.clone()).await;
+    let proxy = crate::policies::start_with_policies(UPGRADE).await;
     let topic = unique_topic("upgrade-bad");
     create_topic(&kafka(Cluster::Single), &topic, 2, 1).await;
     let mut lying = batch(-1, -1, -1, 1, false, "x").to_vec();
@@ -390,15 +393,7 @@ async fn written_once_across_a_bounce(node: i32, replicas: &'static [i32]) -> Te
     tokio::task::spawn_blocking(move || kafka_script(&["add-broker", "dynamic", &i2]))
         .await
         .unwrap();
-    let (drop, brk) = proxy_faults(LostAnswers::with_resets(&[2], &[5]));
-    let p = crate::policies::policies(UPGRADE);
-    let proxy = start_proxy_faulty(
-        Cluster::Dynamic,
-        move |c| c.policies = p.clone(),
-        Some(drop),
-        Some(brk),
-    )
-    .await;
+    let proxy = upgrading_proxy(Cluster::Dynamic, LostAnswers::with_resets(&[2], &[5])).await;
     let shared = proxy.proxy.as_ref().unwrap().shared().clone();
     eventually(
         &format!("a listener for node {node}"),
